@@ -1,0 +1,1 @@
+"""The Flower ClientApp: trains its partition and pushes a delta to the parameter server."""

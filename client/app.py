@@ -1,0 +1,135 @@
+"""fedserve ClientApp.
+
+``train``: load the received global parameters, train ``train.local_epochs`` on this node's
+partition, reply ``local - received`` (the delta a parameter server is pushed; full weights when the
+server asks ``reply="weights"``, as Flower's FedAvg does) with ``num-examples``, ``train-loss`` and
+the global ``version`` the client started from. ``evaluate``: loss and accuracy on the partition's
+validation split. ``query``: the node's ``partition-id``, so the server can sample by partition id
+(the same cohort whatever node ids the runtime assigned).
+
+Everything the client needs about the task travels in the message's ``config["task"]`` (JSON of the
+server's composed config), so the server's conf/ is the one source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from task.config import ExperimentConfig
+from task.federated import ClientData, client_data
+from task.models import build_model
+from task.training import evaluate as evaluate_model
+from task.training import get_device, make_loader, set_seed
+from task.training import train as train_model
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _node_partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err.args[0]!r}; start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from err
+
+
+def _task_config(msg: Message) -> ExperimentConfig:
+    raw = msg.content["config"].get("task")
+    if not isinstance(raw, str):
+        raise ValueError("message config lacks 'task' (the JSON task config the server sends)")
+    return ExperimentConfig.from_dict(json.loads(raw))
+
+
+def _is_slow(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> bool:
+    """A seeded, fixed set of round(slow_fraction * n) partitions is slow for the whole run."""
+    count = round(cfg.heterogeneity.slow_fraction * num_partitions)
+    slow = np.random.default_rng(cfg.seed + 7919).permutation(num_partitions)[:count]
+    return partition_id in set(slow.tolist())
+
+
+def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, ClientData, torch.nn.Module]:
+    cfg = _task_config(msg)
+    partition_id, num_partitions = _node_partition(context)
+    data = client_data(cfg, partition_id, num_partitions)
+    device = get_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # one simulated client per core; also keeps results reproducible
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, data, model.to(device)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    partition_id, num_partitions = _node_partition(context)
+    metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    cfg, data, model = _prepare(msg, context)
+    partition_id, num_partitions = _node_partition(context)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    version = int(config.get("version", server_round - 1))
+    device = next(model.parameters()).device
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    set_seed(cfg.seed * 1_000_003 + version * 1_009 + partition_id)
+    loader = make_loader(
+        data.train_x,
+        data.train_y,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed + 31 * version + partition_id,
+        num_workers=cfg.train.num_workers,
+        device=device,
+    )
+    global_params = [p.detach().clone() for p in model.parameters()]
+    loss = train_model(model, loader, cfg.train, device, global_params=global_params)
+
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if config.get("reply", "delta") == "weights":
+        arrays = ArrayRecord(local)
+    else:
+        arrays = ArrayRecord({k: local[k] - received[k].cpu() for k in local})
+
+    if _is_slow(cfg, partition_id, num_partitions):
+        time.sleep((cfg.heterogeneity.slow_factor - 1.0) * (time.perf_counter() - started))
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.train_y),
+            "train-loss": float(loss),
+            "version": version,
+            "partition-id": partition_id,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, data, model = _prepare(msg, context)
+    if len(data.val_y) == 0:  # partition.val_fraction=0: nothing to evaluate on
+        metrics = MetricRecord({"num-examples": 0, "eval-loss": 0.0, "eval-acc": 0.0})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    device = next(model.parameters()).device
+    loader = make_loader(data.val_x, data.val_y, 256, shuffle=False, seed=cfg.seed, device=device)
+    loss, accuracy = evaluate_model(model, loader, device)
+    metrics = MetricRecord(
+        {"num-examples": len(data.val_y), "eval-loss": float(loss), "eval-acc": float(accuracy)}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

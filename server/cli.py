@@ -1,0 +1,82 @@
+"""``fedserve-train``: the Hydra app that runs one federated simulation per (sweep) job.
+
+The composed config is validated here, before anything starts. The run itself goes the supported
+Flower way (a private ``flower-superlink --simulation`` and ``flwr run`` of this project, see
+:mod:`server.launcher`), carrying this job's Hydra overrides in the run config, so the ServerApp
+composes exactly the config validated here — the same experiment ``flwr run .`` runs for the same
+overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from server.config_loader import CONF_DIR, experiment_from_hydra
+from server.launcher import local_superlink
+from task.config import ConfigError, ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+PATH_KEYS = ("repository", "dataset.root")
+
+
+def absolute_overrides(overrides: list[str], cfg: ExperimentConfig) -> list[str]:
+    """Pin relative paths to this process's cwd: the ServerApp runs in another process."""
+    pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PATH_KEYS]
+    if cfg.repository:
+        pinned.append(f"repository={Path(cfg.repository).resolve()}")
+    if cfg.dataset.root:
+        pinned.append(f"dataset.root={Path(cfg.dataset.root).resolve()}")
+    return pinned
+
+
+def train_job(cfg: DictConfig) -> float:
+    """Run one job; returns the final test accuracy (the value a Hydra sweeper optimises)."""
+    experiment = experiment_from_hydra(cfg)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(experiment.output_dir or hydra_cfg.runtime.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    task_overrides = list(hydra_cfg.overrides.task)
+    (output_dir / "overrides.txt").write_text(" ".join(task_overrides))
+    overrides = absolute_overrides(task_overrides, experiment)
+    log.info("job overrides %s -> outputs in %s", task_overrides, output_dir)
+    with local_superlink() as link:
+        link.run(
+            {"overrides": json.dumps(overrides), "output-dir": str(output_dir)},
+            num_supernodes=experiment.num_clients,
+        )
+    history_file = output_dir / "history.json"
+    if not history_file.exists():
+        raise RuntimeError(f"the run wrote no {history_file}; see the log above")
+    history = json.loads(history_file.read_text())
+    log.info(
+        "final test acc %.4f, best %.4f (%s)",
+        history["final_test_acc"],
+        history["best_test_acc"],
+        history_file,
+    )
+    return float(history["final_test_acc"])
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        return train_job(cfg)
+    except ConfigError as err:
+        log.error("invalid configuration: %s", err)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

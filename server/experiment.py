@@ -1,0 +1,264 @@
+"""One federated experiment on a Grid: strategy, central evaluation, history, checkpoints, export.
+
+Versions drive everything: after each new global version the server evaluates it on the held-out
+test set, appends to the history, checkpoints (atomically) and, when due, exports it to ONNX into
+the model repository. The same function runs under ``flwr run .``, ``fedserve-train`` and a real
+deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.history import History, HistoryEntry
+from server.publisher import Publisher
+from server.strategy import ParameterServer, VersionEvent
+from task.config import ConfigError, ExperimentConfig
+from task.federated import dataset_key, shared_dataset
+from task.models import build_model
+from task.params import get_arrays, set_arrays
+from task.training import evaluate, get_device, make_loader, set_seed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+TASK_SECTIONS = ("dataset", "partition", "model", "train", "heterogeneity", "seed", "device")
+
+
+@dataclass
+class CentralEvaluator:
+    """Evaluates global parameters on the held-out test set (one model, reused)."""
+
+    model: torch.nn.Module
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    device: torch.device
+    batch_size: int = 512
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[float, float]:
+        set_arrays(self.model, arrays)
+        loader = make_loader(self.test_x, self.test_y, self.batch_size, shuffle=False, seed=0)
+        return evaluate(self.model, loader, self.device)
+
+
+@dataclass
+class ExperimentResult:
+    history: History
+    final_arrays: dict[str, np.ndarray]
+    exported_versions: list[int] = field(default_factory=list)
+
+
+def task_config(cfg: ExperimentConfig) -> str:
+    """The JSON the clients rebuild their task from (data, partition, model, local training)."""
+    data = cfg.to_dict()
+    return json.dumps({k: data[k] for k in TASK_SECTIONS}, sort_keys=True)
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
+    """Train ``cfg.rounds`` global versions on ``grid``; see the module docstring."""
+    if cfg.resume and cfg.strategy.implementation == "flower_fedavg":
+        raise ConfigError(
+            "resume=true needs strategy.implementation=parameter_server; flower_fedavg is the "
+            "reference strategy and keeps no server state to resume"
+        )
+    output_dir = Path(cfg.output_dir or "outputs")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    set_seed(cfg.seed)
+    data = shared_dataset(dataset_key(cfg), cfg.seed)
+    device = get_device(cfg.device)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes).to(device)
+    evaluator = CentralEvaluator(model, data.test_x, data.test_y, device)
+    initial = get_arrays(model)
+    publisher = Publisher.create(cfg, data.test_x[:64]) if cfg.repository else None
+
+    history = History()
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    restored = load_checkpoint(checkpoint_path) if cfg.resume else None
+    if cfg.resume and restored is None:
+        log.warning("resume=true but no checkpoint at %s: starting from scratch", checkpoint_path)
+    if restored is not None:
+        history = History.from_dict(restored["history"])
+        log.info("resuming from %s at version %d", checkpoint_path, restored["version"])
+    else:
+        loss, acc = evaluator(initial)
+        history.initial = {"test_loss": loss, "test_acc": acc}
+        log.info("initial model: test acc %.4f | test loss %.4f", acc, loss)
+
+    train_config = ConfigRecord({"task": task_config(cfg), "reply": "delta"})
+    evaluate_config = ConfigRecord({"task": task_config(cfg)})
+    best = max((e.test_acc for e in history.entries), default=-1.0)
+    started = time.perf_counter()
+    exported: list[int] = []
+
+    def on_version(
+        version: int,
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        client_metrics: dict[str, float],
+        counts: dict[str, int],
+        server_state: dict[str, Any] | None,
+    ) -> None:
+        nonlocal best, started
+        loss, acc = evaluator(arrays)
+        entry = HistoryEntry(
+            version=version,
+            round=server_round,
+            test_loss=loss,
+            test_acc=acc,
+            seconds=time.perf_counter() - started,
+            client_metrics=client_metrics,
+            counts=counts,
+        )
+        is_best = acc > best
+        best = max(best, acc)
+        if publisher is not None and publisher.due(cfg, version, is_best):
+            entry.exported_version = publisher.publish(model, arrays, entry, cfg)
+            exported.append(entry.exported_version)
+        history.add(entry, cfg.rounds)
+        history.write(output_dir)
+        if server_state is not None:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    **server_state,
+                    "history": history.to_dict(),
+                    "config": cfg.to_dict(),
+                },
+            )
+        started = time.perf_counter()
+
+    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
+    if cfg.strategy.implementation == "flower_fedavg":
+        final = _run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, on_version)
+    else:
+        final = _run_parameter_server(
+            grid, cfg, initial, restored, train_config, evaluate_config, on_version
+        )
+    history.write(output_dir)
+    log.info(
+        "done: final test acc %.4f, best %.4f; history in %s",
+        history.final_acc,
+        history.best_acc,
+        output_dir / "history.json",
+    )
+    return ExperimentResult(history=history, final_arrays=final, exported_versions=exported)
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
+    """Nodes register asynchronously; start when ``expected`` are connected (or fail clearly)."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {connected} of num_clients={expected} nodes connected within {timeout:.0f} s;"
+                " start more SuperNodes or lower num_clients"
+            )
+        time.sleep(0.2)
+    log.info("%d nodes connected", connected)
+
+
+def _run_parameter_server(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    initial: dict[str, np.ndarray],
+    restored: dict[str, Any] | None,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    on_version: Any,
+) -> dict[str, np.ndarray]:
+    strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
+    if restored is not None:
+        strategy.load_state_dict(restored)
+
+    def hook(event: VersionEvent) -> None:
+        on_version(
+            event.version,
+            event.round,
+            event.arrays,
+            dict(event.train_metrics),
+            dict(event.counts),
+            strategy.state_dict(),
+        )
+
+    strategy.start(
+        grid,
+        to_array_record(initial),
+        num_rounds=cfg.rounds,
+        timeout=cfg.strategy.round_timeout_s,
+        train_config=train_config,
+        evaluate_config=evaluate_config,
+        on_version=hook,
+    )
+    return strategy.global_arrays
+
+
+def _run_flower_fedavg(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    initial: dict[str, np.ndarray],
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    on_version: Any,
+) -> dict[str, np.ndarray]:
+    """Flower's built-in FedAvg on full weights: the reference for benchmarks and parity tests."""
+    nodes = max(1, min(cfg.num_clients, round(cfg.strategy.fraction_train * cfg.num_clients)))
+    strategy = _RecordingFedAvg(
+        fraction_train=cfg.strategy.fraction_train,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_train_nodes=nodes,
+        min_evaluate_nodes=0,
+        min_available_nodes=cfg.num_clients,
+    )
+    train_config = ConfigRecord({**dict(train_config), "reply": "weights"})
+    last: dict[str, np.ndarray] = dict(initial)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal last
+        if server_round > 0:
+            last = to_numpy(arrays)
+            on_version(server_round, server_round, last, strategy.last_train_metrics, {}, None)
+        return None
+
+    strategy.start(
+        grid,
+        to_array_record(initial),
+        num_rounds=cfg.rounds,
+        timeout=cfg.strategy.round_timeout_s,
+        train_config=train_config,
+        evaluate_config=evaluate_config,
+        evaluate_fn=evaluate_fn,
+    )
+    return last
+
+
+class _RecordingFedAvg(FedAvg):
+    """Flower's FedAvg, keeping the last round's aggregated client metrics for the history."""
+
+    last_train_metrics: dict[str, float] = {}
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.last_train_metrics = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}

@@ -1,0 +1,167 @@
+"""Message plumbing shared by the sync and async loops: contents, pushing, polling, discovery.
+
+Train message content (the team contract)::
+
+    RecordDict({"arrays": ArrayRecord(global arrays),
+                "config": ConfigRecord({"server-round": int, "version": int, "reply": "delta",
+                                        **train_config})})
+
+Query message (partition discovery) content: ``RecordDict({"config": ConfigRecord({"request":
+"partition-id"})})``; the ClientApp's ``@app.query()`` handler replies any MetricRecord (or
+ConfigRecord) holding ``"partition-id": int``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Writable numpy copies, in the record's key order."""
+    return {key: np.array(item.numpy(), copy=True) for key, item in record.items()}
+
+
+def make_config(
+    base: ConfigRecord | None, *, server_round: int, version: int, reply: str | None
+) -> ConfigRecord:
+    config = ConfigRecord(dict(base.items()) if base is not None else {})
+    config["server-round"] = int(server_round)
+    config["version"] = int(version)
+    if reply is not None:
+        config["reply"] = reply
+    return config
+
+
+@dataclass
+class Messenger:
+    """Push messages to nodes and poll for their replies with a short sleep."""
+
+    grid: Grid
+    poll_interval: float = 0.1
+    clock: Clock = time.monotonic
+    sleep: Sleep = time.sleep
+    push_failures: int = field(default=0)
+
+    def push(self, messages: list[Message]) -> list[str | None]:
+        """Message ids in the order of ``messages``; None where the runtime refused one."""
+        if not messages:
+            return []
+        ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(messages):
+            log.warning("pushed %d messages, the grid returned %d ids", len(messages), len(ids))
+            ids = ids + [None] * (len(messages) - len(ids))
+        refused = sum(1 for i in ids if not i)
+        if refused:
+            self.push_failures += refused
+            log.warning("the grid refused %d of %d messages", refused, len(messages))
+        return [str(i) if i else None for i in ids]
+
+    def pull(self, message_ids: Iterable[str]) -> list[Message]:
+        ids = list(message_ids)
+        if not ids:
+            return []
+        return list(self.grid.pull_messages(ids))
+
+    def wait(self) -> None:
+        self.sleep(self.poll_interval)
+
+    def collect(self, pending: dict[str, object], deadline: float) -> Iterable[Message]:
+        """Yield replies to ``pending`` ids as they arrive until all came or ``deadline``.
+
+        Replies are removed from ``pending``; each pull's batch is yielded in message-id-free,
+        deterministic order (by source node id).
+        """
+        while pending:
+            replies = self.pull(pending)
+            replies = [r for r in replies if r.metadata.reply_to_message_id in pending]
+            replies.sort(key=lambda m: (m.metadata.src_node_id, m.metadata.reply_to_message_id))
+            yield from replies
+            if not pending or self.clock() >= deadline:
+                return
+            if not replies:
+                self.wait()
+
+
+def find_partition_id(content: RecordDict) -> int | None:
+    for record in (*content.metric_records.values(), *content.config_records.values()):
+        value = record.get("partition-id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    return None
+
+
+def discover_partitions(
+    messenger: Messenger, *, min_nodes: int, timeout: float
+) -> dict[int, int]:
+    """Ask every connected node for its partition id; return ``{partition-id: node-id}``.
+
+    Waits up to ``timeout`` for ``min_nodes`` nodes to connect. Nodes that fail to answer are
+    left out with a warning; two nodes claiming one partition: the lower node id keeps it.
+    """
+    deadline = messenger.clock() + timeout
+    while True:
+        node_ids = sorted(int(n) for n in messenger.grid.get_node_ids())
+        if len(node_ids) >= min_nodes:
+            break
+        if messenger.clock() >= deadline:
+            raise RuntimeError(
+                f"only {len(node_ids)} node(s) connected after {timeout:.0f}s, need "
+                f"{min_nodes} (num_clients); start more SuperNodes or lower num_clients"
+            )
+        log.info("waiting for nodes: %d connected, need %d", len(node_ids), min_nodes)
+        messenger.sleep(max(messenger.poll_interval, 0.5))
+    content = RecordDict({"config": ConfigRecord({"request": "partition-id"})})
+    messages = [
+        Message(content, node_id, MessageType.QUERY, ttl=timeout, group_id="partition-query")
+        for node_id in node_ids
+    ]
+    ids = messenger.push(messages)
+    pending: dict[str, object] = {i: n for i, n in zip(ids, node_ids, strict=True) if i}
+    node_of: dict[int, int] = {}
+    for reply in messenger.collect(pending, deadline):
+        node_id = int(pending.pop(reply.metadata.reply_to_message_id))  # type: ignore[arg-type]
+        if reply.has_error():
+            log.warning("node %d failed the partition query: %s", node_id, reply.error.reason)
+            continue
+        partition = find_partition_id(reply.content)
+        if partition is None:
+            log.warning("node %d answered the partition query without 'partition-id'", node_id)
+            continue
+        if partition in node_of:
+            keep = min(node_of[partition], node_id)
+            log.warning(
+                "nodes %d and %d both hold partition %d; using node %d",
+                node_of[partition],
+                node_id,
+                partition,
+                keep,
+            )
+            node_id = keep
+        node_of[partition] = node_id
+    if pending:
+        log.warning("%d node(s) did not answer the partition query in time", len(pending))
+    if not node_of:
+        raise RuntimeError(
+            "no node answered the partition-id query; the ClientApp must register an "
+            "@app.query() handler replying MetricRecord({'partition-id': int})"
+        )
+    log.info("discovered %d partitions on %d nodes", len(node_of), len(node_ids))
+    return node_of

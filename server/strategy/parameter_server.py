@@ -1,0 +1,556 @@
+"""ParameterServer: a Flower strategy that aggregates client deltas the way a parameter server does.
+
+The server holds the global arrays ``x``, the server optimizer's state and a version counter. Each
+accepted client reply (``delta_i = local_i - received_i``) is validated and folded into one float64
+running sum (:class:`StreamingAggregator`, O(model) memory), and every new global version is
+
+    x_{v+1} = opt(x_v, g),   g = -Δ,   Δ = Σ n_i s_i delta_i / Σ n_i
+
+with ``n_i`` = num-examples and ``s_i`` = 1 (sync) or FedBuff's ``1/√(1+τ_i)`` (async).
+``opt = sgd(lr=1, momentum=0)`` is FedAvg exactly; momentum gives FedAvgM; adam/yogi/adagrad give
+FedOpt (Reddi et al. 2021). See :mod:`server.strategy.optimizers`.
+
+:meth:`start` overrides ``Strategy.start`` with streaming loops on ``grid.push_messages`` /
+``grid.pull_messages``: ``mode: sync`` (:mod:`.sync_loop`) and ``mode: async`` (FedBuff,
+:mod:`.async_loop`). The four ``configure_*``/``aggregate_*`` methods are implemented too, so the
+base class's batch ``start`` also works with this strategy (without streaming).
+
+Cohorts are drawn over partition ids (found by a "query" message at start) with a seeded
+generator, so the same seed gives the same run under ``flwr run`` and our simulation.
+:meth:`state_dict` holds everything needed to resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from server.strategy.aggregator import StreamingAggregator, aggregate_metric_records
+from server.strategy.async_loop import run_async
+from server.strategy.messaging import (
+    Clock,
+    Messenger,
+    Sleep,
+    discover_partitions,
+    from_array_record,
+    make_config,
+    to_array_record,
+)
+from server.strategy.optimizers import build_optimizer
+from server.strategy.sampling import PartitionSampler
+from server.strategy.staleness import StalenessPolicy
+from server.strategy.sync_loop import federated_evaluate, run_sync
+from task.config import StrategyConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class RoundFailedError(RuntimeError):
+    """A sync round got fewer than ``min_replies`` accepted replies in every retry."""
+
+
+@dataclass
+class VersionEvent:
+    """What ``on_version`` receives after each new global version.
+
+    ``arrays`` are the server's own global arrays: read them, copy them, never modify them.
+    ``eval_metrics`` is ``evaluate_fn``'s result for this version; ``client_eval_metrics`` the
+    federated evaluation (sync mode, ``fraction_evaluate > 0``). ``seconds`` is the wall time since
+    the previous version, ``elapsed`` since ``start`` was called.
+    """
+
+    version: int
+    round: int
+    arrays: dict[str, np.ndarray]
+    train_metrics: MetricRecord
+    eval_metrics: MetricRecord | None
+    client_eval_metrics: MetricRecord | None
+    num_accepted: int
+    num_rejected: int
+    num_dropped: int
+    num_timed_out: int
+    rejected_by_reason: dict[str, int]
+    seconds: float
+    elapsed: float
+    update_norm: float
+
+    def array_record(self) -> ArrayRecord:
+        return to_array_record(self.arrays)
+
+
+@dataclass
+class RunContext:
+    """Per-``start`` arguments shared by the loops."""
+
+    messenger: Messenger
+    num_rounds: int
+    timeout: float
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None
+    on_version: Callable[[VersionEvent], None] | None
+    result: Result
+    started: float
+    last_version_at: float
+    window: Counter[str] = field(default_factory=Counter)
+
+
+class ParameterServer(Strategy):
+    """Sync or asynchronous (FedBuff) parameter server over Flower's Grid.
+
+    Parameters
+    ----------
+    cfg : StrategyConfig
+        Optimizer, mode, sampling, validation and timeouts (``task/config.py``).
+    seed : int
+        Seeds the cohort sampler (the experiment's ``seed``).
+    min_nodes : int
+        Wait for this many connected nodes before the partition query (``num_clients``).
+    poll_interval : float
+        Seconds to sleep between two ``pull_messages`` that returned nothing.
+    drain_timeout : float
+        Async mode: at most this long, after the last version, to wait for (and discard) the
+        replies still in flight.
+    clock, sleep
+        Time source and sleep; tests pass a virtual clock.
+    """
+
+    def __init__(
+        self,
+        cfg: StrategyConfig,
+        *,
+        seed: int = 0,
+        min_nodes: int = 1,
+        poll_interval: float = 0.1,
+        drain_timeout: float = 60.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+    ) -> None:
+        cfg.validate()
+        if cfg.implementation != "parameter_server":
+            raise ValueError(
+                f"ParameterServer needs strategy.implementation='parameter_server', got "
+                f"{cfg.implementation!r} (use flwr's FedAvg for 'flower_fedavg')"
+            )
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.min_nodes = int(min_nodes)
+        self.poll_interval = float(poll_interval)
+        self.drain_timeout = float(drain_timeout)
+        self.clock = clock
+        self.sleep = sleep
+        self.optimizer = build_optimizer(cfg)
+        self.sampler = PartitionSampler(self.seed, stream=0)
+        self.eval_sampler = PartitionSampler(self.seed, stream=1)
+        self.staleness = StalenessPolicy(cfg.max_staleness)
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.version = 0
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.counters: Counter[str] = Counter()
+        self._aggregator: StreamingAggregator | None = None
+        self._record: tuple[int, ArrayRecord] | None = None
+
+    # ------------------------------------------------------------------ state
+    def set_arrays(self, arrays: dict[str, np.ndarray] | ArrayRecord) -> None:
+        """Install the global arrays (version 0 for a fresh run)."""
+        if isinstance(arrays, ArrayRecord):
+            arrays = from_array_record(arrays)
+        self.arrays = {key: np.array(value, copy=True) for key, value in arrays.items()}
+        self._aggregator = None
+        self._record = None
+
+    @property
+    def aggregator(self) -> StreamingAggregator:
+        if self.arrays is None:
+            raise RuntimeError("global arrays are not set; call set_arrays() or start()")
+        if self._aggregator is None:
+            self._aggregator = StreamingAggregator(
+                self.arrays,
+                max_update_norm=self.cfg.max_update_norm,
+                aggregation=self.cfg.aggregation,
+                trim_fraction=self.cfg.trim_fraction,
+            )
+        return self._aggregator
+
+    def array_record(self) -> ArrayRecord:
+        """The current global arrays as an ArrayRecord (built once per version)."""
+        if self.arrays is None:
+            raise RuntimeError("global arrays are not set")
+        if self._record is None or self._record[0] != self.version:
+            self._record = (self.version, to_array_record(self.arrays))
+        return self._record[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole server state (copies): arrays, optimizer, version, round, RNGs, history."""
+        if self.arrays is None:
+            raise RuntimeError("global arrays are not set")
+        return {
+            "format": STATE_FORMAT,
+            "arrays": {key: value.copy() for key, value in self.arrays.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+            "round": self.round,
+            "sampler": self.sampler.state_dict(),
+            "eval_sampler": self.eval_sampler.state_dict(),
+            "history": [dict(entry) for entry in self.history],
+            "counters": dict(self.counters),
+            "config": asdict(self.cfg),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ``start`` then continues from its version."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"server state format {state.get('format')!r} is not {STATE_FORMAT}; "
+                "this checkpoint was written by another fedserve version"
+            )
+        saved = state.get("config", {})
+        for key in ("mode", "optimizer", "aggregation"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise ValueError(
+                    f"checkpoint has strategy.{key}={saved[key]!r}, the config says "
+                    f"{getattr(self.cfg, key)!r}; resume with the same strategy"
+                )
+        self.set_arrays(state["arrays"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+        self.round = int(state["round"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.eval_sampler.load_state_dict(state["eval_sampler"])
+        self.history = [dict(entry) for entry in state.get("history", [])]
+        self.counters = Counter(state.get("counters", {}))
+
+    # ------------------------------------------------------- Strategy (batch)
+    def summary(self) -> None:
+        c = self.cfg
+        log.info(
+            "ParameterServer: mode=%s optimizer=%s lr=%g momentum=%g nesterov=%s betas=(%g, %g) "
+            "tau=%g aggregation=%s",
+            c.mode,
+            c.optimizer,
+            c.server_lr,
+            c.momentum,
+            c.nesterov,
+            c.beta1,
+            c.beta2,
+            c.tau,
+            c.aggregation,
+        )
+        if c.mode == "sync":
+            log.info(
+                "  sync: fraction_train=%g min_replies=%d round_timeout_s=%g retries=%d",
+                c.fraction_train,
+                c.min_replies,
+                c.round_timeout_s,
+                c.max_round_retries,
+            )
+        else:
+            log.info(
+                "  async (FedBuff): buffer_size=%d concurrency=%d max_staleness=%d",
+                c.buffer_size,
+                c.concurrency,
+                c.max_staleness,
+            )
+        log.info(
+            "  validation: max_update_norm=%s clip_update_norm=%s; seed=%d",
+            c.max_update_norm,
+            c.clip_update_norm,
+            self.seed,
+        )
+
+    def ensure_partitions(self, grid: Grid, timeout: float | None = None) -> None:
+        """Discover ``{partition-id: node-id}`` by a query message unless already known."""
+        if self.sampler.node_of:
+            return
+        messenger = Messenger(grid, self.poll_interval, self.clock, self.sleep)
+        wait = self.cfg.round_timeout_s if timeout is None else timeout
+        node_of = discover_partitions(messenger, min_nodes=self.min_nodes, timeout=wait)
+        self.sampler.set_nodes(node_of)
+        self.eval_sampler.set_nodes(node_of)
+
+    def train_messages(
+        self, partitions: Iterable[int], server_round: int, config: ConfigRecord | None, ttl: float
+    ) -> list[Message]:
+        content = RecordDict(
+            {
+                "arrays": self.array_record(),
+                "config": make_config(
+                    config, server_round=server_round, version=self.version, reply="delta"
+                ),
+            }
+        )
+        return [
+            Message(
+                content,
+                self.sampler.node_of[p],
+                MessageType.TRAIN,
+                ttl=ttl,
+                group_id=str(server_round),
+            )
+            for p in partitions
+        ]
+
+    def evaluate_messages(
+        self, partitions: Iterable[int], server_round: int, config: ConfigRecord | None, ttl: float
+    ) -> list[Message]:
+        content = RecordDict(
+            {
+                "arrays": self.array_record(),
+                "config": make_config(
+                    config, server_round=server_round, version=self.version, reply=None
+                ),
+            }
+        )
+        return [
+            Message(
+                content,
+                self.eval_sampler.node_of[p],
+                MessageType.EVALUATE,
+                ttl=ttl,
+                group_id=str(server_round),
+            )
+            for p in partitions
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.arrays is None:
+            self.set_arrays(arrays)
+        self.ensure_partitions(grid)
+        cohort = self.sampler.sample(self.sampler.cohort_size(self.cfg.fraction_train))
+        return self.train_messages(cohort, server_round, config, self.cfg.round_timeout_s)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        agg = self.aggregator
+        agg.reset()
+        for reply in replies:
+            self.fold_reply(reply, start_version=self.version, staleness=0)
+        if agg.num_accepted < self.cfg.min_replies:
+            log.warning(
+                "round %d: %d accepted replies < min_replies=%d; model unchanged",
+                server_round,
+                agg.num_accepted,
+                self.cfg.min_replies,
+            )
+            return None, None
+        metrics = agg.metrics()
+        self.apply_update()
+        self.round = server_round
+        return self.array_record(), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        self.ensure_partitions(grid)
+        size = self.eval_sampler.cohort_size(self.cfg.fraction_evaluate)
+        return self.evaluate_messages(
+            self.eval_sampler.sample(size), server_round, config, self.cfg.round_timeout_s
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        records = []
+        for reply in replies:
+            if reply.has_error():
+                self.counters["evaluate_error"] += 1
+                log.warning(
+                    "evaluate reply from node %d is an error: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            records.extend(reply.content.metric_records.values())
+        return aggregate_metric_records(records)
+
+    # ------------------------------------------------------------ the update
+    def fold_reply(self, reply: Message, *, start_version: int, staleness: int) -> bool:
+        """Validate and fold one train reply with weight ``num-examples · s(staleness)``."""
+        agg = self.aggregator
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            agg.reject("error", node_id, str(reply.error.reason))
+            return False
+        valid = agg.validate(reply.content, node_id)
+        if valid is None:
+            return False
+        reported = valid.metrics.get("version")
+        if reported is not None and int(reported) != start_version:  # type: ignore[call-overload]
+            agg.reject(
+                "version",
+                node_id,
+                f"reply says it started from version {reported}, it was sent {start_version}",
+            )
+            return False
+        weight = self.staleness.weight(staleness) if self.cfg.mode == "async" else 1.0
+        agg.fold(valid, weight)
+        return True
+
+    def apply_update(self) -> float:
+        """``x ← opt(x, -Δ)`` from the aggregator; bumps the version; returns ‖u‖₂."""
+        assert self.arrays is not None
+        mean_delta = self.aggregator.mean_delta()
+        self.arrays = self.optimizer.step(self.arrays, mean_delta)
+        self.version += 1
+        self._record = None
+        return self.optimizer.last_update_norm
+
+    def publish(self, ctx: RunContext, *, dropped: int = 0, timed_out: int = 0) -> VersionEvent:
+        """After an accepted aggregate: update, evaluate, record history, call ``on_version``."""
+        agg = self.aggregator
+        train_metrics = agg.metrics()
+        rejected = dict(agg.rejected)
+        accepted = agg.num_accepted
+        update_norm = self.apply_update()
+        assert self.arrays is not None
+        self.counters.update({"accepted": accepted, "dropped": dropped, "timed_out": timed_out})
+        self.counters.update({f"rejected_{k}": v for k, v in rejected.items()})
+        eval_metrics = None
+        if ctx.evaluate_fn is not None:
+            eval_metrics = ctx.evaluate_fn(self.version, self.array_record())
+            if eval_metrics is not None:
+                ctx.result.evaluate_metrics_serverapp[self.version] = eval_metrics
+        client_eval = None
+        if self.cfg.mode == "sync" and self.cfg.fraction_evaluate > 0:
+            client_eval = federated_evaluate(self, ctx)
+            if client_eval is not None:
+                ctx.result.evaluate_metrics_clientapp[self.version] = client_eval
+        ctx.result.train_metrics_clientapp[self.version] = train_metrics
+        now = self.clock()
+        event = VersionEvent(
+            version=self.version,
+            round=self.round,
+            arrays=self.arrays,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            client_eval_metrics=client_eval,
+            num_accepted=accepted,
+            num_rejected=sum(rejected.values()),
+            num_dropped=dropped,
+            num_timed_out=timed_out,
+            rejected_by_reason=rejected,
+            seconds=now - ctx.last_version_at,
+            elapsed=now - ctx.started,
+            update_norm=update_norm,
+        )
+        ctx.last_version_at = now
+        self.history.append(
+            {
+                "version": event.version,
+                "round": event.round,
+                "train": dict(train_metrics),
+                "eval": dict(eval_metrics) if eval_metrics is not None else None,
+                "client_eval": dict(client_eval) if client_eval is not None else None,
+                "accepted": accepted,
+                "rejected": rejected,
+                "dropped": dropped,
+                "timed_out": timed_out,
+                "seconds": event.seconds,
+                "update_norm": update_norm,
+            }
+        )
+        log.info(
+            "version %d (round %d): %d accepted, %d rejected, %d dropped, %d timed out, "
+            "|u|=%.4g, %.2fs%s",
+            event.version,
+            event.round,
+            accepted,
+            event.num_rejected,
+            dropped,
+            timed_out,
+            update_norm,
+            event.seconds,
+            f", eval {dict(eval_metrics)}" if eval_metrics is not None else "",
+        )
+        if ctx.on_version is not None:
+            ctx.on_version(event)
+        agg.reset()
+        return event
+
+    # ----------------------------------------------------------------- start
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        on_version: Callable[[VersionEvent], None] | None = None,
+        resume_state: dict[str, Any] | None = None,
+    ) -> Result:
+        """Run until the global version reaches ``num_rounds`` (a total, also when resuming).
+
+        Sync mode makes one version per round; async mode one per ``buffer_size`` accepted
+        replies. ``timeout`` caps every wait (per round in sync, per reply in async, together
+        with ``strategy.round_timeout_s``: the smaller wins) and is the messages' TTL.
+        ``resume_state`` (or an earlier :meth:`load_state_dict`) continues a run: the global
+        arrays come from the state and ``initial_arrays`` is ignored.
+        ``evaluate_fn(version, arrays)`` runs for version 0 (fresh runs only) and after every
+        version; ``on_version`` runs after every version, when the server state is complete, so
+        ``save_checkpoint(path, strategy.state_dict())`` there is a consistent checkpoint.
+        """
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        elif self.arrays is None:
+            self.set_arrays(initial_arrays)
+        log.info(
+            "Starting ParameterServer from version %d to %d (%s)",
+            self.version,
+            num_rounds,
+            self.cfg.mode,
+        )
+        self.summary()
+        wait = float(min(timeout, self.cfg.round_timeout_s))
+        now = self.clock()
+        ctx = RunContext(
+            messenger=Messenger(grid, self.poll_interval, self.clock, self.sleep),
+            num_rounds=int(num_rounds),
+            timeout=wait,
+            train_config=train_config if train_config is not None else ConfigRecord(),
+            evaluate_config=evaluate_config if evaluate_config is not None else ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+            on_version=on_version,
+            result=Result(),
+            started=now,
+            last_version_at=now,
+        )
+        if evaluate_fn is not None and self.version == 0:
+            initial = evaluate_fn(0, self.array_record())
+            if initial is not None:
+                ctx.result.evaluate_metrics_serverapp[0] = initial
+                log.info("initial global evaluation: %s", dict(initial))
+        if self.version < num_rounds:
+            self.ensure_partitions(grid, wait)
+            if self.cfg.mode == "sync":
+                run_sync(self, ctx)
+            else:
+                run_async(self, ctx)
+        ctx.result.arrays = self.array_record()
+        log.info(
+            "ParameterServer finished at version %d in %.1fs; totals %s",
+            self.version,
+            self.clock() - ctx.started,
+            dict(self.counters),
+        )
+        return ctx.result

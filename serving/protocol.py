@@ -1,0 +1,331 @@
+"""KServe v2 / Open Inference Protocol codec: JSON tensors and Triton's binary-tensor extension.
+
+Request body, JSON only::
+
+    {"id": "...", "parameters": {...},
+     "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [...]}],
+     "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}
+
+With the binary extension the body is that JSON header (its byte length in the HTTP header
+``Inference-Header-Content-Length``) followed by the raw little-endian, row-major bytes of every input
+whose ``parameters.binary_data_size`` is set, in the order of ``inputs``. Outputs are returned as binary
+when the requested output says ``binary_data: true`` or, with no ``outputs`` list, when the request
+parameter ``binary_data_output`` is true (tritonclient's default); the response then carries the same
+header. Errors are :class:`ServingError` subclasses, rendered by the API as ``{"error": message}`` with
+their status; every message about a tensor names the input and, when known, the model's spec.
+
+This module imports numpy only; it is the bottom layer of ``serving``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving.model_config import NUMPY_TO_V2, V2_TO_NUMPY
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# ---------------------------------------------------------------- errors
+
+
+class ServingError(Exception):
+    """An error with an HTTP status; the API answers ``{"error": str(self)}``."""
+
+    status = 500
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ServingError, ValueError):
+    status = 400
+
+
+class Unauthorized(ServingError):
+    status = 401
+
+
+class NotFound(ServingError, LookupError):
+    status = 404
+
+
+class PayloadTooLarge(ServingError):
+    status = 413
+
+
+class Overloaded(ServingError):
+    """Every engine's queue is full: 429 with ``Retry-After`` (whole seconds, at least 1)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
+
+
+class Unavailable(ServingError):
+    """No engine could run the request (engine failures, pool closing): 503 with ``Retry-After``."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
+
+
+# ---------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """A tensor spec as served: KServe v2 ``datatype`` and the full ``shape`` (batch dim included,
+    ``-1`` dynamic). Built from the repository's ``TensorSpec`` or a metadata dict."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: Any) -> Spec:
+        if isinstance(spec, Spec):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls(str(spec["name"]), str(spec["datatype"]), tuple(int(d) for d in spec["shape"]))
+        return cls(str(spec.name), str(spec.datatype), tuple(int(d) for d in spec.shape))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return V2_TO_NUMPY[self.datatype]
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.datatype} {list(self.shape)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def _spec_hint(spec: Spec | None) -> str:
+    return f" (model expects {spec.describe()})" if spec is not None else ""
+
+
+# ---------------------------------------------------------------- request
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded inference request: tensors keyed by input name, in request order."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    #: requested outputs as (name, binary) or None for "all outputs"
+    outputs: list[tuple[str, bool]] | None = None
+    binary_output: bool = False
+
+
+def _load_json(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _shape_of(item: Mapping[str, Any], name: str, spec: Spec | None) -> tuple[int, ...]:
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise BadRequest(
+            f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}"
+            + _spec_hint(spec)
+        )
+    return tuple(shape)
+
+
+def _decode_json_data(
+    data: Any, name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], spec: Spec | None
+) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        raise BadRequest(f"input '{name}': BYTES tensors are not supported by this server")
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        arr = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(
+            f"input '{name}': 'data' is not a list of {datatype} values ({exc})" + _spec_hint(spec)
+        ) from None
+    if arr.dtype == np.object_ or arr.size != count:
+        raise BadRequest(
+            f"input '{name}': 'data' has {arr.size} elements but shape {list(shape)} needs {count}"
+            + _spec_hint(spec)
+        )
+    return arr.reshape(shape)
+
+
+def decode_request(
+    body: bytes,
+    header_length: int | str | None = None,
+    specs: Mapping[str, Spec] | None = None,
+) -> InferRequest:
+    """Decode a v2 inference request (JSON, or JSON header + binary tensors).
+
+    ``specs`` (the model's inputs by name) only enriches error messages; :meth:`ModelSignature.validate`
+    checks the tensors against them. Raises :class:`BadRequest` for junk JSON, a bad header length, a
+    datatype it cannot decode, an element count that disagrees with the shape, and a missing or
+    short binary part.
+    """
+    if header_length is not None:
+        try:
+            hl = int(header_length)
+        except ValueError:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if hl < 0 or hl > len(body):
+            raise BadRequest(f"{HEADER_LENGTH} is {hl} but the body has only {len(body)} bytes")
+        header, binary, offset = _load_json(body[:hl]), body, hl
+    else:
+        header, binary, offset = _load_json(body), b"", len(body)
+    if not isinstance(header, dict):
+        raise BadRequest("request body must be a JSON object with an 'inputs' list")
+    items = header.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("request needs a non-empty 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"each input needs a 'name', got {str(item)[:100]!r}")
+        name = item["name"]
+        spec = specs.get(name) if specs is not None else None
+        if name in inputs:
+            raise BadRequest(f"input '{name}' given twice")
+        datatype = item.get("datatype")
+        dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
+            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}" + _spec_hint(spec))
+        shape = _shape_of(item, name, spec)
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if datatype == "BYTES":
+                raise BadRequest(f"input '{name}': BYTES tensors are not supported by this server")
+            need = math.prod(shape) * dtype.itemsize
+            if not isinstance(size, int) or size != need:
+                raise BadRequest(
+                    f"input '{name}': binary_data_size is {size!r} but {datatype} shape "
+                    f"{list(shape)} needs {need} bytes" + _spec_hint(spec)
+                )
+            if offset + size > len(binary):
+                raise BadRequest(
+                    f"input '{name}': binary data missing, need {size} bytes at offset {offset} "
+                    f"but the body has {len(binary)} bytes" + _spec_hint(spec)
+                )
+            arr = np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset)
+            inputs[name] = arr.reshape(shape)
+            offset += size
+        elif "data" in item:
+            inputs[name] = _decode_json_data(item["data"], name, datatype, dtype, shape, spec)
+        else:
+            raise BadRequest(
+                f"input '{name}': neither 'data' nor parameters.binary_data_size given"
+                + _spec_hint(spec)
+            )
+    if header_length is not None and offset != len(binary):
+        raise BadRequest(
+            f"binary body has {len(binary) - offset} bytes after the last binary input; "
+            "check binary_data_size of each input"
+        )
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be a JSON object")
+    outputs: list[tuple[str, bool]] | None = None
+    binary_default = bool(parameters.get("binary_data_output", False))
+    if header.get("outputs") is not None:
+        raw_outputs = header["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for out in raw_outputs:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise BadRequest(f"each requested output needs a 'name', got {str(out)[:100]!r}")
+            oparams = out.get("parameters") or {}
+            if oparams.get("classification"):
+                raise BadRequest(
+                    f"output '{out['name']}': the classification extension is not supported"
+                )
+            outputs.append((out["name"], bool(oparams.get("binary_data", binary_default))))
+    req_id = header.get("id")
+    return InferRequest(
+        inputs=inputs,
+        id=str(req_id) if req_id is not None else None,
+        parameters=parameters,
+        outputs=outputs,
+        binary_output=binary_default,
+    )
+
+
+# ---------------------------------------------------------------- response
+
+
+def _datatype_of(arr: np.ndarray) -> str:
+    try:
+        return NUMPY_TO_V2[arr.dtype]
+    except KeyError:
+        raise ServingError(f"output dtype {arr.dtype} has no KServe v2 datatype") from None
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    outputs: Mapping[str, np.ndarray],
+    output_order: Sequence[str],
+    request: InferRequest,
+) -> tuple[bytes, int | None]:
+    """Encode a v2 inference response; returns ``(body, header_length)`` where ``header_length`` is
+    None for a JSON-only body. Raises :class:`BadRequest` for an unknown requested output."""
+    if request.outputs is None:
+        wanted = [(name, request.binary_output) for name in output_order]
+    else:
+        wanted = request.outputs
+        for name, _ in wanted:
+            if name not in outputs:
+                raise BadRequest(
+                    f"unknown output '{name}'; model '{model_name}' has outputs "
+                    f"{', '.join(output_order)}"
+                )
+    entries = []
+    blobs = []
+    for name, binary in wanted:
+        arr = outputs[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": _datatype_of(arr),
+            "shape": list(arr.shape),
+        }
+        if binary:
+            blob = np.ascontiguousarray(arr).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = entries
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
