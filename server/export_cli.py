@@ -49,8 +49,8 @@ def export_checkpoint(
     """Export one checkpoint; returns (result, repository root, model name)."""
     import torch
 
-    from serving.repository import ModelRepository
     from server.export import export_and_publish
+    from serving.repository import ModelRepository
     from task.config import ExperimentConfig
     from task.data import load_dataset
     from task.models import build_model
@@ -60,7 +60,9 @@ def export_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    missing = [k for k in ("arrays", "version", "config") if not isinstance(state, dict) or k not in state]
+    missing = [
+        k for k in ("arrays", "version", "config") if not isinstance(state, dict) or k not in state
+    ]
     if missing:
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a fedserve checkpoint: missing {missing}, has {have}")
@@ -77,6 +79,8 @@ def export_checkpoint(
     set_arrays(model, state["arrays"])
     version = int(state["version"])
     metrics, server_round = _metrics_for(state.get("history"), version)
+    if server_round is None:
+        server_round = state.get("round")
     metadata = {
         "global_version": version,
         "round": server_round,

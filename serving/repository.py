@@ -600,6 +600,10 @@ class ModelRepository:
 
         self._ensure_root()
         mdir = self.root / name
+        if mdir.exists() and not mdir.is_dir():
+            raise RepositoryError(
+                f"{mdir} exists and is not a directory; remove it or pick another model name"
+            )
         mdir.mkdir(exist_ok=True)
         with self._lock(name):
             self._clean_tmp(mdir)
