@@ -21,9 +21,9 @@ after the cast to float32 (2⁻²⁴) when a coordinate lies within that distanc
 boundary (about n·2⁻²⁹ of coordinates, i.e. essentially never for models below 10⁷ parameters).
 
 ``aggregation="trimmed_mean"`` (coordinate-wise trimmed mean, Yin et al. 2018): for each coordinate
-drop the ``⌊trim_fraction·n⌋`` largest and smallest values and average the rest, unweighted (as
-flwr's FedTrimmedAvg) of ``s_i · d_i``. Sorting needs every reply at once, so this mode keeps a copy of each
-accepted delta: O(clients × model) memory by necessity.
+drop the ``⌊trim_fraction·n⌋`` largest and smallest values of ``s_i · d_i`` and average the rest,
+unweighted by ``n_i`` (as flwr's FedTrimmedAvg). Sorting needs every reply at once, so this mode
+keeps a copy of each accepted delta: O(clients × model) memory by necessity.
 
 Rejected replies are counted by reason and logged with their node id; nothing raises out of
 :meth:`add`. Client metrics (e.g. ``train-loss``) are averaged weighted by ``num-examples``.

@@ -11,7 +11,7 @@ The loop ends when the version reaches ``num_rounds`` (versions, not rounds). Th
 flight are then pulled and discarded for at most ``drain_timeout`` seconds (bounded by their own
 deadlines); the rest expire by their TTL. A partially filled buffer is discarded.
 
-Replies within one pull are handled in node-id order, so a given arrival schedule always gives
+Replies within one pull are handled in partition-id order, so a given arrival schedule always gives
 the same result; a resumed async run is not bit-identical to an uninterrupted one (the replies in
 flight at the checkpoint are lost), a resumed sync run is.
 """
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.strategy.parameter_server import ParameterServer, RunContext
+    from server.strategy.events import RunContext
+    from server.strategy.parameter_server import ParameterServer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
         replies = [
             r for r in messenger.pull(in_flight) if r.metadata.reply_to_message_id in in_flight
         ]
-        replies.sort(key=lambda m: (m.metadata.src_node_id, m.metadata.reply_to_message_id))
+        replies.sort(key=lambda m: in_flight[m.metadata.reply_to_message_id].partition)
         for reply in replies:
             dispatch = in_flight.pop(reply.metadata.reply_to_message_id)
             if server.version >= ctx.num_rounds:

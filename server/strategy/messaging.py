@@ -29,7 +29,7 @@ Sleep = Callable[[float], None]
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()})
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -108,9 +108,7 @@ def find_partition_id(content: RecordDict) -> int | None:
     return None
 
 
-def discover_partitions(
-    messenger: Messenger, *, min_nodes: int, timeout: float
-) -> dict[int, int]:
+def discover_partitions(messenger: Messenger, *, min_nodes: int, timeout: float) -> dict[int, int]:
     """Ask every connected node for its partition id; return ``{partition-id: node-id}``.
 
     Waits up to ``timeout`` for ``min_nodes`` nodes to connect. Nodes that fail to answer are

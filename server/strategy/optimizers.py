@@ -98,12 +98,13 @@ class ServerOptimizer(ABC):
         new_params: Arrays = {}
         for key, x in params.items():
             if key in update:
-                new_params[key] = (x.astype(np.float64) - update[key]).astype(x.dtype)
+                new = (x.astype(np.float64) - update[key]).astype(x.dtype)
             elif np.issubdtype(x.dtype, np.integer):
                 rounded = np.rint(np.asarray(mean_delta[key], dtype=np.float64))
-                new_params[key] = (x.astype(np.float64) + rounded).astype(x.dtype)
+                new = (x.astype(np.float64) + rounded).astype(x.dtype)
             else:
-                new_params[key] = x.copy()
+                new = x.copy()
+            new_params[key] = np.asarray(new)  # 0-d arithmetic yields numpy scalars
         return new_params
 
     def state_dict(self) -> dict[str, Any]:

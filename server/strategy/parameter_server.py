@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from server.strategy.aggregator import StreamingAggregator, aggregate_metric_records
 from server.strategy.async_loop import run_async
+from server.strategy.events import RoundFailedError, RunContext, VersionEvent
 from server.strategy.messaging import (
     Clock,
     Messenger,
@@ -48,62 +49,15 @@ from server.strategy.messaging import (
 from server.strategy.optimizers import build_optimizer
 from server.strategy.sampling import PartitionSampler
 from server.strategy.staleness import StalenessPolicy
-from server.strategy.sync_loop import federated_evaluate, run_sync
+from server.strategy.sync_loop import run_sync
+from server.strategy.versions import publish_version
 from task.config import StrategyConfig
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
-
-class RoundFailedError(RuntimeError):
-    """A sync round got fewer than ``min_replies`` accepted replies in every retry."""
-
-
-@dataclass
-class VersionEvent:
-    """What ``on_version`` receives after each new global version.
-
-    ``arrays`` are the server's own global arrays: read them, copy them, never modify them.
-    ``eval_metrics`` is ``evaluate_fn``'s result for this version; ``client_eval_metrics`` the
-    federated evaluation (sync mode, ``fraction_evaluate > 0``). ``seconds`` is the wall time since
-    the previous version, ``elapsed`` since ``start`` was called.
-    """
-
-    version: int
-    round: int
-    arrays: dict[str, np.ndarray]
-    train_metrics: MetricRecord
-    eval_metrics: MetricRecord | None
-    client_eval_metrics: MetricRecord | None
-    num_accepted: int
-    num_rejected: int
-    num_dropped: int
-    num_timed_out: int
-    rejected_by_reason: dict[str, int]
-    seconds: float
-    elapsed: float
-    update_norm: float
-
-    def array_record(self) -> ArrayRecord:
-        return to_array_record(self.arrays)
-
-
-@dataclass
-class RunContext:
-    """Per-``start`` arguments shared by the loops."""
-
-    messenger: Messenger
-    num_rounds: int
-    timeout: float
-    train_config: ConfigRecord
-    evaluate_config: ConfigRecord
-    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None
-    on_version: Callable[[VersionEvent], None] | None
-    result: Result
-    started: float
-    last_version_at: float
-    window: Counter[str] = field(default_factory=Counter)
+__all__ = ["ParameterServer", "RoundFailedError", "RunContext", "VersionEvent"]
 
 
 class ParameterServer(Strategy):
@@ -172,6 +126,13 @@ class ParameterServer(Strategy):
         self._record = None
 
     @property
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        """The current global arrays (the server's own: do not modify)."""
+        if self.arrays is None:
+            raise RuntimeError("global arrays are not set; call set_arrays() or start()")
+        return self.arrays
+
+    @property
     def aggregator(self) -> StreamingAggregator:
         if self.arrays is None:
             raise RuntimeError("global arrays are not set; call set_arrays() or start()")
@@ -211,13 +172,19 @@ class ParameterServer(Strategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; ``start`` then continues from its version."""
+        """Restore :meth:`state_dict`'s output; ``start`` then continues from its version.
+
+        The app may have replaced ``history`` (with its own, non-list history) and ``config``
+        (with the whole ExperimentConfig dict) before saving: both are tolerated.
+        """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"server state format {state.get('format')!r} is not {STATE_FORMAT}; "
                 "this checkpoint was written by another fedserve version"
             )
-        saved = state.get("config", {})
+        saved = state.get("config") or {}
+        if isinstance(saved.get("strategy"), dict):  # the app stored the whole ExperimentConfig
+            saved = saved["strategy"]
         for key in ("mode", "optimizer", "aggregation"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(
@@ -230,8 +197,10 @@ class ParameterServer(Strategy):
         self.round = int(state["round"])
         self.sampler.load_state_dict(state["sampler"])
         self.eval_sampler.load_state_dict(state["eval_sampler"])
-        self.history = [dict(entry) for entry in state.get("history", [])]
+        history = state.get("history")
+        self.history = [dict(e) for e in history] if isinstance(history, list) else []
         self.counters = Counter(state.get("counters", {}))
+        self.seed = int(state.get("seed", self.seed))
 
     # ------------------------------------------------------- Strategy (batch)
     def summary(self) -> None:
@@ -415,75 +384,7 @@ class ParameterServer(Strategy):
 
     def publish(self, ctx: RunContext, *, dropped: int = 0, timed_out: int = 0) -> VersionEvent:
         """After an accepted aggregate: update, evaluate, record history, call ``on_version``."""
-        agg = self.aggregator
-        train_metrics = agg.metrics()
-        rejected = dict(agg.rejected)
-        accepted = agg.num_accepted
-        update_norm = self.apply_update()
-        assert self.arrays is not None
-        self.counters.update({"accepted": accepted, "dropped": dropped, "timed_out": timed_out})
-        self.counters.update({f"rejected_{k}": v for k, v in rejected.items()})
-        eval_metrics = None
-        if ctx.evaluate_fn is not None:
-            eval_metrics = ctx.evaluate_fn(self.version, self.array_record())
-            if eval_metrics is not None:
-                ctx.result.evaluate_metrics_serverapp[self.version] = eval_metrics
-        client_eval = None
-        if self.cfg.mode == "sync" and self.cfg.fraction_evaluate > 0:
-            client_eval = federated_evaluate(self, ctx)
-            if client_eval is not None:
-                ctx.result.evaluate_metrics_clientapp[self.version] = client_eval
-        ctx.result.train_metrics_clientapp[self.version] = train_metrics
-        now = self.clock()
-        event = VersionEvent(
-            version=self.version,
-            round=self.round,
-            arrays=self.arrays,
-            train_metrics=train_metrics,
-            eval_metrics=eval_metrics,
-            client_eval_metrics=client_eval,
-            num_accepted=accepted,
-            num_rejected=sum(rejected.values()),
-            num_dropped=dropped,
-            num_timed_out=timed_out,
-            rejected_by_reason=rejected,
-            seconds=now - ctx.last_version_at,
-            elapsed=now - ctx.started,
-            update_norm=update_norm,
-        )
-        ctx.last_version_at = now
-        self.history.append(
-            {
-                "version": event.version,
-                "round": event.round,
-                "train": dict(train_metrics),
-                "eval": dict(eval_metrics) if eval_metrics is not None else None,
-                "client_eval": dict(client_eval) if client_eval is not None else None,
-                "accepted": accepted,
-                "rejected": rejected,
-                "dropped": dropped,
-                "timed_out": timed_out,
-                "seconds": event.seconds,
-                "update_norm": update_norm,
-            }
-        )
-        log.info(
-            "version %d (round %d): %d accepted, %d rejected, %d dropped, %d timed out, "
-            "|u|=%.4g, %.2fs%s",
-            event.version,
-            event.round,
-            accepted,
-            event.num_rejected,
-            dropped,
-            timed_out,
-            update_norm,
-            event.seconds,
-            f", eval {dict(eval_metrics)}" if eval_metrics is not None else "",
-        )
-        if ctx.on_version is not None:
-            ctx.on_version(event)
-        agg.reset()
-        return event
+        return publish_version(self, ctx, dropped=dropped, timed_out=timed_out)
 
     # ----------------------------------------------------------------- start
     def start(  # type: ignore[override]

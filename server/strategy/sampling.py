@@ -1,11 +1,12 @@
 """Seeded sampling over partition ids, independent of the node ids the runtime assigned.
 
 At start the server asks every node for its ``partition-id`` (a "query" message). Cohorts are then
-drawn from the *sorted* partition ids with one ``numpy.random.Generator(PCG64(SeedSequence([seed, stream])))``
-(stream 0: training cohorts, stream 1: federated evaluation), so the same
-seed selects the same partitions whether the nodes came from ``flwr run`` or from our simulation,
-whatever their node ids. The generator's ``bit_generator.state`` is part of :meth:`state_dict`, so
-a resumed run continues the same sequence of cohorts.
+drawn from the *sorted* partition ids with one generator,
+``numpy.random.Generator(PCG64(SeedSequence([seed, stream])))`` (stream 0: training cohorts,
+stream 1: federated evaluation), so the same seed selects the same partitions whether the nodes
+came from ``flwr run`` or from our simulation, whatever their node ids. The generator's
+``bit_generator.state`` is part of :meth:`state_dict`, so a resumed run continues the same
+sequence of cohorts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class PartitionSampler:
         self.node_of: dict[int, int] = {}
 
     def _generator(self) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.stream])))
+        return np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.stream]))
+        )
 
     @property
     def partitions(self) -> list[int]:

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 from flwr.app import MetricRecord
 
 from server.strategy.aggregator import aggregate_metric_records
+from server.strategy.events import RoundFailedError
 
 if TYPE_CHECKING:
-    from server.strategy.parameter_server import ParameterServer, RunContext
+    from server.strategy.events import RunContext
+    from server.strategy.parameter_server import ParameterServer
 
 log = logging.getLogger(__name__)
 
 
 def run_sync(server: ParameterServer, ctx: RunContext) -> None:
-    from server.strategy.parameter_server import RoundFailedError
-
     cfg = server.cfg
     size = server.sampler.cohort_size(cfg.fraction_train)
     if size < cfg.min_replies:

@@ -1,0 +1,318 @@
+"""ParameterServer on a scripted fake grid: sync, validation, timeouts/retries, FedBuff, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from fake_grid import (
+    FakeGrid,
+    VirtualClock,
+    delta_reply,
+    deterministic_client,
+    deterministic_delta,
+    received,
+    small_model,
+)
+from flwr.app import Error, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
+
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.strategy import ParameterServer, RoundFailedError, VersionEvent
+from server.strategy.messaging import to_array_record
+from server.strategy.sampling import PartitionSampler
+from task.config import StrategyConfig
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+NODES = {1001: 0, 2002: 1, 3003: 2, 4004: 3, 5005: 4, 6006: 5, 7007: 6}
+
+
+def make(
+    num_partitions: int,
+    client_fn=deterministic_client,  # type: ignore[no-untyped-def]
+    latency=lambda p, i, m: 1.0,  # type: ignore[no-untyped-def]
+    seed: int = 0,
+    node_offset: int = 0,
+    **cfg,  # type: ignore[no-untyped-def]
+) -> tuple[ParameterServer, FakeGrid]:
+    clock = VirtualClock()
+    partition_of = {node + node_offset: p for node, p in NODES.items() if p < num_partitions}
+    grid = FakeGrid(partition_of, client_fn, clock=clock, latency=latency)
+    server = ParameterServer(
+        StrategyConfig(**cfg), seed=seed, poll_interval=0.05, clock=clock, sleep=clock.sleep
+    )
+    return server, grid
+
+
+def fedavg_reference(x, partitions, rounds, counts=lambda p: 10 + 3 * p):  # type: ignore[no-untyped-def]
+    for r in range(1, rounds + 1):
+        deltas = {p: deterministic_delta(x, p, r) for p in partitions}
+        total = sum(counts(p) for p in partitions)
+        new = {}
+        for key, value in x.items():
+            mean = sum(counts(p) * deltas[p][key].astype(np.float64) for p in partitions) / total
+            if value.dtype.kind == "f":
+                new[key] = (value.astype(np.float64) + mean).astype(value.dtype)
+            else:
+                new[key] = (value + np.rint(mean)).astype(value.dtype)
+        x = new
+    return x
+
+
+def test_sync_fedavg_matches_hand_computation_and_contract() -> None:
+    server, grid = make(4)
+    events: list[VersionEvent] = []
+    x0 = small_model()
+    result = server.start(
+        grid,
+        to_array_record(x0),
+        num_rounds=3,
+        train_config=_config(task='{"seed": 0}'),
+        on_version=events.append,
+    )
+    expected = fedavg_reference(x0, range(4), 3)
+    for key in x0:
+        np.testing.assert_array_equal(server.arrays[key], expected[key])  # type: ignore[index]
+        np.testing.assert_array_equal(result.arrays[key].numpy(), expected[key])
+    assert [e.version for e in events] == [1, 2, 3] and [e.round for e in events] == [1, 2, 3]
+    assert all(e.num_accepted == 4 and e.num_rejected == 0 for e in events)
+    assert events[0].counts == {"accepted": 4, "rejected": 0, "dropped": 0, "timed_out": 0}
+    assert events[0].train_metrics["train-loss"] == pytest.approx(
+        sum((10 + 3 * p) * (1 + p) for p in range(4)) / sum(10 + 3 * p for p in range(4))
+    )
+    message = grid.log[-1].message
+    config = message.content["config"]
+    assert config["server-round"] == 3 and config["version"] == 2 and config["reply"] == "delta"
+    assert config["task"] == '{"seed": 0}'
+    assert message.metadata.message_type == "train"
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    assert len(server.history) == 3
+
+
+def _config(**items):  # type: ignore[no-untyped-def]
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(items)
+
+
+def bad_client(message: Message, partition: int):  # type: ignore[no-untyped-def]
+    params, version, server_round = received(message)
+    deltas = deterministic_delta(params, partition, server_round)
+    n = 10 + 3 * partition
+    if partition == 1:
+        deltas["w"] = np.full_like(deltas["w"], np.nan)
+    elif partition == 2:
+        deltas["w"] = np.zeros((2, 2), np.float32)
+    elif partition == 3:
+        n = None  # type: ignore[assignment]
+    elif partition == 4:
+        deltas = {k: v * 10_000 if v.dtype.kind == "f" else v for k, v in deltas.items()}
+    elif partition == 5:
+        return Error(code=0, reason="client crashed")
+    return delta_reply(deltas, n, version, partition)
+
+
+def test_bad_replies_are_rejected_and_the_run_goes_on() -> None:
+    server, grid = make(7, client_fn=bad_client, max_update_norm=100.0, min_replies=1)
+    events: list[VersionEvent] = []
+    x0 = small_model()
+    server.start(grid, to_array_record(x0), num_rounds=2, on_version=events.append)
+    assert len(events) == 2
+    for event in events:
+        assert event.num_accepted == 2
+        assert event.rejected_by_reason == {
+            "non_finite": 1,
+            "shape": 1,
+            "num_examples": 1,
+            "norm": 1,
+            "error": 1,
+        }
+    expected = fedavg_reference(x0, [0, 6], 2)
+    for key in x0:
+        np.testing.assert_array_equal(server.arrays[key], expected[key])  # type: ignore[index]
+    assert server.counters["rejected_non_finite"] == 2
+    assert events[0].counts["rejected_shape"] == 1 and events[0].counts["rejected"] == 5
+
+
+def test_sync_round_proceeds_after_timeout_with_min_replies() -> None:
+    never = {3}
+    server, grid = make(
+        4,
+        latency=lambda p, i, m: math.inf if p in never else 1.0 + p,
+        round_timeout_s=5.0,
+        min_replies=3,
+    )
+    events: list[VersionEvent] = []
+    server.start(grid, to_array_record(small_model()), num_rounds=2, on_version=events.append)
+    assert [(e.num_accepted, e.num_timed_out) for e in events] == [(3, 1), (3, 1)]
+    assert grid.clock.now == pytest.approx(10.0, abs=0.2)  # two rounds of 5 s timeouts
+
+
+def test_sync_retries_a_round_with_too_few_replies() -> None:
+    server, grid = make(
+        4,
+        latency=lambda p, i, m: math.inf if p == 0 else 1.0,
+        fraction_train=0.5,
+        min_replies=2,
+        round_timeout_s=5.0,
+        max_round_retries=20,
+        seed=3,
+    )
+    server.start(grid, to_array_record(small_model()), num_rounds=4)
+    assert server.version == 4
+    replay = PartitionSampler(3)
+    replay.set_nodes({p: p for p in range(4)})
+    failures = 0
+    for _ in range(4):
+        while 0 in replay.sample(2):
+            failures += 1
+    assert failures > 0
+    assert server.counters["failed_rounds"] == failures
+    assert len(grid.log) == 2 * (4 + failures)
+
+
+def test_sync_gives_up_after_max_round_retries() -> None:
+    server, grid = make(
+        3, latency=lambda p, i, m: math.inf, round_timeout_s=2.0, max_round_retries=2
+    )
+    with pytest.raises(RoundFailedError, match="round 1 failed 3 time"):
+        server.start(grid, to_array_record(small_model()), num_rounds=2)
+    assert len(grid.log) == 3 * 3
+    assert grid.clock.now == pytest.approx(6.0, abs=0.2)
+    assert server.version == 0
+
+
+def constant_client(message: Message, partition: int):  # type: ignore[no-untyped-def]
+    params, version, _ = received(message)
+    deltas = {
+        k: np.full(v.shape, partition + 1, v.dtype) * (0.25 if v.dtype.kind == "f" else 1)
+        for k, v in params.items()
+    }
+    return delta_reply(deltas, 10 * (partition + 1), version, partition)
+
+
+def scripted(times: dict[int, list[float]]):  # type: ignore[no-untyped-def]
+    return lambda p, i, m: times[p][i]
+
+
+def test_async_staleness_weights_on_a_scripted_arrival_order() -> None:
+    # t=1 p0(v0, tau 0); t=2 p1(v0, tau 0) -> v1; t=2.5 p0(v0, tau 1); t=10 p2(v0, tau 1) -> v2
+    server, grid = make(
+        3,
+        client_fn=constant_client,
+        latency=scripted({0: [1.0, 1.5, 20.0], 1: [2.0, 100.0], 2: [10.0]}),
+        mode="async",
+        buffer_size=2,
+        concurrency=3,
+        max_staleness=1,
+    )
+    server.drain_timeout = 60.0
+    events: list[VersionEvent] = []
+    x0 = {"w": np.zeros(3, np.float32)}
+    server.start(grid, to_array_record(x0), num_rounds=2, on_version=events.append)
+    c = {p: 0.25 * (p + 1) for p in range(3)}
+    n = {p: 10 * (p + 1) for p in range(3)}
+    s1 = 1 / math.sqrt(2)
+    x1 = np.float32(0.0 + (n[0] * c[0] + n[1] * c[1]) / (n[0] + n[1]))
+    x2 = np.float32(np.float64(x1) + (n[0] * s1 * c[0] + n[2] * s1 * c[2]) / (n[0] + n[2]))
+    assert [e.version for e in events] == [1, 2]
+    np.testing.assert_array_equal(events[0].arrays["w"], np.full(3, x1)) if False else None
+    np.testing.assert_array_equal(server.arrays["w"], np.full(3, x2))  # type: ignore[index]
+    assert [e.num_accepted for e in events] == [2, 2]
+    # the replying client was sent the newest model at once
+    starts = [(s.partition, received(s.message)[1]) for s in grid.log]
+    assert sorted(starts[:3]) == [(0, 0), (1, 0), (2, 0)]
+    assert starts[3:] == [(0, 0), (1, 1), (0, 1)]
+    # in flight at the end: p0 (due t=22.5) is drained and discarded, p1 (t=102) is left
+    assert server.counters["discarded"] == 1 and len(grid.pending) == 1
+
+
+def test_async_drops_replies_staler_than_max_staleness() -> None:
+    server, grid = make(
+        2,
+        client_fn=constant_client,
+        latency=scripted({0: [1.0, 3.0, 50.0], 1: [2.0, 100.0]}),
+        mode="async",
+        buffer_size=1,
+        concurrency=2,
+        max_staleness=0,
+        round_timeout_s=30.0,
+    )
+    events: list[VersionEvent] = []
+    server.start(grid, to_array_record({"w": np.zeros(2, np.float32)}), 2, on_version=events.append)
+    assert [(e.version, e.num_dropped) for e in events] == [(1, 0), (2, 1)]
+    np.testing.assert_array_equal(server.arrays["w"], np.full(2, 0.5, np.float32))  # type: ignore[index]
+
+
+def test_async_survives_bad_clients() -> None:
+    server, grid = make(
+        6,
+        client_fn=bad_client,
+        latency=lambda p, i, m: 1.0 + 0.1 * p,
+        mode="async",
+        buffer_size=2,
+        concurrency=6,
+        max_staleness=5,
+        max_update_norm=100.0,
+    )
+    server.start(grid, to_array_record(small_model()), num_rounds=3)
+    assert server.version == 3
+    assert server.counters["rejected_non_finite"] >= 1 and server.counters["rejected_error"] >= 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_resume_is_bit_identical(tmp_path, optimizer: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = dict(optimizer=optimizer, server_lr=0.05, momentum=0.0 if optimizer == "adam" else 0.9)
+    cfg.update(fraction_train=0.5)
+    x0 = to_array_record(small_model())
+    full, grid = make(6, seed=7, **cfg)
+    full.start(grid, x0, num_rounds=5)
+    full_cohorts = [s.partition for s in grid.log]
+
+    first, grid1 = make(6, seed=7, **cfg)
+    path = tmp_path / "ckpt.pt"
+    first.start(
+        grid1,
+        x0,
+        num_rounds=2,
+        on_version=lambda e: save_checkpoint(path, first.state_dict()),
+    )
+    state = load_checkpoint(path)
+    assert state is not None and state["version"] == 2
+    second, grid2 = make(6, seed=123, node_offset=50_000, **cfg)  # other node ids, other seed
+    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, resume_state=state)
+    assert second.version == 5 and len(second.history) == 5
+    for key, value in full.arrays.items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(second.arrays[key], value)  # type: ignore[index]
+        assert second.arrays[key].dtype == value.dtype  # type: ignore[index]
+    assert [s.partition for s in grid1.log + grid2.log] == full_cohorts
+
+
+def test_evaluate_fn_is_called_for_version_zero_and_each_version() -> None:
+    server, grid = make(3)
+    calls: list[int] = []
+
+    def evaluate_fn(version, arrays):  # type: ignore[no-untyped-def]
+        calls.append(version)
+        return MetricRecord({"acc": float(version)})
+
+    events: list[VersionEvent] = []
+    result = server.start(
+        grid, to_array_record(small_model()), 2, evaluate_fn=evaluate_fn, on_version=events.append
+    )
+    assert calls == [0, 1, 2]
+    assert [e.eval_metrics["acc"] for e in events] == [1.0, 2.0]  # type: ignore[index]
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+
+
+def test_base_strategy_start_gives_the_same_run() -> None:
+    """The batch configure/aggregate path equals the streaming sync loop."""
+    x0 = to_array_record(small_model())
+    streaming, grid = make(5, seed=2, fraction_train=0.6, optimizer="yogi", server_lr=0.1)
+    streaming.start(grid, x0, num_rounds=3)
+    batch, grid2 = make(5, seed=2, fraction_train=0.6, optimizer="yogi", server_lr=0.1)
+    result = Strategy.start(batch, grid2, x0, num_rounds=3, timeout=100)
+    for key, value in streaming.arrays.items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(result.arrays[key].numpy(), value)
