@@ -70,7 +70,10 @@ class SuperLink:
         """``flwr run`` the app and stream its logs until the run ends; raise if it failed."""
         command = [flwr_bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
         if run_config:
-            command += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]
+            # A TOML file, not key=value pairs: the CLI's inline parser rejects escaped quotes.
+            config_file = self.flwr_home / "run-config.toml"
+            config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+            command += ["--run-config", str(config_file)]
         if num_supernodes is not None:
             command += [
                 "--federation-config",

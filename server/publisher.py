@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Publisher:
-    """Exports global versions to ONNX into ``repository`` per ``export.*`` of the config."""
+    """Exports global versions to ONNX into ``repository`` per ``export.*`` of the config.
+
+    ``export_and_publish`` also applies retention (``export.keep_last``, and the best ``test_acc``
+    when ``export.keep_best``).
+    """
 
     repository: ModelRepository
     sample: torch.Tensor  # a real test batch: the parity check runs on it
@@ -61,11 +65,6 @@ class Publisher:
         except Exception:  # noqa: BLE001 - an export failure must never stop training
             log.exception("export of global version %d failed; training goes on", entry.version)
             return None
-        self.repository.apply_retention(
-            cfg.export.model_name,
-            keep_last=cfg.export.keep_last,
-            keep_best_metric="test_acc" if cfg.export.keep_best else None,
-        )
         log.info(
             "published global version %d as %s/%d (max abs diff %.2e, %.2f s: %s)",
             entry.version,
@@ -73,6 +72,6 @@ class Publisher:
             result.version,
             result.max_abs_diff,
             time.perf_counter() - started,
-            ", ".join(f"{k} {v:.2f}" for k, v in asdict(result).get("seconds", {}).items()),
+            ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
         )
         return result.version

@@ -1,0 +1,115 @@
+"""The client's contract: reply ``local - received`` with num-examples, train-loss and version."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.app import evaluate, query, train
+from task.config import ExperimentConfig
+from task.federated import client_data
+from task.models import build_model
+from task.params import get_arrays, set_arrays
+from task.training import make_loader, set_seed
+from task.training import train as train_model
+
+CFG = {
+    "model": {"name": "mlp"},
+    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05},
+    "seed": 5,
+}
+
+
+def _context(partition_id: int = 1, num_partitions: int = 4) -> Context:
+    return Context(
+        run_id=1,
+        node_id=11,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _message(model: torch.nn.Module, kind: str, version: int = 3, reply: str = "delta") -> Message:
+    config = ConfigRecord(
+        {"task": json.dumps(CFG), "server-round": version + 1, "version": version, "reply": reply}
+    )
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    return Message(content=content, dst_node_id=11, message_type=kind)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", (1, 8, 8), 10)
+
+
+def test_train_replies_the_delta_and_its_metrics() -> None:
+    model = _model()
+    received = get_arrays(model)
+    reply = train(_message(model, "train"), _context())
+
+    delta = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    metrics = reply.content["metrics"]
+    data = client_data(ExperimentConfig.from_dict(CFG), 1, 4)
+    assert metrics["num-examples"] == len(data.train_y)
+    assert metrics["version"] == 3
+    assert metrics["partition-id"] == 1
+    assert np.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
+    assert list(delta) == list(received)
+    assert all(delta[k].shape == received[k].shape for k in delta)
+    assert any(np.abs(d).max() > 0 for d in delta.values())
+
+    # received + delta is exactly the model the client trained (same seeds, same data)
+    local = _model()
+    set_seed(5 * 1_000_003 + 3 * 1_009 + 1)
+    loader = make_loader(data.train_x, data.train_y, 16, shuffle=True, seed=5 + 31 * 3 + 1)
+    torch.set_num_threads(1)
+    train_model(local, loader, ExperimentConfig.from_dict(CFG).train, torch.device("cpu"))
+    for key, value in get_arrays(local).items():
+        np.testing.assert_allclose(received[key] + delta[key], value, atol=1e-6)
+
+
+def test_train_replies_full_weights_when_asked() -> None:
+    model = _model()
+    reply = train(_message(model, "train", reply="weights"), _context())
+    delta_reply = train(_message(model, "train"), _context())
+    received = get_arrays(model)
+    for key, weights in reply.content["arrays"].items():
+        delta = delta_reply.content["arrays"][key].numpy()
+        np.testing.assert_allclose(weights.numpy(), received[key] + delta, atol=1e-6)
+
+
+def test_evaluate_reports_validation_loss_and_accuracy() -> None:
+    model = _model()
+    reply = evaluate(_message(model, "evaluate"), _context(partition_id=0))
+    metrics = reply.content["metrics"]
+    data = client_data(ExperimentConfig.from_dict(CFG), 0, 4)
+    assert metrics["num-examples"] == len(data.val_y) > 0
+    assert 0.0 <= metrics["eval-acc"] <= 1.0
+    assert metrics["eval-loss"] > 0
+
+
+def test_query_reports_the_partition() -> None:
+    reply = query(_message(_model(), "query"), _context(partition_id=2, num_partitions=4))
+    assert reply.content["metrics"]["partition-id"] == 2
+    assert reply.content["metrics"]["num-partitions"] == 4
+
+
+def test_missing_node_config_names_the_fix() -> None:
+    context = _context()
+    context.node_config.clear()
+    with pytest.raises(ValueError, match="--node-config 'partition-id=<i> num-partitions=<n>'"):
+        train(_message(_model(), "train"), context)
+
+
+def test_set_arrays_after_delta_roundtrip() -> None:
+    model = _model()
+    arrays = get_arrays(model)
+    set_arrays(model, {k: v + 1 for k, v in arrays.items()})
+    assert all(np.allclose(get_arrays(model)[k], arrays[k] + 1) for k in arrays)
