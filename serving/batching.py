@@ -10,12 +10,14 @@ waits on :meth:`Request.wait`. Timestamps (``perf_counter``): ``t_submit`` when 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 _done_lock = threading.Lock()
 
 
@@ -70,7 +72,10 @@ class Request:
             event.set()
         cb = self.callback
         if cb is not None:
-            cb(self)
+            try:
+                cb(self)
+            except Exception:  # noqa: BLE001 - a gone caller must not take the engine down
+                log.warning("completion callback of a request failed", exc_info=True)
         return True
 
     def wait(self, timeout: float | None = None) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """Least-loaded dispatch over a pool's engines, each engine forming dynamic batches.
 
-:class:`Worker` wraps one :class:`~serving.engine.Engine` with a bounded FIFO and a thread that forms
-batches: it takes the oldest request, then keeps taking queued requests while the batch has at most
-``max_batch_size`` rows, waiting up to ``max_queue_delay`` (counted from the oldest request's
+:class:`Worker` wraps one :class:`~serving.engine.Engine` with a bounded FIFO and a thread that
+forms batches: it takes the oldest request, then keeps taking queued requests while the batch has at
+most ``max_batch_size`` rows, waiting up to ``max_queue_delay`` (counted from the oldest request's
 arrival) for more; it concatenates them along axis 0, runs once and splits the outputs back
 (:mod:`serving.batching`). Its state (``queued_items``, ``running_items``, ``ewma_s``, ``batches``,
 ``items``, ``errors``, ``batch_size_counts``) is plain attributes written under its lock and read
@@ -23,8 +23,9 @@ caller's thread runs the request directly (:meth:`Worker.try_inline`), saving tw
 API allows this only for sub-millisecond models, so a slow model never blocks the event loop.
 
 Failures: an engine that raises anything but onnxruntime's ``InvalidArgument`` is taken out
-(:attr:`Worker.dead`); its running batch and queue go to ``on_failure`` (the pool retries them once
-elsewhere). ``InvalidArgument`` fails only the request that caused it (rerun one by one), as HTTP 400.
+(:attr:`Worker.dead`); its running batch and queue go to ``on_failure`` (the pool retries them
+once elsewhere). ``InvalidArgument`` fails only the request that caused it (rerun one by one), as
+HTTP 400.
 """
 
 from __future__ import annotations
@@ -121,7 +122,11 @@ class Worker:
         with self._cond:
             if self.dead or self.closing:
                 return CLOSED
-            if max_queue_items and self.queued_items and self.queued_items + req.n > max_queue_items:
+            if (
+                max_queue_items
+                and self.queued_items
+                and self.queued_items + req.n > max_queue_items
+            ):
                 return FULL
             self._queue.append(req)
             self.queued_items += req.n
@@ -130,8 +135,9 @@ class Worker:
 
     def try_inline(self, req: Request) -> int:
         """Run ``req`` in the calling thread if this worker is idle. INLINE_DONE: ``req`` is
-        complete (its callback is not called). NOT_RUN: the caller should queue it. HANDED_OFF: the
-        engine failed and ``req`` went to the failure handler (it completes through its callback)."""
+        complete (its callback is not called). NOT_RUN: the caller should queue it. HANDED_OFF:
+        the engine failed and ``req`` went to the failure handler (it completes through its
+        callback)."""
         with self._cond:
             if (
                 self.dead
@@ -216,7 +222,9 @@ class Worker:
             while n < limit:
                 if queue:
                     nxt = queue[0]
-                    if n + nxt.n > limit or (self._same_shape_check and not _same_shapes(first, nxt)):
+                    if n + nxt.n > limit or (
+                        self._same_shape_check and not _same_shapes(first, nxt)
+                    ):
                         break
                     batch.append(queue.popleft())
                     n += nxt.n
@@ -283,12 +291,14 @@ class Worker:
             self._running = []
 
     def _record(self, seconds: float, n: int) -> None:
-        self.ewma_s = seconds if self.batches == 0 else self.ewma_s + EWMA_ALPHA * (
-            seconds - self.ewma_s
+        self.ewma_s = (
+            seconds if self.batches == 0 else self.ewma_s + EWMA_ALPHA * (seconds - self.ewma_s)
         )
         per_item = seconds / n
-        self.ewma_item_s = per_item if self.batches == 0 else self.ewma_item_s + EWMA_ALPHA * (
-            per_item - self.ewma_item_s
+        self.ewma_item_s = (
+            per_item
+            if self.batches == 0
+            else self.ewma_item_s + EWMA_ALPHA * (per_item - self.ewma_item_s)
         )
         self.batches += 1
         self.items += n
@@ -390,10 +400,8 @@ class Dispatcher:
             (o for o in workers if o is not w and o.accepting), key=lambda o: o.outstanding
         )
         for o in others:
-            status2 = o.offer(req, limit)
-            if status2 == OK:
+            if o.offer(req, limit) == OK:
                 return False
-            status = max(status, status2) if status2 == FULL else status
         if any(o.accepting for o in workers):
             raise self._overloaded(workers)
         raise self._none_live(workers)

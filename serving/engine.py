@@ -1,9 +1,10 @@
 """One onnxruntime InferenceSession with chosen providers, warm-up and input validation.
 
 Providers. ``"auto"`` asks for the CUDA execution provider first when
-``onnxruntime.get_available_providers()`` lists it *and* a probe session actually obtains it (onnxruntime-gpu
-lists CUDA even without a GPU or CUDA libraries and then falls back to CPU silently), else CPU only.
-:attr:`Engine.providers` is what the session obtained (``session.get_providers()``), not what was asked.
+``onnxruntime.get_available_providers()`` lists it *and* a probe session actually obtains it
+(onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries and then falls back to CPU
+silently), else CPU only. :attr:`Engine.providers` is what the session obtained
+(``session.get_providers()``), not what was asked.
 
 Threads. ``intra_op_threads`` (default 1: the pool runs one engine per core). Sessions with >= 2
 intra-op threads spin while idle and steal cores from the other engines and the event loop, so
@@ -192,6 +193,9 @@ def cuda_usable() -> bool:
     """True when a CUDA session can actually be created here (probed once per process)."""
     if CUDA not in ort.get_available_providers():
         return False
+    if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")):
+        log.info("onnxruntime lists CUDA but this machine has no NVIDIA driver; serving on CPU")
+        return False
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -205,9 +209,7 @@ def cuda_usable() -> bool:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=[CUDA, CPU]
-        )
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable GPU"
         log.info("CUDA execution provider unusable: %s", exc)
         return False

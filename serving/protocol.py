@@ -7,12 +7,13 @@ Request body, JSON only::
      "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}
 
 With the binary extension the body is that JSON header (its byte length in the HTTP header
-``Inference-Header-Content-Length``) followed by the raw little-endian, row-major bytes of every input
-whose ``parameters.binary_data_size`` is set, in the order of ``inputs``. Outputs are returned as binary
-when the requested output says ``binary_data: true`` or, with no ``outputs`` list, when the request
-parameter ``binary_data_output`` is true (tritonclient's default); the response then carries the same
-header. Errors are :class:`ServingError` subclasses, rendered by the API as ``{"error": message}`` with
-their status; every message about a tensor names the input and, when known, the model's spec.
+``Inference-Header-Content-Length``) followed by the raw little-endian, row-major bytes of every
+input whose ``parameters.binary_data_size`` is set, in the order of ``inputs``. Outputs are
+returned as binary when the requested output says ``binary_data: true`` or, with no ``outputs``
+list, when the request parameter ``binary_data_output`` is true (tritonclient's default); the
+response then carries the same header. Errors are :class:`ServingError` subclasses, rendered by
+the API as ``{"error": message}`` with their status; every message about a tensor names the input
+and, when known, the model's spec.
 
 This module imports numpy only; it is the bottom layer of ``serving``.
 """
@@ -98,7 +99,9 @@ class Spec:
         if isinstance(spec, Spec):
             return spec
         if isinstance(spec, Mapping):
-            return cls(str(spec["name"]), str(spec["datatype"]), tuple(int(d) for d in spec["shape"]))
+            return cls(
+                str(spec["name"]), str(spec["datatype"]), tuple(int(d) for d in spec["shape"])
+            )
         return cls(str(spec.name), str(spec.datatype), tuple(int(d) for d in spec.shape))
 
     @property
@@ -179,10 +182,10 @@ def decode_request(
 ) -> InferRequest:
     """Decode a v2 inference request (JSON, or JSON header + binary tensors).
 
-    ``specs`` (the model's inputs by name) only enriches error messages; :meth:`ModelSignature.validate`
-    checks the tensors against them. Raises :class:`BadRequest` for junk JSON, a bad header length, a
-    datatype it cannot decode, an element count that disagrees with the shape, and a missing or
-    short binary part.
+    ``specs`` (the model's inputs by name) only enriches error messages;
+    :meth:`ModelSignature.validate` checks the tensors against them. Raises :class:`BadRequest`
+    for junk JSON, a bad header length, a datatype it cannot decode, an element count that
+    disagrees with the shape, and a missing or short binary part.
     """
     if header_length is not None:
         try:

@@ -1,6 +1,6 @@
-"""Helpers for the serving tests: tiny ONNX models built with ``onnx.helper`` (no torch), publishing
-through :class:`serving.repository.ModelRepository`, and a real uvicorn server on a free 127.0.0.1 port
-that always stops."""
+"""Helpers for the serving tests: tiny ONNX models built with ``onnx.helper`` (no torch),
+publishing through :class:`serving.repository.ModelRepository`, and a real uvicorn server on a free
+127.0.0.1 port that always stops."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def classifier_weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_classifier(path: Path, seed: int = 0) -> Path:
-    """``logits = x @ W + b`` with ``x: FP32[batch, 4]``; ``b`` is shifted by ``10 * seed`` so that the
-    version that answered is visible in the output."""
+    """``logits = x @ W + b`` with ``x: FP32[batch, 4]``; ``b`` is shifted by ``10 * seed`` so
+    that the version that answered is visible in the output."""
     w, b = classifier_weights(seed)
     graph = helper.make_graph(
         [
@@ -49,8 +49,11 @@ def make_classifier(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_cnn(path: Path, seed: int = 0, channels: int = 1, size: int = 28, classes: int = 10) -> Path:
-    """The FedAvg paper CNN (conv5x5-32, pool, conv5x5-64, pool, fc-512, fc-classes), random weights."""
+def make_cnn(
+    path: Path, seed: int = 0, channels: int = 1, size: int = 28, classes: int = 10
+) -> Path:
+    """The FedAvg paper CNN (conv5x5-32, pool, conv5x5-64, pool, fc-512, fc-classes), random
+    weights."""
     rng = np.random.default_rng(seed)
 
     def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -100,7 +103,9 @@ def make_cnn(path: Path, seed: int = 0, channels: int = 1, size: int = 28, class
     return path
 
 
-def publish_classifier(repo: Any, tmp: Path, name: str = "clf", seed: int = 0, max_batch_size: int = 64) -> int:
+def publish_classifier(
+    repo: Any, tmp: Path, name: str = "clf", seed: int = 0, max_batch_size: int = 64
+) -> int:
     """Builds the classifier for ``seed`` and publishes it through ``repo`` (a ModelRepository)."""
     from serving.repository import TensorSpec
 

@@ -1,0 +1,101 @@
+"""Engine: providers obtained, warm-up, parity with onnxruntime, and input validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
+
+from serving.engine import CPU, Engine, InputError, ModelSignature, resolve_providers
+from serving.protocol import Spec
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("engine") / "clf.onnx", seed=1)
+
+
+def signature(max_batch: int = 8, allow: tuple[str, ...] = ()) -> ModelSignature:
+    return ModelSignature.build(
+        [Spec("x", "FP32", (-1, IN_FEATURES))],
+        [Spec("logits", "FP32", (-1, CLASSES))],
+        max_batch,
+        allow_nonfinite=allow,
+    )
+
+
+def test_engine_reports_obtained_providers_and_matches_onnxruntime(model_path: Path) -> None:
+    engine = Engine(model_path, signature(), providers="auto", intra_op_threads=1, name="e0")
+    assert engine.providers == engine.session.get_providers()
+    assert engine.providers[-1] == CPU
+    assert engine.warmup_seconds > 0
+    x = np.random.default_rng(0).random((5, IN_FEATURES), dtype=np.float32)
+    ref = ort.InferenceSession(str(model_path), providers=[CPU]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(engine.run({"x": x})["logits"], ref, rtol=1e-6)
+    w, b = classifier_weights(1)
+    np.testing.assert_allclose(engine.run({"x": x})["logits"], x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+def test_signature_from_graph_and_mismatch_detected(model_path: Path) -> None:
+    engine = Engine(model_path, None, max_batch_size=4, warmup=False)
+    assert engine.signature.inputs == (Spec("x", "FP32", (-1, IN_FEATURES)),)
+    assert engine.signature.max_batch_size == 4
+    bad = ModelSignature.build([Spec("y", "FP32", (-1, 4))], [Spec("logits", "FP32", (-1, 3))], 4)
+    with pytest.raises(ValueError, match="declared input 'y' is not in the ONNX graph"):
+        Engine(model_path, bad, warmup=False)
+    wrong_type = ModelSignature.build(
+        [Spec("x", "FP64", (-1, 4))], [Spec("logits", "FP32", (-1, 3))], 4
+    )
+    with pytest.raises(ValueError, match="disagrees with the graph"):
+        Engine(model_path, wrong_type, warmup=False)
+
+
+def test_resolve_providers() -> None:
+    assert resolve_providers("cpu") == [CPU]
+    assert resolve_providers(["NoSuchExecutionProvider"]) == [CPU]
+    auto = resolve_providers("auto")
+    assert auto[-1] == CPU and set(auto) <= set(ort.get_available_providers())
+
+
+@pytest.mark.parametrize(
+    ("feeds", "needle"),
+    [
+        ({"y": np.zeros((1, 4), np.float32)}, "unknown input 'y'; the model expects x: FP32 [-1, 4]"),  # noqa: E501
+        ({"x": np.zeros((1, 4), np.float64)}, "input 'x': datatype FP64 does not match the model's x: FP32 [-1, 4]"),  # noqa: E501
+        ({"x": np.zeros((1, 5), np.float32)}, "input 'x': shape [1, 5] does not match the model's x: FP32 [-1, 4]"),  # noqa: E501
+        ({"x": np.zeros((4,), np.float32)}, "input 'x': shape [4] does not match"),
+        ({"x": np.zeros((9, 4), np.float32)}, "input 'x': batch size 9 is outside 1..8 (max_batch_size)"),  # noqa: E501
+        ({"x": np.zeros((0, 4), np.float32)}, "batch size 0 is outside 1..8"),
+        ({"x": np.array([[0, np.nan, 0, 0]], np.float32)}, "input 'x': contains NaN or Inf"),
+        ({"x": np.array([[0, np.inf, 0, 0]], np.float32)}, "x: FP32 [-1, 4]"),
+        ({}, "missing input(s): x: FP32 [-1, 4]"),
+    ],
+)  # fmt: skip
+def test_validation_messages(feeds: dict, needle: str) -> None:
+    with pytest.raises(InputError) as info:
+        signature().validate(feeds)
+    assert needle in str(info.value)
+    assert info.value.status == 400
+
+
+def test_validation_accepts_good_input_and_allowed_nan() -> None:
+    assert signature().validate({"x": np.zeros((3, 4), np.float32)}) == 3
+    nan = {"x": np.full((2, 4), np.nan, np.float32)}
+    assert signature(allow=("x",)).validate(nan) == 2
+
+
+def test_serving_never_imports_torch_or_flwr() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serving.api, serving.cli, serving.watcher, serving.pool, serving.metrics; "
+        "bad = [m for m in ('torch', 'flwr') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,122 @@
+"""Hot swap: a new version published under continuous load is verified, loaded, warmed and
+swapped in with zero failed requests; a version that fails verification is skipped and the old one
+keeps serving."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from serving_helpers import IN_FEATURES, classifier_weights, publish_classifier, running_server
+
+from serving.api import create_app
+from serving.pool import PoolSettings
+from serving.registry import ModelRegistry
+from serving.repository import ModelRepository
+from serving.watcher import RepositoryWatcher
+
+
+def expected(x: np.ndarray, seed: int) -> np.ndarray:
+    w, b = classifier_weights(seed)
+    return x @ w + b
+
+
+def test_hot_swap_under_load_fails_no_request(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, seed=1)
+    registry = ModelRegistry()
+    # config.pbtxt's version policy (latest 1) decides: v1 is unloaded once v2 serves
+    watcher = RepositoryWatcher(
+        repo, registry, PoolSettings(instances=2, providers="cpu"), poll_interval_s=0.05
+    )
+    watcher.start()
+    old_pool = registry.get("clf")
+    app = create_app(registry, ready=lambda: watcher.ready)
+    x = np.random.default_rng(0).random((2, IN_FEATURES), dtype=np.float32)
+    body = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}]
+    }
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(f"{url}/v2/models/clf/infer", json=body)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                    continue
+                doc = r.json()
+                version = doc["model_version"]
+                got = np.array(doc["outputs"][0]["data"], np.float32).reshape(2, 3)
+                if not np.allclose(got, expected(x, int(version)), rtol=1e-5, atol=1e-4):
+                    failures.append(f"wrong output for version {version}")
+                seen.append(version)
+
+    try:
+        with running_server(app) as url:
+            threads = [threading.Thread(target=load, args=(url,)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            before = len(seen)
+            publish_classifier(repo, tmp_path, seed=2)
+            deadline = time.monotonic() + 15
+            while "2" not in seen[before:] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)  # keep the load on after the swap
+            stop.set()
+            for t in threads:
+                t.join(15)
+    finally:
+        stop.set()
+        watcher.stop()
+    assert failures == []
+    assert before > 10 and "2" in seen, (before, seen[-5:])
+    first_new = seen.index("2")
+    assert set(seen[:first_new]) == {"1"}
+    # requests of the three clients interleave, so a few v1 answers may trail the first v2 one
+    assert seen[first_new + 10 :].count("1") == 0
+    assert old_pool.closed and all(w.join(0) for w in old_pool.workers)
+    assert watcher.swaps >= 1
+
+
+def test_unverifiable_version_is_skipped_old_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, seed=1)
+    registry = ModelRegistry()
+    watcher = RepositoryWatcher(repo, registry, PoolSettings(instances=1, providers="cpu"))
+    watcher.poll_once()
+    v2 = publish_classifier(repo, tmp_path, seed=2)
+    model_file = repo.model_path("clf", v2)
+    model_file.write_bytes(model_file.read_bytes() + b"tampered")  # checksum no longer matches
+    with caplog.at_level(logging.ERROR, logger="serving.watcher"):
+        watcher.poll_once()
+    try:
+        assert registry.get("clf").version == 1
+        assert ("clf", v2) in watcher.failed and "checksum mismatch" in watcher.failed[("clf", v2)]
+        assert "skipping clf version 2" in caplog.text
+        assert repo.leased_versions("clf") == {1}  # the failed version's lease was released
+        x = np.ones((1, IN_FEATURES), np.float32)
+        np.testing.assert_allclose(
+            registry.get("clf").infer({"x": x})["logits"], expected(x, 1), rtol=1e-5, atol=1e-4
+        )
+        v3 = publish_classifier(repo, tmp_path, seed=3)  # a good one after the bad one
+        watcher.poll_once()
+        assert registry.get("clf").version == v3 and registry.models() == {"clf": [v3]}
+        assert repo.leased_versions("clf") == {v3}
+    finally:
+        watcher.stop()
+    assert repo.leased_versions("clf") == set()
