@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.launcher import FLWR_ENV, local_superlink
-from tests.processes import wait_until_gone
+from processes import wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [str(Path(sys.executable).parent / "fedserve-train")]
