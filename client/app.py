@@ -58,7 +58,9 @@ def _is_slow(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> b
     return partition_id in set(slow.tolist())
 
 
-def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, ClientData, torch.nn.Module]:
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[ExperimentConfig, ClientData, torch.nn.Module]:
     cfg = _task_config(msg)
     partition_id, num_partitions = _node_partition(context)
     data = client_data(cfg, partition_id, num_partitions)

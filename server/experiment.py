@@ -67,7 +67,11 @@ def task_config(cfg: ExperimentConfig) -> str:
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
-    """Train ``cfg.rounds`` global versions on ``grid``; see the module docstring."""
+    """Train ``cfg.rounds`` global versions on ``grid``; see the module docstring.
+
+    With ``cfg.stop_at_accuracy`` set, the run ends after the first version whose central test
+    accuracy reaches it (that version is still exported and checkpointed).
+    """
     if cfg.resume and cfg.strategy.implementation == "flower_fedavg":
         raise ConfigError(
             "resume=true needs strategy.implementation=parameter_server; flower_fedavg is the "
@@ -111,7 +115,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
         client_metrics: dict[str, float],
         counts: dict[str, int],
         server_state: dict[str, Any] | None,
-    ) -> None:
+    ) -> bool:
+        """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached."""
         nonlocal best, started
         loss, acc = evaluator(arrays)
         entry = HistoryEntry(
@@ -140,6 +145,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
                 },
             )
         started = time.perf_counter()
+        if cfg.stop_at_accuracy is not None and acc >= cfg.stop_at_accuracy:
+            log.info(
+                "version %d reached test acc %.4f >= stop_at_accuracy=%g: stopping",
+                version,
+                acc,
+                cfg.stop_at_accuracy,
+            )
+            return True
+        return False
 
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
     if cfg.strategy.implementation == "flower_fedavg":
@@ -164,8 +178,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
     while (connected := len(list(grid.get_node_ids()))) < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"only {connected} of num_clients={expected} nodes connected within {timeout:.0f} s;"
-                " start more SuperNodes or lower num_clients"
+                f"only {connected} of num_clients={expected} nodes connected within "
+                f"{timeout:.0f} s; start more SuperNodes or lower num_clients"
             )
         time.sleep(0.2)
     log.info("%d nodes connected", connected)
@@ -184,8 +198,8 @@ def _run_parameter_server(
     if restored is not None:
         strategy.load_state_dict(restored)
 
-    def hook(event: VersionEvent) -> None:
-        on_version(
+    def hook(event: VersionEvent) -> bool:
+        return on_version(
             event.version,
             event.round,
             event.arrays,
@@ -230,19 +244,33 @@ def _run_flower_fedavg(
         nonlocal last
         if server_round > 0:
             last = to_numpy(arrays)
-            on_version(server_round, server_round, last, strategy.last_train_metrics, {}, None)
+            if on_version(server_round, server_round, last, strategy.last_train_metrics, {}, None):
+                raise _StopRun(server_round)
         return None
 
-    strategy.start(
-        grid,
-        to_array_record(initial),
-        num_rounds=cfg.rounds,
-        timeout=cfg.strategy.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=evaluate_config,
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        strategy.start(
+            grid,
+            to_array_record(initial),
+            num_rounds=cfg.rounds,
+            timeout=cfg.strategy.round_timeout_s,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+    except _StopRun as stop:
+        # Flower's Strategy.start has no stop hook. Central evaluation is the last step of a
+        # round, after every train/evaluate reply was received: nothing is in flight here.
+        log.info("flower_fedavg stopped after round %d (stop_at_accuracy)", stop.round)
     return last
+
+
+class _StopRun(Exception):
+    """Raised from Flower FedAvg's ``evaluate_fn`` to end ``start`` after a round."""
+
+    def __init__(self, server_round: int) -> None:
+        super().__init__(f"stop after round {server_round}")
+        self.round = server_round
 
 
 class _RecordingFedAvg(FedAvg):

@@ -46,7 +46,10 @@ class Publisher:
         )
 
     def publish(
-        self, model: torch.nn.Module, arrays: dict[str, np.ndarray], entry: HistoryEntry,
+        self,
+        model: torch.nn.Module,
+        arrays: dict[str, np.ndarray],
+        entry: HistoryEntry,
         cfg: ExperimentConfig,
     ) -> int | None:
         """Export ``arrays`` as the next repository version; a failure is logged, not raised."""

@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def summarize_sweep(sweep_dir: Path) -> str:
-    """Write ``summary.md`` and ``summary.png`` for the jobs under ``sweep_dir``; return the table."""
+    """Write ``summary.md`` and ``summary.png`` for the jobs in ``sweep_dir``; return the table."""
     rows: list[tuple[str, History]] = []
     for history_file in sorted(sweep_dir.glob("*/history.json"), key=_job_order):
         job_dir = history_file.parent
         overrides_file = job_dir / "overrides.txt"
         label = overrides_file.read_text().strip() if overrides_file.exists() else job_dir.name
-        rows.append((label or job_dir.name, History.from_dict(json.loads(history_file.read_text()))))
+        rows.append(
+            (label or job_dir.name, History.from_dict(json.loads(history_file.read_text())))
+        )
     lines = [
         "| job | overrides | versions | final test acc | best test acc |",
         "|---|---|---|---|---|",

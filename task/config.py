@@ -224,7 +224,7 @@ class HeterogeneityConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One federated run. The same dict gives the same run, by ``fedserve-train`` or ``flwr run``."""
+    """One federated run: the same dict gives the same run (``fedserve-train`` or ``flwr run``)."""
 
     rounds: int = 5
     num_clients: int = 10
@@ -233,6 +233,7 @@ class ExperimentConfig:
     repository: str | None = "model_repository"
     resume: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    stop_at_accuracy: float | None = None  # stop after the first version reaching this test acc
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -246,6 +247,10 @@ class ExperimentConfig:
         _positive("num_clients", self.num_clients)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
+        if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:
+            raise ConfigError(
+                f"stop_at_accuracy must be in (0, 1] or null, got {self.stop_at_accuracy}"
+            )
         for section in (
             self.dataset,
             self.partition,

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.usefixtures("flower_task_identity")
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -18,6 +16,8 @@ from task.models import build_model
 from task.params import get_arrays, set_arrays
 from task.training import make_loader, set_seed
 from task.training import train as train_model
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 CFG = {
     "model": {"name": "mlp"},

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import wait_until_gone
 
 from server.launcher import FLWR_ENV, local_superlink
-from processes import wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [str(Path(sys.executable).parent / "fedserve-train")]

@@ -1,4 +1,4 @@
-"""Strategies through real Flower runs: FedAvg parity with Flower's own, and bit-identical resume."""
+"""Strategies in real Flower runs: FedAvg parity with Flower's own; bit-identical resume."""
 
 from __future__ import annotations
 
@@ -21,10 +21,20 @@ BASE = [
 
 
 def test_our_fedavg_equals_flowers_fedavg_after_two_rounds(tmp_path: Path) -> None:
-    ours = fedserve_train(tmp_path / "ours", *BASE, "rounds=2", "strategy=fedavg",
-                          f"repository={tmp_path / 'repo_ours'}")
-    flower = fedserve_train(tmp_path / "flower", *BASE, "rounds=2", "strategy=flower_fedavg",
-                            f"repository={tmp_path / 'repo_flower'}")
+    ours = fedserve_train(
+        tmp_path / "ours",
+        *BASE,
+        "rounds=2",
+        "strategy=fedavg",
+        f"repository={tmp_path / 'repo_ours'}",
+    )
+    flower = fedserve_train(
+        tmp_path / "flower",
+        *BASE,
+        "rounds=2",
+        "strategy=flower_fedavg",
+        f"repository={tmp_path / 'repo_flower'}",
+    )
     a = onnx_weights(tmp_path / "repo_ours" / "fedserve" / "2" / "model.onnx")
     b = onnx_weights(tmp_path / "repo_flower" / "fedserve" / "2" / "model.onnx")
     assert a.keys() == b.keys() and a

@@ -7,8 +7,9 @@ dropped and counted, otherwise it is validated and folded with weight ``num-exam
 version. Whenever a client replies (or times out) a slot frees up and the next idle partition,
 drawn by the seeded sampler, is sent the newest model at once.
 
-The loop ends when the version reaches ``num_rounds`` (versions, not rounds). The replies still in
-flight are then pulled and discarded for at most ``drain_timeout`` seconds (bounded by their own
+The loop ends when the version reaches ``num_rounds`` (versions, not rounds) or ``on_version``
+returned True (early stop, e.g. a target accuracy). The replies still in flight are then pulled
+and discarded for at most ``drain_timeout`` seconds (bounded by their own
 deadlines); the rest expire by their TTL. A partially filled buffer is discarded.
 
 Replies within one pull are handled in partition-id order, so a given arrival schedule always gives
@@ -56,7 +57,7 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
     agg.reset()
     in_flight: dict[str, Dispatch] = {}
     window: Counter[str] = Counter()
-    while server.version < ctx.num_rounds:
+    while not ctx.finished(server.version):
         refused = _fill(server, ctx, in_flight, concurrency)
         if not in_flight:
             raise RuntimeError(
@@ -68,7 +69,7 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
         replies.sort(key=lambda m: in_flight[m.metadata.reply_to_message_id].partition)
         for reply in replies:
             dispatch = in_flight.pop(reply.metadata.reply_to_message_id)
-            if server.version >= ctx.num_rounds:
+            if ctx.finished(server.version):
                 server.counters["discarded"] += 1
                 continue
             staleness = server.staleness.staleness(server.version, dispatch.start_version)
@@ -97,7 +98,7 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
                 dispatch.partition,
                 ctx.timeout,
             )
-        if not replies and server.version < ctx.num_rounds or refused:
+        if not replies and not ctx.finished(server.version) or refused:
             messenger.wait()
     _drain(server, ctx, in_flight)
 

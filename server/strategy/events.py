@@ -68,8 +68,13 @@ class RunContext:
     train_config: ConfigRecord
     evaluate_config: ConfigRecord
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None
-    on_version: Callable[[VersionEvent], None] | None
+    on_version: Callable[[VersionEvent], bool | None] | None
     result: Result
     started: float
     last_version_at: float
     window: Counter[str] = field(default_factory=Counter)
+    stop_requested: bool = False  # ``on_version`` returned True: no further version is made
+
+    def finished(self, version: int) -> bool:
+        """The run makes no more versions: ``num_rounds`` reached or a stop was requested."""
+        return self.stop_requested or version >= self.num_rounds

@@ -397,7 +397,7 @@ class ParameterServer(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
-        on_version: Callable[[VersionEvent], None] | None = None,
+        on_version: Callable[[VersionEvent], bool | None] | None = None,
         resume_state: dict[str, Any] | None = None,
     ) -> Result:
         """Run until the global version reaches ``num_rounds`` (a total, also when resuming).
@@ -410,6 +410,8 @@ class ParameterServer(Strategy):
         ``evaluate_fn(version, arrays)`` runs for version 0 (fresh runs only) and after every
         version; ``on_version`` runs after every version, when the server state is complete, so
         ``save_checkpoint(path, strategy.state_dict())`` there is a consistent checkpoint.
+        ``on_version`` returning ``True`` (the bool) stops the run after that version (early stop
+        at a target accuracy); async mode then drains the replies in flight as at a normal end.
         """
         if resume_state is not None:
             self.load_state_dict(resume_state)
@@ -449,8 +451,9 @@ class ParameterServer(Strategy):
                 run_async(self, ctx)
         ctx.result.arrays = self.array_record()
         log.info(
-            "ParameterServer finished at version %d in %.1fs; totals %s",
+            "ParameterServer finished at version %d%s in %.1fs; totals %s",
             self.version,
+            " (stopped early by on_version)" if ctx.stop_requested else "",
             self.clock() - ctx.started,
             dict(self.counters),
         )

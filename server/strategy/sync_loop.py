@@ -5,7 +5,8 @@ and pulls replies as they arrive, validating and folding each at once, until eve
 ``min(round_timeout_s, timeout)`` passed. With at least ``min_replies`` accepted replies the server
 optimizer makes the next version; otherwise the round is retried with a new cohort, up to
 ``max_round_retries`` times, then :class:`RoundFailedError` stops the run (the last good version
-was already handed to ``on_version``, i.e. checkpointed by the app).
+was already handed to ``on_version``, i.e. checkpointed by the app). ``on_version`` returning True
+ends the run after that version (nothing is in flight between two sync rounds).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def run_sync(server: ParameterServer, ctx: RunContext) -> None:
             f"(ceil(fraction_train={cfg.fraction_train} x {len(server.sampler.node_of)} "
             "partitions)); lower min_replies or raise fraction_train"
         )
-    while server.version < ctx.num_rounds:
+    while not ctx.finished(server.version):
         server_round = server.round + 1
         timed_out = 0
         attempts = cfg.max_round_retries + 1

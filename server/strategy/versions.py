@@ -17,7 +17,12 @@ log = logging.getLogger("server.strategy.parameter_server")
 def publish_version(
     server: ParameterServer, ctx: RunContext, *, dropped: int = 0, timed_out: int = 0
 ) -> VersionEvent:
-    """After an accepted aggregate: update, evaluate, record history, call ``on_version``."""
+    """After an accepted aggregate: update, evaluate, record history, call ``on_version``.
+
+    ``on_version`` returning ``True`` (e.g. a target accuracy was reached; only the bool ``True``,
+    so a callback that happens to return a value, like a checkpoint path, does not stop the run)
+    sets ``ctx.stop_requested``: the loops make no further version.
+    """
     agg = server.aggregator
     train_metrics = agg.metrics()
     rejected = dict(agg.rejected)
@@ -83,7 +88,8 @@ def publish_version(
         event.seconds,
         f", eval {dict(eval_metrics)}" if eval_metrics is not None else "",
     )
-    if ctx.on_version is not None:
-        ctx.on_version(event)
+    if ctx.on_version is not None and ctx.on_version(event) is True:
+        ctx.stop_requested = True
+        log.info("on_version asked to stop after version %d", event.version)
     agg.reset()
     return event
