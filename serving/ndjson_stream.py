@@ -1,0 +1,129 @@
+"""``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection.
+
+Log records keep the ``serving.api`` logger name they had before this was split out of
+:mod:`serving.api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from serving.pool import EnginePool
+from serving.protocol import PayloadTooLarge, ServingError, decode_request, encode_response
+
+if TYPE_CHECKING:
+    from serving.api import ServingApp
+
+log = logging.getLogger("serving.api")
+
+#: most lines decoded and in flight at once; the reader waits when this many are pending
+STREAM_WINDOW = 64
+
+
+class NDJSONStream(Response):
+    """Streams NDJSON results while still reading NDJSON requests from the same connection.
+
+    Each line is decoded and dispatched as soon as it arrives (at most ``STREAM_WINDOW`` in flight);
+    results are written in request order, each as soon as it and all earlier ones are done. A bad
+    line yields ``{"error": ..., "status": code, "line": i}`` and the stream goes on.
+    (Starlette's StreamingResponse would consume ``receive`` itself to watch for disconnects, so
+    this response drives both directions.)
+    """
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, app: ServingApp, pool: EnginePool, version: str | None) -> None:
+        super().__init__(content=None, media_type=self.media_type)
+        self.app = app
+        self.pool = pool
+        self.version = version
+
+    async def _one(self, line: bytes, index: int) -> bytes:
+        app = self.app
+        pool = self.pool
+        try:
+            if len(line) > app.settings.body_limit_bytes:
+                raise PayloadTooLarge(
+                    f"line {index} is {len(line)} bytes, over the limit of "
+                    f"{app.settings.body_limit_bytes} bytes (serving.body_limit_bytes)"
+                )
+            t0 = time.perf_counter()
+            ireq = decode_request(line, None, pool.signature.input_map)
+            ireq.outputs = [(name, False) for name, _ in ireq.outputs or []] or None
+            ireq.binary_output = False
+            n = pool.signature.validate(ireq.inputs)
+            pool, done = await app._run(pool, ireq, n, self.version)
+            self.pool = pool
+            assert done.outputs is not None
+            payload, _ = encode_response(
+                pool.name, str(pool.version), done.outputs, pool.signature.output_names, ireq
+            )
+            app.metrics.observe(
+                pool.name, pool.version, time.perf_counter() - t0, done.queue_seconds
+            )
+            return payload + b"\n"
+        except ServingError as exc:
+            app.metrics.failure(pool.name, exc.status)
+            doc = {"error": exc.message, "status": exc.status, "line": index}
+        except Exception as exc:  # noqa: BLE001 - one bad line must not end the stream
+            log.exception("infer_stream line %d failed", index)
+            app.metrics.failure(pool.name, 500)
+            doc = {"error": f"internal error: {type(exc).__name__}: {exc}", "status": 500}
+            doc["line"] = index
+        return json.dumps(doc).encode() + b"\n"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        queue: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
+        limit = self.app.settings.body_limit_bytes
+
+        async def reader() -> None:
+            buffer = b""
+            index = 0
+            try:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    buffer += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    *lines, buffer = buffer.split(b"\n")
+                    if not more and buffer:
+                        lines.append(buffer)
+                        buffer = b""
+                    for line in lines:
+                        if line.strip():
+                            await queue.put(asyncio.ensure_future(self._one(line, index)))
+                            index += 1
+                    if len(buffer) > limit:
+                        await queue.put(asyncio.ensure_future(self._one(buffer, index)))
+                        return
+                    if not more:
+                        return
+            finally:
+                await queue.put(None)
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", self.media_type.encode())],
+            }
+        )
+        task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                line = await item
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            task.cancel()
