@@ -172,14 +172,24 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     return ExperimentResult(history=history, final_arrays=final, exported_versions=exported)
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
-    """Nodes register asynchronously; start when ``expected`` are connected (or fail clearly)."""
-    deadline = time.monotonic() + timeout
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, stall: float = 60.0) -> None:
+    """Nodes register asynchronously: start when ``expected`` are connected, or fail clearly.
+
+    Gives up after ``timeout`` seconds, or after ``stall`` seconds without a new node (a
+    federation smaller than ``num_clients`` never grows by itself).
+    """
+    started = last_change = time.monotonic()
+    seen = -1
     while (connected := len(list(grid.get_node_ids()))) < expected:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if connected != seen:
+            seen, last_change = connected, now
+        if now - started > timeout or now - last_change > stall:
             raise TimeoutError(
-                f"only {connected} of num_clients={expected} nodes connected within "
-                f"{timeout:.0f} s; start more SuperNodes or lower num_clients"
+                f"num_clients={expected} but only {connected} nodes connected after "
+                f"{now - started:.0f} s; set num_clients={connected} (in --run-config "
+                f"overrides) or start {expected} SuperNodes (--federation-config "
+                f"'num-supernodes={expected}' in simulation)"
             )
         time.sleep(0.2)
     log.info("%d nodes connected", connected)
