@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    # SIGTERM (a scheduler, `timeout`, CI) must unwind like Ctrl-C so the SuperLink tree is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     _hydra_main()
 
 

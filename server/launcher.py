@@ -3,12 +3,12 @@
 ``fedserve-train`` uses this instead of the deprecated ``flwr.simulation.run_simulation`` so both
 entry points share one code path (the FAB that ``flwr run .`` builds). The SuperLink gets free
 127.0.0.1 ports and its own FLWR_HOME, so it never clashes with a user's ``~/.flwr`` or another run,
-and it is always stopped — with its whole process group (simulation and Ray processes included) —
-when the context exits, however it exits.
+and it is always stopped — with every process below it (simulation and Ray included, see
+:mod:`server.processes`) — when the context exits, however it exits.
 
 The same code runs a real deployment on one machine: ``local_superlink(simulation=False)`` plus
-:func:`local_supernodes`, one ``flower-supernode`` per partition, each with its own FLWR_HOME and
-Runtime API port, all on 127.0.0.1 — exactly what runs across machines, minus the network.
+:func:`server.supernodes.local_supernodes`, one ``flower-supernode`` per partition, each with its
+own FLWR_HOME and Runtime API port, all on 127.0.0.1 — what runs across machines, minus the network.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.processes import free_port, stop_process_group, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ def flwr_bin(name: str) -> str:
     """A Flower executable from this interpreter's environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -97,7 +92,8 @@ class SuperLink:
         if run_config:
             # A TOML file, not key=value pairs: the CLI's inline parser rejects escaped quotes.
             config_file = self.flwr_home / "run-config.toml"
-            config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+            lines = [f"{key} = {toml_value(value)}\n" for key, value in run_config.items()]
+            config_file.write_text("".join(lines))
             command += ["--run-config", str(config_file)]
         if num_supernodes is not None:
             command += [
@@ -177,17 +173,6 @@ class SuperLink:
         return data
 
 
-@dataclass
-class SuperNode:
-    """A running ``flower-supernode`` serving one partition of the federation."""
-
-    process: subprocess.Popen[bytes]
-    partition_id: int
-    flwr_home: Path
-    runtime_port: int
-    log_file: Path
-
-
 @contextlib.contextmanager
 def local_superlink(
     simulation: bool = True,
@@ -197,7 +182,8 @@ def local_superlink(
     """Start a SuperLink on a free port, stop it (and its process group) after.
 
     TLS when ``certificates`` = (ca, cert, key), PEM files (``scripts/generate_certs.py`` writes
-    them); ``simulation=False`` gives a deployment SuperLink that :func:`local_supernodes` join.
+    them); ``simulation=False`` gives a deployment SuperLink that SuperNodes join
+    (:func:`server.supernodes.local_supernodes`).
     """
     owned_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fedserve-flwr-")) if flwr_home is None else flwr_home
@@ -234,120 +220,12 @@ def local_superlink(
     ca = certificates[0] if certificates else None
     link = SuperLink(process, home, f"127.0.0.1:{port}", log_file, root_certificates=ca)
     try:
-        _wait_for_port(port, process, log_file, "flower-superlink")
+        wait_for_port(port, process, log_file, "flower-superlink")
         yield link
     finally:
         stop_process_group(process)
         if owned_home:
-            _remove_tree(home)
-
-
-@contextlib.contextmanager
-def local_supernodes(
-    link: SuperLink,
-    num_nodes: int,
-    root_certificates: Path | None = None,
-    base_dir: Path | None = None,
-    node_config: dict[str, str | int | float] | None = None,
-    wait: bool = True,
-    timeout: float = 60.0,
-) -> Iterator[list[SuperNode]]:
-    """Start ``num_nodes`` ``flower-supernode`` processes against ``link``; stop them after.
-
-    Node ``i`` gets ``--node-config 'partition-id=i num-partitions=num_nodes'`` (plus
-    ``node_config``), its own FLWR_HOME (where it installs the FAB it is sent) under ``base_dir``,
-    its own free Runtime API port, and its own process group, so the ``flwr-clientapp`` processes it
-    spawns are stopped with it. ``root_certificates``: the CA that verifies the SuperLink's TLS
-    certificate (default ``link.root_certificates``; neither: ``--insecure``).
-    With ``wait`` the context enters once all nodes are online at the SuperLink.
-    """
-    if num_nodes < 1:
-        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-    ca = root_certificates or link.root_certificates
-    owned_base = base_dir is None
-    base = Path(tempfile.mkdtemp(prefix="fedserve-nodes-")) if base_dir is None else base_dir
-    nodes: list[SuperNode] = []
-    try:
-        for partition_id in range(num_nodes):
-            config = {"partition-id": partition_id, "num-partitions": num_nodes}
-            config.update(node_config or {})
-            nodes.append(_start_supernode(link.address, partition_id, config, ca, base))
-        for node in nodes:
-            _wait_for_port(node.runtime_port, node.process, node.log_file, "flower-supernode")
-        if wait:
-            link.wait_for_supernodes(num_nodes, timeout=timeout)
-        yield nodes
-    finally:
-        stop_process_groups([node.process for node in nodes])
-        if owned_base:
-            _remove_tree(base)
-
-
-def supernode_command(
-    superlink: str,
-    node_config: dict[str, str | int | float],
-    root_certificates: Path | None = None,
-    runtime_port: int | None = None,
-) -> list[str]:
-    """The ``flower-supernode`` command line for one node (what the README runs by hand)."""
-    command = [flwr_bin("flower-supernode"), "--superlink", superlink]
-    if root_certificates is None:
-        command.append("--insecure")
-    else:
-        command += ["--root-certificates", str(root_certificates)]
-    config = " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())
-    command += ["--node-config", config]
-    if runtime_port is not None:
-        command += ["--host", "127.0.0.1", "--port", str(runtime_port)]
-    return command
-
-
-def _start_supernode(
-    superlink: str,
-    partition_id: int,
-    node_config: dict[str, str | int | float],
-    root_certificates: Path | None,
-    base: Path,
-) -> SuperNode:
-    home = base / f"supernode-{partition_id}"
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_file = home / "supernode.log"
-    command = supernode_command(superlink, node_config, root_certificates, port)
-    with log_file.open("wb") as out:
-        process = subprocess.Popen(
-            command,
-            env=flwr_env(home),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    log.info("supernode %d (pid %d): %s", partition_id, process.pid, " ".join(command))
-    return SuperNode(process, partition_id, home, port, log_file)
-
-
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-    stop_process_groups([process], grace)
-
-
-def stop_process_groups(processes: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    """SIGTERM every process group at once, SIGKILL what is left after ``grace`` seconds."""
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:  # the leader may be gone while its children linger
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _run_and_tee(
@@ -390,31 +268,9 @@ def _write_connection(home: Path, address: str, root_certificates: Path | None) 
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def _wait_for_port(
-    port: int, process: subprocess.Popen[bytes], log_file: Path, name: str, timeout: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}; see {log_file}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}"
-    )
-
-
-def _toml(value: str | int | float | bool) -> str:
+def toml_value(value: str | int | float | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

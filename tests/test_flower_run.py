@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,4 +93,31 @@ def test_bad_config_stops_before_anything_starts(
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
     assert time.time() - started < 60  # no simulation was started for it
+    assert wait_until_gone(started) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_leaves_no_process_behind(tmp_path: Path, signum: int) -> None:
+    started = time.time()
+    process = subprocess.Popen(
+        [
+            *TRAIN,
+            "rounds=50",
+            "num_clients=2",
+            "model=mlp",
+            "repository=null",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **FLWR_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    history = tmp_path / "history.json"
+    deadline = time.monotonic() + 240
+    while not history.exists() and time.monotonic() < deadline:  # mid-run: Ray and clients up
+        time.sleep(0.5)
+    assert history.exists(), "the run never produced a version"
+    process.send_signal(signum)
+    assert process.wait(timeout=60) != 0
     assert wait_until_gone(started) == []
