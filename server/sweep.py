@@ -22,16 +22,21 @@ log = logging.getLogger(__name__)
 
 def summarize_sweep(sweep_dir: Path) -> str:
     """Write ``summary.md`` and ``summary.png`` for the jobs in ``sweep_dir``; return the table."""
-    rows: list[tuple[str, History]] = []
+    jobs: list[tuple[list[str], str, History]] = []
     for history_file in sorted(sweep_dir.glob("*/history.json"), key=_job_order):
         job_dir = history_file.parent
         overrides_file = job_dir / "overrides.txt"
-        label = overrides_file.read_text().strip() if overrides_file.exists() else job_dir.name
-        rows.append(
-            (label or job_dir.name, History.from_dict(json.loads(history_file.read_text())))
-        )
+        words = overrides_file.read_text().split() if overrides_file.exists() else []
+        history = History.from_dict(json.loads(history_file.read_text()))
+        jobs.append((words, job_dir.name, history))
+    # label each job by what varies across the sweep, not by the overrides every job shares
+    shared = set.intersection(*(set(words) for words, _, _ in jobs)) if len(jobs) > 1 else set()
+    rows = [
+        (" ".join(w for w in words if w not in shared) or name, history)
+        for words, name, history in jobs
+    ]
     lines = [
-        "| job | overrides | versions | final test acc | best test acc |",
+        "| job | swept overrides | versions | final test acc | best test acc |",
         "|---|---|---|---|---|",
     ]
     for index, (label, history) in enumerate(rows):
