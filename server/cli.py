@@ -31,11 +31,21 @@ PATH_KEYS = ("repository", "dataset.root")
 def absolute_overrides(overrides: list[str], cfg: ExperimentConfig) -> list[str]:
     """Pin relative paths to this process's cwd: the ServerApp runs in another process."""
     pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PATH_KEYS]
-    if cfg.repository:
-        pinned.append(f"repository={Path(cfg.repository).resolve()}")
+    pinned.append(
+        f"repository={Path(cfg.repository).resolve()}" if cfg.repository else "repository=null"
+    )
     if cfg.dataset.root:
         pinned.append(f"dataset.root={Path(cfg.dataset.root).resolve()}")
     return pinned
+
+
+def client_gpu_share(cfg: ExperimentConfig, clients_per_gpu: int = 4) -> float:
+    """Each simulated client's GPU share: up to ``clients_per_gpu`` train at once per GPU."""
+    if cfg.device == "cpu":
+        return 0.0
+    import torch
+
+    return 1.0 / clients_per_gpu if torch.cuda.is_available() else 0.0
 
 
 def train_job(cfg: DictConfig) -> float:
@@ -52,6 +62,7 @@ def train_job(cfg: DictConfig) -> float:
         link.run(
             {"overrides": json.dumps(overrides), "output-dir": str(output_dir)},
             num_supernodes=experiment.num_clients,
+            client_gpus=client_gpu_share(experiment),
         )
     history_file = output_dir / "history.json"
     if not history_file.exists():

@@ -50,8 +50,11 @@ def flwr_bin(name: str) -> str:
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for Flower's processes: our venv first on PATH, a private FLWR_HOME, and
+    no forced colours (Jupyter sets FORCE_COLOR, and the CLI's coloured JSON would not parse)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, **FLWR_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
+    return {**env, **FLWR_ENV, "NO_COLOR": "1", "FLWR_HOME": str(flwr_home), "PATH": path}
 
 
 class RunFailedError(RuntimeError):
@@ -80,6 +83,7 @@ class SuperLink:
         num_supernodes: int | None = None,
         app_dir: Path = PROJECT_DIR,
         timeout: float | None = None,
+        client_gpus: float = 0.0,
     ) -> int:
         """``flwr run`` the app, stream its logs until the run ends; return the run id.
 
@@ -87,6 +91,8 @@ class SuperLink:
         --stream`` exits 0 even when the ServerApp raised) and ``RuntimeError`` when ``flwr run``
         itself failed or outlived ``timeout`` seconds. ``num_supernodes`` sizes a simulation; leave
         it None against a deployment SuperLink, whose SuperNodes are the federation.
+        ``client_gpus``: the GPU share of each simulated client (Ray hides GPUs from actors that
+        reserve none, so clients train on CUDA only when this is > 0).
         """
         command = [flwr_bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
         if run_config:
@@ -96,10 +102,10 @@ class SuperLink:
             config_file.write_text("".join(lines))
             command += ["--run-config", str(config_file)]
         if num_supernodes is not None:
-            command += [
-                "--federation-config",
-                f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-            ]
+            resources = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+            if client_gpus > 0:
+                resources += f" client-resources-num-gpus={client_gpus}"
+            command += ["--federation-config", resources]
         log.info("running: %s", " ".join(command))
         returncode, run_ids = _run_and_tee(command, flwr_env(self.flwr_home), timeout)
         if returncode != 0:
