@@ -15,7 +15,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HistoryEntry:
-    """One global version: central test metrics, aggregated client metrics, seconds."""
+    """One global version: central test metrics, aggregated client metrics, seconds.
+
+    ``timing`` (train->serve latency, see benchmarks/train_to_serve.py): ``params_at`` (the new
+    global parameters exist), ``evaluated_at`` and, when exported, ``published_at`` are wall-clock
+    ``time.time()`` stamps; ``export_s``, ``check_s``, ``publish_s`` are the exporter's seconds.
+    """
 
     version: int
     round: int
@@ -25,6 +30,7 @@ class HistoryEntry:
     client_metrics: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     exported_version: int | None = None
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

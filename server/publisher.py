@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from server.export import export_and_publish
+from server.export import check_parity, export_and_publish, export_onnx
 from server.history import HistoryEntry
 from serving.repository import ModelRepository
 from task.config import ExperimentConfig
@@ -25,16 +28,39 @@ class Publisher:
 
     ``export_and_publish`` also applies retention (``export.keep_last``, and the best ``test_acc``
     when ``export.keep_best``).
+
+    Latency (train->serve): export and parity check run with one torch thread (measured on the
+    2-core machine under load, cnn on digits: export 0.061 -> 0.031 s, check 0.135 -> 0.023 s,
+    medians), and :meth:`create` warms the exporter and onnxruntime up once on the initial model,
+    so version 1 does not pay their first-call cost (~0.2-0.4 s).
     """
 
     repository: ModelRepository
     sample: torch.Tensor  # a real test batch: the parity check runs on it
 
     @classmethod
-    def create(cls, cfg: ExperimentConfig, sample: torch.Tensor) -> Publisher | None:
+    def create(
+        cls, cfg: ExperimentConfig, sample: torch.Tensor, model: torch.nn.Module | None = None
+    ) -> Publisher | None:
         if not cfg.export.enabled or not cfg.repository:
             return None
-        return cls(ModelRepository(Path(cfg.repository)), sample)
+        publisher = cls(ModelRepository(Path(cfg.repository)), sample)
+        if model is not None:
+            publisher.warm_up(model, cfg)
+        return publisher
+
+    def warm_up(self, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+        """Export and check ``model`` once into a scratch file (nothing is published)."""
+        started = time.perf_counter()
+        try:
+            with one_torch_thread(), tempfile.TemporaryDirectory(prefix="fedserve-warm-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                info = export_onnx(model, self.sample, path, opset=cfg.export.opset)
+                check_parity(model, info.path, self.sample, atol=cfg.export.atol)
+        except Exception as exc:  # noqa: BLE001 - the real export reports failures
+            log.debug("exporter warm-up failed: %s", exc)
+            return
+        log.info("exporter warmed up in %.2f s", time.perf_counter() - started)
 
     @staticmethod
     def due(cfg: ExperimentConfig, version: int, is_best: bool) -> bool:
@@ -60,11 +86,13 @@ class Publisher:
             "round": entry.round,
             "metrics": {"test_acc": entry.test_acc, "test_loss": entry.test_loss},
             "config": cfg.to_dict(),
+            "timing": dict(entry.timing),
         }
         try:
-            result = export_and_publish(
-                model, self.sample, self.repository, cfg.export.model_name, metadata, cfg.export
-            )
+            with one_torch_thread():
+                result = export_and_publish(
+                    model, self.sample, self.repository, cfg.export.model_name, metadata, cfg.export
+                )
         except Exception:  # noqa: BLE001 - an export failure must never stop training
             log.exception("export of global version %d failed; training goes on", entry.version)
             return None
@@ -77,4 +105,17 @@ class Publisher:
             time.perf_counter() - started,
             ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
         )
+        entry.timing.update({f"{k}_s": v for k, v in result.seconds.items() if k != "total"})
+        entry.timing["published_at"] = time.time()
         return result.version
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(1)``, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

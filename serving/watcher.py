@@ -1,9 +1,15 @@
 """Polls the model repository and keeps the registry in step with it, swapping versions live.
 
-Every ``poll_interval_s`` (and once, synchronously, in :meth:`RepositoryWatcher.start`) each model's
-versions are listed. Which versions to serve follows the model's ``config.pbtxt`` version policy
-(Triton's: ``latest {num_versions: k}`` by default k=1, ``all``, or ``specific``) unless the
-``versions`` argument overrides k. For a wanted version that is not loaded yet the watcher
+Every ``poll_interval_s`` (default 0.05 s) the watcher stats the repository root and each model
+directory (a few ``stat`` calls, ~20 us): a publish renames a version directory into its model
+directory and retention renames one out, both of which change that directory's mtime, and a new
+model changes the root's. When a stamp changed (or changed within the last 100 ms, so two changes
+in one coarse clock tick are not missed), or at the latest every ``full_poll_s`` (default 1 s), it
+polls the repository in full (as it does once, synchronously, in
+:meth:`RepositoryWatcher.start`): each model's versions are listed. Which versions to serve
+follows the model's ``config.pbtxt`` version policy (Triton's: ``latest {num_versions: k}`` by
+default k=1, ``all``, or ``specific``) unless the ``versions`` argument overrides k. For a wanted
+version that is not loaded yet the watcher
 
 1. leases it (``ModelRepository.mark_in_use``) so retention cannot delete it while it is served,
 2. verifies it (``ModelRepository.verify``: checksums, onnx checker),
@@ -14,13 +20,22 @@ and only then unloads versions that fell out of the wanted set: removed from the
 requests go to the new pool), then closed (queued requests finish), then the lease is released.
 Requests never see a gap, so a swap fails none. A version that fails to verify or load is logged,
 remembered and skipped; whatever was serving keeps serving.
+
+Each load is timed (train->serve latency, benchmarks/train_to_serve.py): :attr:`timings` and one
+``swap timing {json}`` log line per version hold ``published_at`` (metadata ``created``),
+``detected_at``, ``serving_at`` (wall-clock ``time.time()``), ``params_at`` (from the metadata's
+``timing``, when the trainer recorded it) and ``verify_s``, ``load_s``, ``warm_s``, ``swap_s``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from serving.engine import ModelSignature
@@ -39,7 +54,8 @@ class RepositoryWatcher:
         registry: ModelRegistry,
         settings: PoolSettings | None = None,
         *,
-        poll_interval_s: float = 0.5,
+        poll_interval_s: float = 0.05,
+        full_poll_s: float = 1.0,
         versions: int | None = None,
         models: Iterable[str] | None = None,
         drain_timeout_s: float = 30.0,
@@ -55,6 +71,7 @@ class RepositoryWatcher:
         self.registry = registry
         self.settings = settings or PoolSettings()
         self.poll_interval_s = float(poll_interval_s)
+        self.full_poll_s = max(float(full_poll_s), self.poll_interval_s)
         self.versions = versions
         self.models = set(models) if models else None
         self.drain_timeout_s = drain_timeout_s
@@ -67,11 +84,15 @@ class RepositoryWatcher:
         self._poll_lock = threading.Lock()
         self.ready = False
         self.swaps = 0
+        #: (model, version) -> load timing (see the module docstring)
+        self.timings: dict[tuple[str, int], dict[str, float | None]] = {}
+        self._stamp: Any = None
 
     # ---- lifecycle
 
     def start(self) -> None:
         """Load what the repository holds now, then keep polling in a background thread."""
+        self._stamp = self._change_stamp()
         self.poll_once()
         self.ready = True
         self._thread = threading.Thread(target=self._run, name="repository-watcher", daemon=True)
@@ -88,11 +109,38 @@ class RepositoryWatcher:
         self.ready = False
 
     def _run(self) -> None:
+        last_full = time.monotonic()
         while not self._stop.wait(self.poll_interval_s):
             try:
+                stamp = self._change_stamp()
+                now = time.monotonic()
+                if (
+                    stamp == self._stamp
+                    and not _recent(stamp)
+                    and now - last_full < self.full_poll_s
+                ):
+                    continue
+                self._stamp = stamp  # taken before the poll: a change during it shows next time
+                last_full = now
                 self.poll_once()
             except Exception:  # noqa: BLE001 - the watcher must survive a bad poll
                 log.exception("repository poll failed; retrying in %.1f s", self.poll_interval_s)
+
+    def _change_stamp(self) -> Any:
+        """mtime_ns of the repository root and of each directory in it (``object()``, i.e.
+        "changed", for a repository without a ``root`` directory to stat)."""
+        root = getattr(self.repository, "root", None)
+        if root is None:
+            return object()
+        try:
+            stamps = [("", os.stat(root).st_mtime_ns)]
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stamps.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
+        except OSError:
+            return object()
+        return tuple(sorted(stamps))
 
     # ---- one poll
 
@@ -164,9 +212,12 @@ class RepositoryWatcher:
     def _load(self, model: str, version: int) -> bool:
         repo = self.repository
         lease: str | None = None
+        detected_at = time.time()
         try:
             lease = repo.mark_in_use(model, version)
+            t0 = time.perf_counter()
             repo.verify(model, version)
+            verify_s = time.perf_counter() - t0
             meta = repo.load_metadata(model, version)
             max_batch = meta.get("max_batch_size")
             if max_batch is None:
@@ -177,6 +228,7 @@ class RepositoryWatcher:
                 int(max_batch),
                 allow_nonfinite=[*self.settings.allow_nonfinite, *meta.get("allow_nonfinite", [])],
             )
+            t0 = time.perf_counter()
             pool = self.pool_factory(
                 model,
                 version,
@@ -185,6 +237,7 @@ class RepositoryWatcher:
                 self.settings,
                 metadata=meta,
             )
+            built_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any failure: skip this version, keep serving
             if lease is not None:
                 try:
@@ -195,8 +248,27 @@ class RepositoryWatcher:
             log.error("skipping %s version %d: %s: %s", model, version, type(exc).__name__, exc)
             return False
         self._loaded[(model, version)] = (pool, lease)
+        t0 = time.perf_counter()
         self.registry.add(pool)
+        swap_s = time.perf_counter() - t0
         log.info("serving %s version %d (providers %s)", model, version, pool.obtained_providers)
+        warm_s = max(
+            (getattr(getattr(w, "engine", None), "warmup_seconds", 0.0) for w in pool.workers),
+            default=0.0,
+        )
+        trainer = meta.get("timing") if isinstance(meta.get("timing"), dict) else {}
+        timing = {
+            "params_at": _number(trainer.get("params_at")),
+            "published_at": _epoch(meta.get("created")),
+            "detected_at": detected_at,
+            "serving_at": time.time(),
+            "verify_s": verify_s,
+            "load_s": max(0.0, built_s - warm_s),
+            "warm_s": warm_s,
+            "swap_s": swap_s,
+        }
+        self.timings[(model, version)] = timing
+        log.info("swap timing %s", json.dumps({"model": model, "version": version, **timing}))
         return True
 
     def _unload(self, model: str, version: int) -> None:
@@ -214,3 +286,23 @@ class RepositoryWatcher:
 
     def loaded(self) -> list[tuple[str, int]]:
         return sorted(self._loaded)
+
+
+def _recent(stamp: Any, window_ns: int = 100_000_000) -> bool:
+    """True when a directory in ``stamp`` changed within ``window_ns`` (mtimes are coarse: two
+    changes in one clock tick leave the same mtime, so keep polling briefly after a change)."""
+    if not isinstance(stamp, tuple) or not stamp:
+        return True
+    return time.time_ns() - max(m for _, m in stamp) < window_ns
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _epoch(iso: Any) -> float | None:
+    """``time.time()`` of an ISO-8601 timestamp (metadata ``created``), None if absent/bad."""
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp() if iso else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_check.py runs in one go: without a GPU it says so and exits 0; every section's
+code runs with the CPU standing in for the GPU (``--cpu-stand-in``, slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_and_exits_0() -> None:
+    result = _run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for line in ("torch         ", "onnxruntime   ", "ORT providers ", "torch CUDA    no"):
+        assert line in out
+    assert "NO GPU FOUND" in out
+    assert "obtained      ['CPUExecutionProvider']" in out
+    assert "serving runs on the CPU" in out
+
+
+@pytest.mark.slow
+def test_every_section_runs_with_the_cpu_standing_in() -> None:
+    result = _run("--cpu-stand-in", "--models", "cnn", "--seconds", "0.1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    rows = [line for line in out.splitlines() if line.startswith("cnn ")]
+    assert len(rows) == 3, out  # batch 1, batch 64, one training round
+    assert "== serving pool engines" in out
