@@ -87,7 +87,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     model = build_model(cfg.model.name, data.input_shape, data.num_classes).to(device)
     evaluator = CentralEvaluator(model, data.test_x, data.test_y, device)
     initial = get_arrays(model)
-    publisher = Publisher.create(cfg, data.test_x[:64]) if cfg.repository else None
+    publisher = Publisher.create(cfg, data.test_x[:64], model) if cfg.repository else None
 
     history = History()
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -118,6 +118,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     ) -> bool:
         """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached."""
         nonlocal best, started
+        params_at = time.time()  # train->serve latency starts when the new global params exist
         loss, acc = evaluator(arrays)
         entry = HistoryEntry(
             version=version,
@@ -127,6 +128,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
             seconds=time.perf_counter() - started,
             client_metrics=client_metrics,
             counts=counts,
+            timing={"params_at": params_at, "evaluated_at": time.time()},
         )
         is_best = acc > best
         best = max(best, acc)
