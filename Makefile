@@ -28,6 +28,8 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) benchmarks/run_all.py
 
 lint: install

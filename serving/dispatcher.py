@@ -10,8 +10,13 @@ without it by the dispatcher and the metrics collector.
 
 :class:`Dispatcher` picks the worker for each request:
 
-* ``least_loaded``: minimum outstanding work ``queued_items + running_items`` (rows, not
-  requests), ties broken by the lower EWMA of batch run time (``ewma = 0.8 ewma + 0.2 t``);
+* ``least_loaded``: minimum outstanding work, in seconds: ``(queued_items + running_items + 1)
+  * ewma_item_s``, the rows queued or running on the engine (rows, not requests) plus one, times
+  that engine's EWMA of run time per row (``ewma = 0.8 ewma + 0.2 t``). Weighing rows by each
+  engine's own speed is what keeps a slow engine's queue short: counting rows alone equalises
+  the queues' lengths, so a 4x slower engine's requests wait 4x longer (measured:
+  benchmarks/serving.py). An engine not measured yet counts 0 s; ties are broken by fewer rows,
+  then the lower EWMA of batch run time;
 * ``round_robin``: the next worker in turn (for comparison).
 
 A worker whose queue would exceed ``max_queue_items`` rows refuses; when every worker refuses the
@@ -363,14 +368,14 @@ class Dispatcher:
                     return w
             return None
         best = None
-        best_load = 0
-        best_ewma = 0.0
+        best_key = (0.0, 0, 0.0)
         for w in workers:
             if w.dead or w.closing:
                 continue
             load = w.queued_items + w.running_items
-            if best is None or load < best_load or (load == best_load and w.ewma_s < best_ewma):
-                best, best_load, best_ewma = w, load, w.ewma_s
+            key = ((load + 1) * w.ewma_item_s, load, w.ewma_s)
+            if best is None or key < best_key:
+                best, best_key = w, key
         return best
 
     def submit(

@@ -42,7 +42,7 @@ class _EngineCollector(Collector):
         )
         outstanding = GaugeMetricFamily(
             "fedserve_engine_outstanding_items",
-            "Rows queued plus running on the engine (the least-loaded key)",
+            "Rows queued plus running on the engine (times its per-row EWMA: the least-loaded key)",
             labels=labels,
         )
         ewma = GaugeMetricFamily(
