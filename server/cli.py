@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from server.config_loader import CONF_DIR, experiment_from_hydra
 from server.launcher import local_superlink
 from task.config import ConfigError, ExperimentConfig
+from task.federated import check_partitions
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def client_gpu_share(cfg: ExperimentConfig, clients_per_gpu: int = 4) -> float:
 def train_job(cfg: DictConfig) -> float:
     """Run one job; returns the final test accuracy (the value a Hydra sweeper optimises)."""
     experiment = experiment_from_hydra(cfg)
+    check_partitions(experiment)
     hydra_cfg = HydraConfig.get()
     output_dir = Path(experiment.output_dir or hydra_cfg.runtime.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

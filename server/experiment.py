@@ -26,7 +26,7 @@ from server.history import History, HistoryEntry
 from server.publisher import Publisher
 from server.strategy import ParameterServer, VersionEvent
 from task.config import ConfigError, ExperimentConfig
-from task.federated import dataset_key, shared_dataset
+from task.federated import check_partitions, dataset_key, shared_dataset
 from task.models import build_model
 from task.params import get_arrays, set_arrays
 from task.training import evaluate, get_device, make_loader, set_seed
@@ -157,6 +157,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
             return True
         return False
 
+    check_partitions(cfg)
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
     if cfg.strategy.implementation == "flower_fedavg":
         final = _run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, on_version)

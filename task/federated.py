@@ -67,6 +67,13 @@ def shared_dataset(key: str, seed: int) -> FederatedData:
     return load_dataset(cfg.dataset, seed)
 
 
+def check_partitions(cfg: ExperimentConfig) -> None:
+    """Raise ConfigError now if the training set cannot be split as configured (e.g. more
+    clients than samples), instead of in every client once the federation is up."""
+    data = shared_dataset(dataset_key(cfg), cfg.seed)
+    partition_indices(data.train_y.numpy(), cfg.num_clients, cfg.partition, cfg.seed)
+
+
 def dataset_key(cfg: ExperimentConfig) -> str:
     d = cfg.to_dict()
     return json.dumps({"dataset": d["dataset"], "partition": d["partition"]}, sort_keys=True)

@@ -45,7 +45,7 @@ def partition_indices(
         "shards": cfg.shards_per_client,
     }[cfg.name]
     if num_partitions * per_client > n:
-        need = "sample" if cfg.name == "iid" else f"{per_client} samples"
+        need = "1 sample" if per_client == 1 else f"{per_client} samples"
         raise ConfigError(
             f"num_clients={num_partitions} is too many for a training set of {n} samples "
             f"(partition={cfg.name} needs at least {need} per client); use fewer clients"

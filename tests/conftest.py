@@ -20,3 +20,13 @@ def flower_task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 11, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def process_marker(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A marker every process this test starts inherits (see :mod:`process_marker`)."""
+    from process_marker import VARIABLE, new_marker
+
+    marker = new_marker()
+    monkeypatch.setenv(VARIABLE, marker)
+    return marker

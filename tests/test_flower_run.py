@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import wait_until_gone
+from process_marker import wait_until_marked_gone
+from runs import run_train
 
 from server.launcher import FLWR_ENV, local_superlink
 
@@ -32,18 +33,11 @@ def _accuracies(history_file: Path) -> list[float]:
     return [r["test_acc"] for r in json.loads(history_file.read_text())["rounds"]]
 
 
-def test_fedserve_train_and_flwr_run_give_the_same_run(tmp_path: Path) -> None:
-    started = time.time()
+def test_fedserve_train_and_flwr_run_give_the_same_run(tmp_path: Path, process_marker: str) -> None:
     repo = tmp_path / "repo"
     hydra_dir = tmp_path / "hydra"
-    env = {**os.environ, **FLWR_ENV}
-    train = subprocess.run(
-        [*TRAIN, *OVERRIDES, f"repository={repo}", f"hydra.run.dir={hydra_dir}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    train = run_train(
+        [*OVERRIDES, f"repository={repo}", f"hydra.run.dir={hydra_dir}"], tmp_path, 300
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     by_train = _accuracies(hydra_dir / "history.json")
@@ -66,7 +60,7 @@ def test_fedserve_train_and_flwr_run_give_the_same_run(tmp_path: Path) -> None:
     versions = sorted(p.name for p in (repo / "fedserve").iterdir() if p.name.isdigit())
     assert versions == ["1", "2"]
     assert (repo / "fedserve" / "config.pbtxt").exists()
-    assert wait_until_gone(started) == []
+    assert wait_until_marked_gone(process_marker) == []
 
 
 @pytest.mark.parametrize(
@@ -75,30 +69,24 @@ def test_fedserve_train_and_flwr_run_give_the_same_run(tmp_path: Path) -> None:
         (["partition=dirichlet", "partition.alpha=-1"], "partition.alpha must be > 0, got -1"),
         (["dataset=mnist"], "dataset.root must be set"),
         (["model=vgg"], "Could not find 'model/vgg'"),
-        (["num_clients=5000"], "num_clients"),
+        (["num_clients=5000"], "num_clients=5000 is too many for a training set of 1438 samples"),
     ],
 )
 def test_bad_config_stops_before_anything_starts(
-    tmp_path: Path, overrides: list[str], expected: str
+    tmp_path: Path, overrides: list[str], expected: str, process_marker: str
 ) -> None:
     started = time.time()
-    result = subprocess.run(
-        [*TRAIN, *overrides, f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-        env={**os.environ, **FLWR_ENV},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_train([*overrides, f"hydra.run.dir={tmp_path}"], tmp_path, 120)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
     assert time.time() - started < 60  # no simulation was started for it
-    assert wait_until_gone(started) == []
+    assert wait_until_marked_gone(process_marker) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_leaves_no_process_behind(tmp_path: Path, signum: int) -> None:
-    started = time.time()
+def test_an_interrupted_run_leaves_no_process_behind(
+    tmp_path: Path, signum: int, process_marker: str
+) -> None:
     process = subprocess.Popen(
         [
             *TRAIN,
@@ -120,4 +108,4 @@ def test_an_interrupted_run_leaves_no_process_behind(tmp_path: Path, signum: int
     assert history.exists(), "the run never produced a version"
     process.send_signal(signum)
     assert process.wait(timeout=60) != 0
-    assert wait_until_gone(started) == []
+    assert wait_until_marked_gone(process_marker) == []

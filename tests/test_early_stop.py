@@ -1,0 +1,155 @@
+"""``stop_at_accuracy``: the run ends after the first version whose test accuracy reaches it.
+
+Strategy level (ParameterServer on the scripted grid: ``on_version`` returning True stops sync
+and async runs, async drains what is in flight) and experiment level (``run_experiment`` with a
+scripted central accuracy, for the ParameterServer in both modes and for Flower's FedAvg).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_grid import (
+    FakeGrid,
+    VirtualClock,
+    delta_reply,
+    deterministic_client,
+    deterministic_delta,
+    received,
+    small_model,
+)
+from flwr.app import Message
+
+import server.experiment as experiment
+from server.strategy import ParameterServer, VersionEvent
+from server.strategy.messaging import to_array_record
+from task.config import ConfigError, ExperimentConfig, StrategyConfig
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+NODES = {1001: 0, 2002: 1, 3003: 2, 4004: 3}
+
+
+def _server(**cfg) -> tuple[ParameterServer, FakeGrid]:  # type: ignore[no-untyped-def]
+    clock = VirtualClock()
+    grid = FakeGrid(dict(NODES), deterministic_client, clock=clock)
+    server = ParameterServer(
+        StrategyConfig(**cfg), seed=0, poll_interval=0.05, clock=clock, sleep=clock.sleep
+    )
+    return server, grid
+
+
+def _stop_at(version: int, events: list[VersionEvent]):  # type: ignore[no-untyped-def]
+    def on_version(event: VersionEvent) -> bool:
+        events.append(event)
+        return event.version >= version
+
+    return on_version
+
+
+def test_sync_stops_after_the_version_on_version_accepts() -> None:
+    server, grid = _server()
+    reference, _ = _server()
+    events: list[VersionEvent] = []
+    x0 = small_model()
+    server.start(grid, to_array_record(x0), num_rounds=10, on_version=_stop_at(2, events))
+    assert [e.version for e in events] == [1, 2]
+    assert server.version == 2 and server.round == 2
+    assert len(grid.log) == 2 * len(NODES)  # no third round was sent
+    assert not grid.pending
+    reference.start(
+        FakeGrid(dict(NODES), deterministic_client, clock=reference.clock),  # type: ignore[arg-type]
+        to_array_record(x0),
+        num_rounds=2,
+    )
+    for key in x0:  # stopping early = the same parameters as a run of that many rounds
+        np.testing.assert_array_equal(server.global_arrays[key], reference.global_arrays[key])
+
+
+def test_async_stops_and_drains_in_flight_replies() -> None:
+    server, grid = _server(mode="async", buffer_size=2, concurrency=4, max_staleness=10)
+    events: list[VersionEvent] = []
+    x0 = to_array_record(small_model())
+    server.start(grid, x0, num_rounds=50, on_version=_stop_at(3, events))
+    assert [e.version for e in events] == [1, 2, 3]
+    assert server.version == 3
+    sent_versions = [received(s.message)[1] for s in grid.log]
+    assert max(sent_versions) <= 2  # nobody was sent version 3: the run had ended
+    assert not grid.pending  # every reply still in flight was pulled (and discarded)
+    assert server.counters["discarded"] == len(grid.log) - sum(e.num_accepted for e in events)
+    assert server.counters["discarded"] > 0
+
+
+def test_only_a_true_return_stops_the_run() -> None:
+    server, grid = _server()
+    events: list[VersionEvent] = []
+
+    def on_version(event: VersionEvent) -> object:
+        events.append(event)
+        return Path("checkpoint.pt")  # e.g. what a save function returns: not a stop request
+
+    server.start(grid, to_array_record(small_model()), num_rounds=3, on_version=on_version)
+    assert [e.version for e in events] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_stop_at_accuracy_is_validated(value: float) -> None:
+    with pytest.raises(ConfigError, match="stop_at_accuracy"):
+        ExperimentConfig.from_dict({"stop_at_accuracy": value})
+    assert ExperimentConfig.from_dict({"stop_at_accuracy": 1.0}).stop_at_accuracy == 1.0
+    assert ExperimentConfig.from_dict({}).stop_at_accuracy is None
+
+
+# ------------------------------------------------------------------ experiment level
+ACCURACIES = [0.10, 0.50, 0.80, 0.95, 0.99, 0.99, 0.99, 0.99]  # version 0, 1, 2, ...
+
+
+def weights_or_delta_client(message: Message, partition: int):  # type: ignore[no-untyped-def]
+    """Replies a delta, or full weights when asked (Flower's FedAvg), like the ClientApp."""
+    params = {k: v.numpy() for k, v in message.content["arrays"].items()}
+    config = message.content["config"]
+    server_round = int(config["server-round"])
+    version = int(config.get("version", server_round - 1))
+    delta = deterministic_delta(params, partition, server_round)
+    if message.content["config"].get("reply") == "weights":
+        delta = {k: (params[k] + delta[k]).astype(params[k].dtype) for k in params}
+    return delta_reply(delta, 10 + 3 * partition, version, partition)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"name": "fedavg"},
+        {"name": "fedbuff", "mode": "async", "buffer_size": 2, "concurrency": 4},
+        {"name": "flower_fedavg", "implementation": "flower_fedavg"},
+    ],
+    ids=["sync", "async", "flower_fedavg"],
+)
+def test_run_experiment_stops_at_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: dict
+) -> None:
+    calls = iter(ACCURACIES)
+    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
+    cfg = ExperimentConfig.from_dict(
+        {
+            "rounds": 8,
+            "num_clients": len(NODES),
+            "output_dir": str(tmp_path),
+            "repository": None,
+            "device": "cpu",
+            "stop_at_accuracy": 0.9,
+            "dataset": {"name": "synthetic", "num_samples": 200},
+            "model": {"name": "mlp"},
+            "strategy": {**strategy, "round_timeout_s": 30.0},
+        }
+    )
+    grid = FakeGrid(dict(NODES), weights_or_delta_client, latency=lambda p, i, m: 0.0)
+    result = experiment.run_experiment(grid, cfg)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["version"] for e in history["rounds"]] == [1, 2, 3]
+    assert [e["test_acc"] for e in history["rounds"]] == ACCURACIES[1:4]
+    assert result.history.final_acc == 0.95
+    assert not grid.pending
