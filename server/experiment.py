@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -25,6 +25,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.history import History, HistoryEntry
 from server.publisher import Publisher
 from server.strategy import ParameterServer, VersionEvent
+from server.strategy.messaging import from_array_record, to_array_record
 from task.config import ConfigError, ExperimentConfig
 from task.federated import check_partitions, dataset_key, shared_dataset
 from task.models import build_model
@@ -256,7 +257,7 @@ def _run_flower_fedavg(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal last
         if server_round > 0:
-            last = to_numpy(arrays)
+            last = from_array_record(arrays)
             if on_version(server_round, server_round, last, strategy.last_train_metrics, {}, None):
                 raise _StopRun(server_round)
         return None
@@ -295,11 +296,3 @@ class _RecordingFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.last_train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
-
-
-def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
