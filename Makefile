@@ -30,7 +30,11 @@ test-slow: install
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
-	$(PY) benchmarks/run_all.py
+	nice -n 10 $(PY) benchmarks/strategies.py
+	nice -n 10 $(PY) benchmarks/async_vs_sync.py
+	$(PY) benchmarks/aggregation_memory.py
+	$(PY) benchmarks/serving_bench.py
+	$(PY) benchmarks/train_to_serve.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -47,9 +47,7 @@ IDX_SETUP = [
     "train.local_epochs=1",
     "train.batch_size=32",
     "repository=null",
-    # fedserve-train drops a `repository=null` override on its way to the ServerApp (server/cli.py
-    # absolute_overrides), which would then export every version: export=off makes sure of it.
-    "export=off",
+    "export=off",  # belt and braces: no ONNX export, whatever `repository` reaches the ServerApp
 ]
 
 
