@@ -49,6 +49,7 @@ from server.strategy.messaging import (
 from server.strategy.optimizers import build_optimizer
 from server.strategy.sampling import PartitionSampler
 from server.strategy.staleness import StalenessPolicy
+from server.strategy.summary import log_summary
 from server.strategy.sync_loop import run_sync
 from server.strategy.versions import publish_version
 from task.config import StrategyConfig
@@ -204,41 +205,7 @@ class ParameterServer(Strategy):
 
     # ------------------------------------------------------- Strategy (batch)
     def summary(self) -> None:
-        c = self.cfg
-        log.info(
-            "ParameterServer: mode=%s optimizer=%s lr=%g momentum=%g nesterov=%s betas=(%g, %g) "
-            "tau=%g aggregation=%s",
-            c.mode,
-            c.optimizer,
-            c.server_lr,
-            c.momentum,
-            c.nesterov,
-            c.beta1,
-            c.beta2,
-            c.tau,
-            c.aggregation,
-        )
-        if c.mode == "sync":
-            log.info(
-                "  sync: fraction_train=%g min_replies=%d round_timeout_s=%g retries=%d",
-                c.fraction_train,
-                c.min_replies,
-                c.round_timeout_s,
-                c.max_round_retries,
-            )
-        else:
-            log.info(
-                "  async (FedBuff): buffer_size=%d concurrency=%d max_staleness=%d",
-                c.buffer_size,
-                c.concurrency,
-                c.max_staleness,
-            )
-        log.info(
-            "  validation: max_update_norm=%s clip_update_norm=%s; seed=%d",
-            c.max_update_norm,
-            c.clip_update_norm,
-            self.seed,
-        )
+        log_summary(self.cfg, self.seed)
 
     def ensure_partitions(self, grid: Grid, timeout: float | None = None) -> None:
         """Discover ``{partition-id: node-id}`` by a query message unless already known."""
@@ -253,44 +220,28 @@ class ParameterServer(Strategy):
     def train_messages(
         self, partitions: Iterable[int], server_round: int, config: ConfigRecord | None, ttl: float
     ) -> list[Message]:
-        content = RecordDict(
-            {
-                "arrays": self.array_record(),
-                "config": make_config(
-                    config, server_round=server_round, version=self.version, reply="delta"
-                ),
-            }
-        )
-        return [
-            Message(
-                content,
-                self.sampler.node_of[p],
-                MessageType.TRAIN,
-                ttl=ttl,
-                group_id=str(server_round),
-            )
-            for p in partitions
-        ]
+        return self._messages(MessageType.TRAIN, "delta", partitions, server_round, config, ttl)
 
     def evaluate_messages(
         self, partitions: Iterable[int], server_round: int, config: ConfigRecord | None, ttl: float
     ) -> list[Message]:
-        content = RecordDict(
-            {
-                "arrays": self.array_record(),
-                "config": make_config(
-                    config, server_round=server_round, version=self.version, reply=None
-                ),
-            }
-        )
+        return self._messages(MessageType.EVALUATE, None, partitions, server_round, config, ttl)
+
+    def _messages(
+        self,
+        kind: str,
+        reply: str | None,
+        partitions: Iterable[int],
+        server_round: int,
+        config: ConfigRecord | None,
+        ttl: float,
+    ) -> list[Message]:
+        """One message per partition carrying the global arrays and the round's config."""
+        config = make_config(config, server_round=server_round, version=self.version, reply=reply)
+        content = RecordDict({"arrays": self.array_record(), "config": config})
+        node_of = (self.sampler if kind == MessageType.TRAIN else self.eval_sampler).node_of
         return [
-            Message(
-                content,
-                self.eval_sampler.node_of[p],
-                MessageType.EVALUATE,
-                ttl=ttl,
-                group_id=str(server_round),
-            )
+            Message(content, node_of[p], kind, ttl=ttl, group_id=str(server_round))
             for p in partitions
         ]
 
