@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from task.training import evaluate, get_device, make_loader, set_seed
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PLOT_EVERY_S = 10.0  # history.png redraws during a run; the last write always draws
 TASK_SECTIONS = ("dataset", "partition", "model", "train", "heterogeneity", "seed", "device")
 
 
@@ -107,6 +109,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     evaluate_config = ConfigRecord({"task": task_config(cfg)})
     best = max((e.test_acc for e in history.entries), default=-1.0)
     started = time.perf_counter()
+    last_plot = -math.inf
     exported: list[int] = []
 
     def on_version(
@@ -118,7 +121,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
         server_state: dict[str, Any] | None,
     ) -> bool:
         """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached."""
-        nonlocal best, started
+        nonlocal best, started, last_plot
         params_at = time.time()  # train->serve latency starts when the new global params exist
         loss, acc = evaluator(arrays)
         entry = HistoryEntry(
@@ -137,7 +140,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
             entry.exported_version = publisher.publish(model, arrays, entry, cfg)
             exported.append(entry.exported_version)
         history.add(entry, cfg.rounds)
-        history.write(output_dir)
+        # matplotlib takes ~0.2 s of the server loop per version: redraw every PLOT_EVERY_S at most
+        plot = time.perf_counter() - last_plot >= PLOT_EVERY_S
+        history.write(output_dir, plot=plot)
+        if plot:
+            last_plot = time.perf_counter()
         if server_state is not None:
             save_checkpoint(
                 checkpoint_path,

@@ -65,15 +65,15 @@ class History:
             initial=dict(data.get("initial", {})),
         )
 
-    def write(self, output_dir: Path) -> Path:
-        """Write ``history.json`` atomically and ``history.png`` next to it."""
+    def write(self, output_dir: Path, plot: bool = True) -> Path:
+        """Write ``history.json`` atomically and, with ``plot``, ``history.png`` next to it."""
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / "history.json"
         fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".history-", suffix=".json")
         with os.fdopen(fd, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
         os.replace(tmp, path)
-        if self.entries:
+        if plot and self.entries:
             plot_history({"run": self}, output_dir / "history.png")
         return path
 

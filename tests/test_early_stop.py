@@ -153,3 +153,35 @@ def test_run_experiment_stops_at_accuracy(
     assert [e["test_acc"] for e in history["rounds"]] == ACCURACIES[1:4]
     assert result.history.final_acc == 0.95
     assert not grid.pending
+
+
+def test_history_png_is_redrawn_at_most_every_plot_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drawing the PNG costs the server loop ~0.2 s a version: first version and the end only."""
+    import server.history
+
+    drawn: list[int] = []
+    monkeypatch.setattr(
+        server.history, "plot_history", lambda runs, path: drawn.append(len(runs["run"].entries))
+    )
+    monkeypatch.setattr(experiment, "PLOT_EVERY_S", 1e9)
+    calls = iter(ACCURACIES)
+    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
+    cfg = ExperimentConfig.from_dict(
+        {
+            "rounds": 4,
+            "num_clients": len(NODES),
+            "output_dir": str(tmp_path),
+            "repository": None,
+            "device": "cpu",
+            "dataset": {"name": "synthetic", "num_samples": 200},
+            "model": {"name": "mlp"},
+            "strategy": {"name": "fedavg", "round_timeout_s": 30.0},
+        }
+    )
+    grid = FakeGrid(dict(NODES), weights_or_delta_client, latency=lambda p, i, m: 0.0)
+    experiment.run_experiment(grid, cfg)
+    assert drawn == [1, 4]  # version 1, then only the final write
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["version"] for e in history["rounds"]] == [1, 2, 3, 4]  # json written every version
