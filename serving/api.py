@@ -48,7 +48,6 @@ from serving.api_errors import JSON as JSON
 from serving.api_errors import error_response, install_error_handlers, json_response
 from serving.auth import BearerAuth
 from serving.batching import Request
-from serving.dispatcher import PoolClosed
 from serving.metrics import CONTENT_TYPE, ServingMetrics
 from serving.model_config import v2_to_triton
 from serving.ndjson_stream import STREAM_WINDOW as STREAM_WINDOW
@@ -64,6 +63,7 @@ from serving.protocol import (
 )
 from serving.registry import ModelRegistry
 from serving.request_body import read_body
+from serving.worker import PoolClosed
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A pool of N engines serving one model version, with failover and replacement.
 
 Threads, not processes. Each engine is an onnxruntime session driven by its own Python thread
-(:class:`~serving.dispatcher.Worker`); onnxruntime releases the GIL inside ``run``, so N one-thread
+(:class:`~serving.worker.Worker`); onnxruntime releases the GIL inside ``run``, so N one-thread
 sessions use N cores from one process with zero-copy handoff of numpy arrays. Measured on this
 2-core machine with the FedAvg CNN (1.66M params, 28x28, 1 intra-op thread per session, 1 s each),
 images/s:
@@ -50,9 +50,10 @@ from typing import Any
 import numpy as np
 
 from serving.batching import Request
-from serving.dispatcher import Dispatcher, PoolClosed, Worker
+from serving.dispatcher import Dispatcher
 from serving.engine import Engine, ModelSignature, default_instances, resolve_providers
 from serving.protocol import ServingError, Unavailable
+from serving.worker import PoolClosed, Worker
 
 log = logging.getLogger(__name__)
 
