@@ -13,10 +13,11 @@ cell. The grid (server lr of the adaptive optimizers from Reddi et al. 2021 and 
     fedavgm: server lr 2.0, 1.0, 0.5, 0.1 with momentum 0.9 (0.1: effective lr lr/(1-momentum) = 1,
              as FedAvg's, added because 1.0 stayed at chance level at client lr 0.1; 2.0 because
              1.0 was the best at client lr 0.05)
-    fedadam, fedyogi: server lr 0.1, 0.03, 0.01, 0.003, 0.001 (beta1 0.9, beta2 0.99, tau 1e-3;
-             where |g| << tau the step is ~ (lr/tau) g, i.e. lr 0.001 is FedAvg's step size;
-             0.001 added because 0.01 and 0.003 collapsed to chance at client lr 0.1, 0.03 and
-             then 0.1 (flwr's FedAdam default) because the largest was the best at client lr 0.05)
+    fedadam, fedyogi: server lr 0.1, 0.05, 0.03, 0.01, 0.003, 0.001 (beta1 0.9, beta2 0.99,
+             tau 1e-3; where |g| << tau the step is ~ (lr/tau) g, i.e. lr 0.001 is FedAvg's step
+             size; 0.001 added because 0.01 and 0.003 collapsed to chance at client lr 0.1, 0.03
+             and then 0.1 (flwr's FedAdam default) because the largest was the best at client lr
+             0.05; 0.05 last, between the best (0.03) and 0.1)
 
 Two rules keep the grid affordable without changing any strategy's best cell:
 
@@ -67,8 +68,8 @@ SERVER_LRS = {
     "flower_fedavg": (None,),
     "fedavg": (1.0,),
     "fedavgm": (2.0, 1.0, 0.5, 0.1),
-    "fedadam": (0.1, 0.03, 0.01, 0.003, 0.001),
-    "fedyogi": (0.1, 0.03, 0.01, 0.003, 0.001),
+    "fedadam": (0.1, 0.05, 0.03, 0.01, 0.003, 0.001),
+    "fedyogi": (0.1, 0.05, 0.03, 0.01, 0.003, 0.001),
 }
 DIVERGED_AFTER = 10  # rounds
 DIVERGED_BELOW = 0.2  # best test accuracy
@@ -153,7 +154,22 @@ ORDER = (
     "fedadam-clr0.1-slr0.1",
     "fedyogi-clr0.1-slr0.1",
     "fedavgm-clr0.1-slr2",
+    # server lr 0.05, between the best (0.03) and 0.1, for the adaptive optimizers
+    "fedadam-clr0.02-slr0.05",
+    "fedyogi-clr0.02-slr0.05",
+    "fedadam-clr0.05-slr0.05",
+    "fedyogi-clr0.05-slr0.05",
+    "fedadam-clr0.1-slr0.05",
+    "fedyogi-clr0.1-slr0.05",
 )
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """``strategies[-quick][-seed<N>]``: names the results JSON and the job directories, so that
+    another seed never reuses or overwrites seed 0's cells."""
+    return (
+        "strategies" + ("-quick" if args.quick else "") + (f"-seed{args.seed}" if args.seed else "")
+    )
 
 
 def grid(order_by_promise: bool = True) -> list[Cell]:
@@ -211,7 +227,12 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         cells = [Cell("flower_fedavg", 0.1, None), Cell("fedadam", 0.1, 0.01)]
     if args.only:
         cells = [c for c in cells if c.strategy in args.only]
-    runs = RUNS / ("strategies-quick" if args.quick else "strategies")
+    if args.cells:
+        unknown = sorted(set(args.cells) - {c.key for c in grid()})
+        if unknown:
+            raise SystemExit(f"--cells: not in the grid: {', '.join(unknown)}")
+        cells = [c for c in cells if c.key in args.cells]
+    runs = RUNS / run_name(args)
     previous: dict[str, Any] = {}
     if args.resume:
         previous = resumable(out, runs, args.rounds)
@@ -448,6 +469,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, default=0.97, help="test accuracy (default 0.97)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", choices=STRATEGIES, help="run these strategies only")
+    parser.add_argument(
+        "--cells", nargs="*", help="run these cells only, by key (e.g. fedadam-clr0.02-slr0.05)"
+    )
     parser.add_argument("--no-prune", action="store_true", help="run every cell to the cap")
     parser.add_argument("--resume", action="store_true", help="reuse cells already in the JSON")
     parser.add_argument(
@@ -458,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()
     if args.quick:
         args.rounds = min(args.rounds, 2)
-    out = RESULTS / ("strategies-quick.json" if args.quick else "strategies.json")
+    out = RESULTS / f"{run_name(args)}.json"
     if args.report_only:
         import json
 
