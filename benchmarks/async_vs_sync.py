@@ -1,8 +1,9 @@
 """Time to a test accuracy with a quarter of the clients 5x slower: FedBuff (async) vs sync FedAdam.
 
 The MNIST setup of ``strategies.py`` (``common.IDX_SETUP``) plus ``heterogeneity.slow_fraction=0.25
-slow_factor=5``: a seeded quarter of the 20 clients sleeps 4x its training time after training.
-Both jobs stop at ``--target`` test accuracy (``stop_at_accuracy``).
+slow_factor=5``: a seeded quarter of the 20 clients takes 5x its work (CPU seconds of training),
+sleeping the difference (``client/heterogeneity.py``). Both jobs stop at ``--target`` test
+accuracy (``stop_at_accuracy``).
 
 * sync ``fedadam``: all 20 clients per round, each round waits for the slowest; client and server
   lr from ``results/strategies.json`` (FedAdam's best cell) when it exists, else 0.1 / 0.01.
@@ -20,7 +21,16 @@ slow client's sleep holds its actor, so with fewer slots than clients the sleep 
 clients' work — unlike a real federation, where every client has its own device. ``--slots 10``
 gives every in-flight FedBuff client a slot of its own.
 
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py           # ~20-30 min on 2 cores
+Devices. With ``--device-factor 1`` every simulated client computes at this machine's speed, and
+the 20 clients share its 2 cores: training is CPU-bound however it is scheduled, so waiting for a
+straggler costs a sync round little. ``--device-factor F`` (``heterogeneity.device_factor``) makes
+every client's device F times slower than a core here (the slow quarter 5F): clients mostly sleep,
+the CPU stops being the bottleneck, and the time is the devices' — the setting of a real
+federation, in which sync waits for its slowest device every round. Use ``--slots 20`` with it
+(every client an actor of its own, as every client has a device of its own).
+
+    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 10               # ~5 min
+    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10
     .venv/bin/python benchmarks/async_vs_sync.py --quick               # 2 versions each (smoke)
 """
 
@@ -81,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buffer-size", type=int, default=5)
     parser.add_argument("--max-staleness", type=int, default=10)
     parser.add_argument("--slots", type=int, default=0, help="Ray CPU slots (0: Ray's default)")
+    parser.add_argument(
+        "--device-factor",
+        type=float,
+        default=1.0,
+        help="heterogeneity.device_factor: every client's device this many times slower",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("sync", "async"), help="run one side only")
     args = parser.parse_args(argv)
@@ -121,13 +137,19 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": args.slots})} if args.slots else None
-    suffix = ("-quick" if args.quick else "") + (f"-slots{args.slots}" if args.slots else "")
+    suffix = (
+        ("-quick" if args.quick else "")
+        + (f"-slots{args.slots}" if args.slots else "")
+        + (f"-device{args.device_factor:g}" if args.device_factor != 1 else "")
+    )
+    heterogeneity = [*HETEROGENEITY, f"heterogeneity.device_factor={args.device_factor:g}"]
     out = RESULTS / f"async_vs_sync{suffix}.json"
     results: dict[str, Any] = {
         "benchmark": "async_vs_sync",
         "target": args.target,
-        "setup": [*IDX_SETUP, *HETEROGENEITY],
+        "setup": [*IDX_SETUP, *heterogeneity],
         "ray_cpu_slots": args.slots or "default (machine cores)",
+        "device_factor": args.device_factor,
         "machine": machine(),
         "jobs": {},
     }
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             name,
             [
                 *IDX_SETUP,
-                *HETEROGENEITY,
+                *heterogeneity,
                 *overrides,
                 f"stop_at_accuracy={args.target}",
                 f"seed={args.seed}",
@@ -220,7 +242,8 @@ def report(results: dict[str, Any]) -> str:
         )
     lines = [
         f"Time to {target:.0%} test accuracy, 25% of the 20 clients 5x slower "
-        f"(Ray CPU slots: {results['ray_cpu_slots']}); one run each",
+        f"(Ray CPU slots: {results['ray_cpu_slots']}; devices "
+        f"{results.get('device_factor', 1.0):g}x slower than a core here); one run each",
         "",
         table(
             [

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.heterogeneity import WorkTimer, pad_to_device_time, slow_partitions
 from task.config import ExperimentConfig
 from task.federated import ClientData, client_data
 from task.models import build_model
@@ -51,13 +50,6 @@ def _task_config(msg: Message) -> ExperimentConfig:
     return ExperimentConfig.from_dict(json.loads(raw))
 
 
-def _is_slow(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> bool:
-    """A seeded, fixed set of round(slow_fraction * n) partitions is slow for the whole run."""
-    count = round(cfg.heterogeneity.slow_fraction * num_partitions)
-    slow = np.random.default_rng(cfg.seed + 7919).permutation(num_partitions)[:count]
-    return partition_id in set(slow.tolist())
-
-
 def _prepare(
     msg: Message, context: Context
 ) -> tuple[ExperimentConfig, ClientData, torch.nn.Module]:
@@ -81,7 +73,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+    timer = WorkTimer()
     cfg, data, model = _prepare(msg, context)
     partition_id, num_partitions = _node_partition(context)
     config = msg.content["config"]
@@ -109,8 +101,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         arrays = ArrayRecord({k: local[k] - received[k].cpu() for k in local})
 
-    if _is_slow(cfg, partition_id, num_partitions):
-        time.sleep((cfg.heterogeneity.slow_factor - 1.0) * (time.perf_counter() - started))
+    slow = partition_id in slow_partitions(cfg.heterogeneity, num_partitions, cfg.seed)
+    pad_to_device_time(cfg.heterogeneity, slow, timer, device.type)
     metrics = MetricRecord(
         {
             "num-examples": len(data.train_y),

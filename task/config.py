@@ -208,10 +208,12 @@ class ExportConfig:
 
 @dataclass
 class HeterogeneityConfig:
-    """Make a fraction of clients slower by a factor (sleep proportional to their work)."""
+    """Emulated device speeds (see client/heterogeneity.py): every client's training takes
+    ``device_factor`` x its work, a seeded ``slow_fraction`` of them ``slow_factor`` x that."""
 
     slow_fraction: float = 0.0
     slow_factor: float = 1.0
+    device_factor: float = 1.0
 
     def validate(self) -> None:
         if not 0 <= self.slow_fraction <= 1:
@@ -220,6 +222,11 @@ class HeterogeneityConfig:
             )
         if self.slow_factor < 1:
             raise ConfigError(f"heterogeneity.slow_factor must be >= 1, got {self.slow_factor}")
+        if self.device_factor < 1:
+            raise ConfigError(
+                f"heterogeneity.device_factor must be >= 1 (1: this machine's speed), "
+                f"got {self.device_factor}"
+            )
 
 
 @dataclass
