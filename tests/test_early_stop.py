@@ -119,6 +119,34 @@ def weights_or_delta_client(message: Message, partition: int):  # type: ignore[n
     return delta_reply(delta, 10 + 3 * partition, version, partition)
 
 
+def _scripted_experiment(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    rounds: int,
+    strategy: dict,
+    stop_at_accuracy: float | None = None,
+) -> tuple[FakeGrid, experiment.ExperimentResult]:
+    """``run_experiment`` on the fake grid, central evaluation scripted to ``ACCURACIES``."""
+    calls = iter(ACCURACIES)
+    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
+    cfg = ExperimentConfig.from_dict(
+        {
+            "rounds": rounds,
+            "num_clients": len(NODES),
+            "output_dir": str(tmp_path),
+            "repository": None,
+            "device": "cpu",
+            "stop_at_accuracy": stop_at_accuracy,
+            "dataset": {"name": "synthetic", "num_samples": 200},
+            "model": {"name": "mlp"},
+            "strategy": {**strategy, "round_timeout_s": 30.0},
+        }
+    )
+    grid = FakeGrid(dict(NODES), weights_or_delta_client, latency=lambda p, i, m: 0.0)
+    return grid, experiment.run_experiment(grid, cfg)
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -131,23 +159,9 @@ def weights_or_delta_client(message: Message, partition: int):  # type: ignore[n
 def test_run_experiment_stops_at_accuracy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: dict
 ) -> None:
-    calls = iter(ACCURACIES)
-    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
-    cfg = ExperimentConfig.from_dict(
-        {
-            "rounds": 8,
-            "num_clients": len(NODES),
-            "output_dir": str(tmp_path),
-            "repository": None,
-            "device": "cpu",
-            "stop_at_accuracy": 0.9,
-            "dataset": {"name": "synthetic", "num_samples": 200},
-            "model": {"name": "mlp"},
-            "strategy": {**strategy, "round_timeout_s": 30.0},
-        }
+    grid, result = _scripted_experiment(
+        tmp_path, monkeypatch, rounds=8, strategy=strategy, stop_at_accuracy=0.9
     )
-    grid = FakeGrid(dict(NODES), weights_or_delta_client, latency=lambda p, i, m: 0.0)
-    result = experiment.run_experiment(grid, cfg)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [e["version"] for e in history["rounds"]] == [1, 2, 3]
     assert [e["test_acc"] for e in history["rounds"]] == ACCURACIES[1:4]
@@ -166,22 +180,7 @@ def test_history_png_is_redrawn_at_most_every_plot_interval(
         server.history, "plot_history", lambda runs, path: drawn.append(len(runs["run"].entries))
     )
     monkeypatch.setattr(experiment, "PLOT_EVERY_S", 1e9)
-    calls = iter(ACCURACIES)
-    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
-    cfg = ExperimentConfig.from_dict(
-        {
-            "rounds": 4,
-            "num_clients": len(NODES),
-            "output_dir": str(tmp_path),
-            "repository": None,
-            "device": "cpu",
-            "dataset": {"name": "synthetic", "num_samples": 200},
-            "model": {"name": "mlp"},
-            "strategy": {"name": "fedavg", "round_timeout_s": 30.0},
-        }
-    )
-    grid = FakeGrid(dict(NODES), weights_or_delta_client, latency=lambda p, i, m: 0.0)
-    experiment.run_experiment(grid, cfg)
+    _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={"name": "fedavg"})
     assert drawn == [1, 4]  # version 1, then only the final write
     history = json.loads((tmp_path / "history.json").read_text())
     assert [e["version"] for e in history["rounds"]] == [1, 2, 3, 4]  # json written every version
