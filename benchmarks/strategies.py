@@ -88,20 +88,25 @@ def resumable(out: Path, runs: Path, cap: int) -> dict[str, Any]:
     for cell in grid():
         job = load_job(runs / cell.key)
         if job is not None:
-            cells[cell.key] = {
-                "key": cell.key,
-                "strategy": cell.strategy,
-                "client_lr": cell.client_lr,
-                "server_lr": cell.server_lr,
-                "cap": _cap_of(job, cap),
-                "pruned": False,
-                "job": job.to_dict(),
-            }
+            cells[cell.key] = _entry(cell, _cap_of(job, cap), False, job)
     if out.exists():
         for c in json.loads(out.read_text()).get("cells", []):
             if not c.get("skipped"):
                 cells[c["key"]] = c
     return cells
+
+
+def _entry(cell: Cell, cap: int, pruned: bool, job: JobResult) -> dict[str, Any]:
+    """One cell's record in the results JSON."""
+    return {
+        "key": cell.key,
+        "strategy": cell.strategy,
+        "client_lr": cell.client_lr,
+        "server_lr": cell.server_lr,
+        "cap": cap,
+        "pruned": pruned,
+        "job": job.to_dict(),
+    }
 
 
 def _cap_of(job: JobResult, cap: int) -> int:
@@ -180,15 +185,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 runs / cell.key,
                 watch=divergence_watch,
             )
-            entry = {
-                "key": cell.key,
-                "strategy": cell.strategy,
-                "client_lr": cell.client_lr,
-                "server_lr": cell.server_lr,
-                "cap": cap,
-                "pruned": cap < args.rounds,
-                "job": job.to_dict(),
-            }
+            entry = _entry(cell, cap, cap < args.rounds, job)
         else:
             print(f"[{index}/{len(cells)}] {cell.key}: reused from {out.name}", flush=True)
         job = JobResult.from_dict(entry["job"])
