@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.processes import free_port, stop_process_group, wait_for_port
+from server.simulation_runtime import write_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +217,13 @@ def local_superlink(
         command += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
         command += ["--ssl-keyfile", str(key)]
     _write_connection(home, f"127.0.0.1:{port}", certificates[0] if certificates else None)
+    env = flwr_env(home)
+    if simulation:  # our flwr-simulation first: every simulated client can run at once
+        wrapper = write_wrapper(home / "bin")
+        env["PATH"] = f"{wrapper.parent}{os.pathsep}{env['PATH']}"
     process = subprocess.Popen(
         command,
-        env=flwr_env(home),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: stopping it stops its children too
