@@ -6,7 +6,12 @@ clients ran), its wall time on a GPU. The emulated device takes
 
     T = work · device_factor · (slow_factor if the client is slow else 1)
 
-and the client sleeps ``T − elapsed`` (when positive) before it replies. ``slow_factor`` makes a
+and the client sleeps ``T − elapsed`` (when positive) before it replies. ``work`` is the local
+training only: receiving and loading the global model is not the device's compute, and torch's
+first training step in a process (~1.4 s of one-off set-up here, mostly the first optimizer
+importing ``torch._dynamo``: 15x a whole local epoch of the cnn on a small partition) is done
+beforehand by :func:`warm_up_once`, not multiplied into the first update of every simulated
+client. ``slow_factor`` makes a
 seeded, fixed ``round(slow_fraction · n)`` of the n partitions slower for the whole run;
 ``device_factor`` > 1 makes every device slower than this machine's cores, so that the simulated
 clients mostly sleep instead of competing for the CPU and a round's time is the devices' time,
@@ -15,12 +20,39 @@ as in a real federation where every client has a device of its own.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from task.config import HeterogeneityConfig
+
+# (model class, device) pairs this process has already run a pass of.
+_warmed: set[tuple[str, str]] = set()
+
+
+def emulated(cfg: HeterogeneityConfig) -> bool:
+    """Device times are emulated (some client sleeps): the knobs are not all neutral."""
+    return cfg.device_factor != 1.0 or (cfg.slow_fraction > 0 and cfg.slow_factor != 1.0)
+
+
+def warm_up_once(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """One training step (forward, backward, SGD step) on a throwaway copy of ``model``, once per
+    process, model class and device; True when it ran. The model and its gradients are untouched."""
+    device = next(model.parameters()).device
+    key = (type(model).__name__, str(device))
+    if key in _warmed or len(targets) < 2:  # batch norm needs two examples in training mode
+        return False
+    scratch = copy.deepcopy(model).train()
+    # A whole step: the first optimizer built in a process imports torch._dynamo (~1.3 s here).
+    optimizer = torch.optim.SGD(scratch.parameters(), lr=0.0, momentum=0.9)
+    loss = torch.nn.functional.cross_entropy(scratch(inputs.to(device)), targets.to(device))
+    loss.backward()
+    optimizer.step()
+    _warmed.add(key)
+    return True
 
 
 def slow_partitions(cfg: HeterogeneityConfig, num_partitions: int, seed: int) -> set[int]:

@@ -7,7 +7,14 @@ import time
 import pytest
 import torch
 
-from client.heterogeneity import WorkTimer, device_seconds, pad_to_device_time, slow_partitions
+from client.heterogeneity import (
+    WorkTimer,
+    device_seconds,
+    emulated,
+    pad_to_device_time,
+    slow_partitions,
+    warm_up_once,
+)
 from task.config import ConfigError, ExperimentConfig, HeterogeneityConfig
 
 
@@ -103,3 +110,69 @@ def test_train_waits_for_the_emulated_device_of_its_partition(
         client.app.train(Message(content=content, dst_node_id=11, message_type="train"), context)
     assert [is_slow for is_slow, _ in calls] == [p in slow for p in range(4)]
     assert all(seconds > 0 for _, seconds in calls)
+
+
+def test_emulated_only_when_a_knob_is_not_neutral() -> None:
+    def h(**kw: float) -> HeterogeneityConfig:
+        return ExperimentConfig.from_dict({"heterogeneity": kw}).heterogeneity
+
+    assert not emulated(h())
+    assert not emulated(h(slow_fraction=0.25))  # slow by a factor of 1: nobody sleeps
+    assert not emulated(h(slow_factor=5.0))  # no slow clients
+    assert emulated(h(slow_fraction=0.25, slow_factor=5.0))
+    assert emulated(h(device_factor=10.0))
+
+
+def test_warm_up_runs_once_per_model_and_leaves_the_model_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from client import heterogeneity
+    from task.models import build_model
+
+    monkeypatch.setattr(heterogeneity, "_warmed", set())
+    model = build_model("mlp", (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    assert warm_up_once(model, x, y)
+    assert not warm_up_once(model, x, y)  # once per process
+    assert not warm_up_once(build_model("mlp", (1, 8, 8), 10), x, y)  # per model class
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    monkeypatch.setattr(heterogeneity, "_warmed", set())
+    assert not warm_up_once(model, x[:1], y[:1])  # one example: batch norm could not train
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_device_work_starts_after_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's one-off set-up (the warm-up) must not be counted as the device's work."""
+    import json
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import client.app
+    from task.models import build_model
+
+    events: list[str] = []
+    monkeypatch.setattr(client.app, "warm_up_once", lambda *a: events.append("warm-up"))
+
+    class Timer(WorkTimer):
+        def __init__(self) -> None:
+            events.append("timer")
+            super().__init__()
+
+    monkeypatch.setattr(client.app, "WorkTimer", Timer)
+    monkeypatch.setattr(client.app, "pad_to_device_time", lambda *a: 0.0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    for factor in (10.0, 1.0):
+        cfg = {"model": {"name": "mlp"}, "heterogeneity": {"device_factor": factor}}
+        config = ConfigRecord({"task": json.dumps(cfg), "server-round": 1, "version": 0})
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+        context = Context(
+            run_id=1,
+            node_id=11,
+            node_config={"partition-id": 0, "num-partitions": 2},
+            state=RecordDict(),
+            run_config={},
+        )
+        client.app.train(Message(content=content, dst_node_id=11, message_type="train"), context)
+    assert events == ["warm-up", "timer", "timer"]  # no warm-up without emulation
