@@ -5,7 +5,9 @@ partition, reply ``local - received`` (the delta a parameter server is pushed; f
 server asks ``reply="weights"``, as Flower's FedAvg does) with ``num-examples``, ``train-loss`` and
 the global ``version`` the client started from. ``evaluate``: loss and accuracy on the partition's
 validation split. ``query``: the node's ``partition-id``, so the server can sample by partition id
-(the same cohort whatever node ids the runtime assigned).
+(the same cohort whatever node ids the runtime assigned); when the query carries the ``task`` the
+client first loads its partition (and, with emulated device times, runs torch's one-off warm-up),
+so the federation is ready to train once discovery ends.
 
 Everything the client needs about the task travels in the message's ``config["task"]`` (JSON of the
 server's composed config), so the server's conf/ is the one source of truth.
@@ -20,7 +22,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.heterogeneity import WorkTimer, pad_to_device_time, slow_partitions
+from client.heterogeneity import (
+    WorkTimer,
+    emulated,
+    pad_to_device_time,
+    slow_partitions,
+    warm_up_once,
+)
 from task.config import ExperimentConfig
 from task.federated import ClientData, client_data
 from task.models import build_model
@@ -67,14 +75,23 @@ def _prepare(
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _node_partition(context)
+    if "task" in msg.content["config"]:  # get ready to train before answering: data, warm-up
+        cfg = _task_config(msg)
+        data = client_data(cfg, partition_id, num_partitions)
+        if emulated(cfg.heterogeneity):
+            model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+            model = model.to(get_device(cfg.device))
+            warm_up_once(model, data.train_x[:2], data.train_y[:2])
     metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    timer = WorkTimer()
     cfg, data, model = _prepare(msg, context)
+    if emulated(cfg.heterogeneity):  # torch's one-off set-up is no device's work
+        warm_up_once(model, torch.as_tensor(data.train_x[:2]), torch.as_tensor(data.train_y[:2]))
+    timer = WorkTimer()  # the device's work: local training from here
     partition_id, num_partitions = _node_partition(context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))

@@ -101,6 +101,41 @@ def test_query_reports_the_partition() -> None:
     assert reply.content["metrics"]["num-partitions"] == 4
 
 
+def _query(task: dict | None) -> Message:
+    config = ConfigRecord({"request": "partition-id"})
+    if task is not None:
+        config["task"] = json.dumps(task)
+    return Message(content=RecordDict({"config": config}), dst_node_id=11, message_type="query")
+
+
+@pytest.mark.parametrize(
+    "task,loads,warms",
+    [
+        (None, False, False),  # a bare query: just the partition id
+        (CFG, True, False),  # the task: load the partition before answering
+        ({**CFG, "heterogeneity": {"device_factor": 10.0}}, True, True),  # + torch's warm-up
+    ],
+    ids=["bare", "task", "task-emulated"],
+)
+def test_query_with_the_task_gets_the_client_ready(
+    monkeypatch: pytest.MonkeyPatch, task: dict | None, loads: bool, warms: bool
+) -> None:
+    import client.app
+
+    loaded: list[int] = []
+    warmed: list[str] = []
+    monkeypatch.setattr(
+        client.app,
+        "client_data",
+        lambda cfg, p, n: loaded.append(p) or client_data(cfg, p, n),
+    )
+    monkeypatch.setattr(client.app, "warm_up_once", lambda m, x, y: warmed.append(type(m).__name__))
+    reply = query(_query(task), _context(partition_id=2, num_partitions=4))
+    assert reply.content["metrics"]["partition-id"] == 2
+    assert loaded == ([2] if loads else [])
+    assert warmed == (["MLP"] if warms else [])
+
+
 def test_missing_node_config_names_the_fix() -> None:
     context = _context()
     context.node_config.clear()

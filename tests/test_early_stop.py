@@ -8,6 +8,7 @@ scripted central accuracy, for the ParameterServer in both modes and for Flower'
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,24 @@ def test_history_png_is_redrawn_at_most_every_plot_interval(
     assert drawn == [1, 4]  # version 1, then only the final write
     history = json.loads((tmp_path / "history.json").read_text())
     assert [e["version"] for e in history["rounds"]] == [1, 2, 3, 4]  # json written every version
+
+
+def test_version_seconds_start_once_the_federation_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery (in simulation: every client actor loading the ClientApp) is start-up, not
+    training: version 1's ``seconds`` count from its end, as every later version's do."""
+    discover = ParameterServer.ensure_partitions
+
+    def slow_discovery(
+        self: ParameterServer, grid: object, timeout: float | None = None, config: object = None
+    ) -> None:
+        if not self.sampler.node_of:  # the query round trip, not the later no-op calls
+            time.sleep(1.0)
+        discover(self, grid, timeout, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ParameterServer, "ensure_partitions", slow_discovery)
+    _scripted_experiment(tmp_path, monkeypatch, rounds=2, strategy={"name": "fedavg"})
+    seconds = [e["seconds"] for e in json.loads((tmp_path / "history.json").read_text())["rounds"]]
+    assert len(seconds) == 2
+    assert seconds[0] < 0.5, seconds

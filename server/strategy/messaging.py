@@ -7,8 +7,9 @@ Train message content (the team contract)::
                                         **train_config})})
 
 Query message (partition discovery) content: ``RecordDict({"config": ConfigRecord({"request":
-"partition-id"})})``; the ClientApp's ``@app.query()`` handler replies any MetricRecord (or
-ConfigRecord) holding ``"partition-id": int``.
+"partition-id", **train_config})})``; the ClientApp's ``@app.query()`` handler replies any
+MetricRecord (or ConfigRecord) holding ``"partition-id": int`` (ours loads its partition first
+when the config carries the ``task``).
 """
 
 from __future__ import annotations
@@ -108,11 +109,19 @@ def find_partition_id(content: RecordDict) -> int | None:
     return None
 
 
-def discover_partitions(messenger: Messenger, *, min_nodes: int, timeout: float) -> dict[int, int]:
+def discover_partitions(
+    messenger: Messenger,
+    *,
+    min_nodes: int,
+    timeout: float,
+    config: ConfigRecord | None = None,
+) -> dict[int, int]:
     """Ask every connected node for its partition id; return ``{partition-id: node-id}``.
 
     Waits up to ``timeout`` for ``min_nodes`` nodes to connect. Nodes that fail to answer are
     left out with a warning; two nodes claiming one partition: the lower node id keeps it.
+    ``config`` (e.g. the train config with its ``task``) goes along, so that a client can get
+    ready to train (load its data) before it answers.
     """
     deadline = messenger.clock() + timeout
     while True:
@@ -126,7 +135,7 @@ def discover_partitions(messenger: Messenger, *, min_nodes: int, timeout: float)
             )
         log.info("waiting for nodes: %d connected, need %d", len(node_ids), min_nodes)
         messenger.sleep(max(messenger.poll_interval, 0.5))
-    content = RecordDict({"config": ConfigRecord({"request": "partition-id"})})
+    content = RecordDict({"config": ConfigRecord({**(config or {}), "request": "partition-id"})})
     messages = [
         Message(content, node_id, MessageType.QUERY, ttl=timeout, group_id="partition-query")
         for node_id in node_ids

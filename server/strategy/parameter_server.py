@@ -207,13 +207,18 @@ class ParameterServer(Strategy):
     def summary(self) -> None:
         log_summary(self.cfg, self.seed)
 
-    def ensure_partitions(self, grid: Grid, timeout: float | None = None) -> None:
-        """Discover ``{partition-id: node-id}`` by a query message unless already known."""
+    def ensure_partitions(
+        self, grid: Grid, timeout: float | None = None, config: ConfigRecord | None = None
+    ) -> None:
+        """Discover ``{partition-id: node-id}`` by a query message (carrying ``config``) unless
+        already known."""
         if self.sampler.node_of:
             return
         messenger = Messenger(grid, self.poll_interval, self.clock, self.sleep)
         wait = self.cfg.round_timeout_s if timeout is None else timeout
-        node_of = discover_partitions(messenger, min_nodes=self.min_nodes, timeout=wait)
+        node_of = discover_partitions(
+            messenger, min_nodes=self.min_nodes, timeout=wait, config=config
+        )
         self.sampler.set_nodes(node_of)
         self.eval_sampler.set_nodes(node_of)
 
