@@ -12,8 +12,9 @@ FedOpt (Reddi et al. 2021). See :mod:`server.strategy.optimizers`.
 
 :meth:`start` overrides ``Strategy.start`` with streaming loops on ``grid.push_messages`` /
 ``grid.pull_messages``: ``mode: sync`` (:mod:`.sync_loop`) and ``mode: async`` (FedBuff,
-:mod:`.async_loop`). The four ``configure_*``/``aggregate_*`` methods are implemented too, so the
-base class's batch ``start`` also works with this strategy (without streaming).
+:mod:`.async_loop`). The four ``configure_*``/``aggregate_*`` methods are implemented too
+(:mod:`.batch_hooks`), so the base class's batch ``start`` also works with this strategy (without
+streaming).
 
 Cohorts are drawn over partition ids (found by a "query" message at start) with a seeded
 generator, so the same seed gives the same run under ``flwr run`` and our simulation.
@@ -34,8 +35,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from server.strategy.aggregator import StreamingAggregator, aggregate_metric_records
+from server.strategy.aggregator import StreamingAggregator
 from server.strategy.async_loop import run_async
+from server.strategy.batch_hooks import BatchStrategyHooks
 from server.strategy.events import RoundFailedError, RunContext, VersionEvent
 from server.strategy.messaging import (
     Clock,
@@ -61,7 +63,7 @@ STATE_FORMAT = 1
 __all__ = ["ParameterServer", "RoundFailedError", "RunContext", "VersionEvent"]
 
 
-class ParameterServer(Strategy):
+class ParameterServer(BatchStrategyHooks, Strategy):
     """Sync or asynchronous (FedBuff) parameter server over Flower's Grid.
 
     Parameters
@@ -249,62 +251,6 @@ class ParameterServer(Strategy):
             Message(content, node_of[p], kind, ttl=ttl, group_id=str(server_round))
             for p in partitions
         ]
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if self.arrays is None:
-            self.set_arrays(arrays)
-        self.ensure_partitions(grid)
-        cohort = self.sampler.sample(self.sampler.cohort_size(self.cfg.fraction_train))
-        return self.train_messages(cohort, server_round, config, self.cfg.round_timeout_s)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        agg = self.aggregator
-        agg.reset()
-        for reply in replies:
-            self.fold_reply(reply, start_version=self.version, staleness=0)
-        if agg.num_accepted < self.cfg.min_replies:
-            log.warning(
-                "round %d: %d accepted replies < min_replies=%d; model unchanged",
-                server_round,
-                agg.num_accepted,
-                self.cfg.min_replies,
-            )
-            return None, None
-        metrics = agg.metrics()
-        self.apply_update()
-        self.round = server_round
-        return self.array_record(), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if self.cfg.fraction_evaluate == 0:
-            return []
-        self.ensure_partitions(grid)
-        size = self.eval_sampler.cohort_size(self.cfg.fraction_evaluate)
-        return self.evaluate_messages(
-            self.eval_sampler.sample(size), server_round, config, self.cfg.round_timeout_s
-        )
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        records = []
-        for reply in replies:
-            if reply.has_error():
-                self.counters["evaluate_error"] += 1
-                log.warning(
-                    "evaluate reply from node %d is an error: %s",
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
-                continue
-            records.extend(reply.content.metric_records.values())
-        return aggregate_metric_records(records)
 
     # ------------------------------------------------------------ the update
     def fold_reply(self, reply: Message, *, start_version: int, staleness: int) -> bool:
