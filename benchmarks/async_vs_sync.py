@@ -8,18 +8,22 @@ accuracy (``stop_at_accuracy``).
 * sync ``fedadam``: all 20 clients per round, each round waits for the slowest; client and server
   lr from ``results/strategies.json`` (FedAdam's best cell) when it exists, else 0.1 / 0.01.
 * async ``fedbuff``: ``concurrency`` clients kept busy, a new version every ``buffer_size`` replies
-  (staleness-weighted 1/sqrt(1+tau), dropped beyond ``max_staleness``), server SGD lr 1; client lr
-  from FedAvg's best cell (Flower's or ours) in ``results/strategies.json``, else 0.1.
+  (staleness-weighted 1/sqrt(1+tau), dropped beyond ``max_staleness``), server SGD lr 1 (FedBuff's
+  defaults, ``conf/strategy/fedbuff.yaml``); client lr from FedAvg's best cell (Flower's or ours)
+  in ``results/strategies.json``, else 0.1.
 
 Reported per job: versions and client updates to the target, the history's training seconds up
-to the first version at the target (``seconds`` summed; the first version includes start-up), and
-the job's wall clock (start-up of SuperLink, Ray and 20 nodes included).
+to the first version at the target (``seconds`` summed, from a ready federation: the partition
+query that precedes version 1 carries the task, so every client has loaded its data and warmed
+torch up before the clock starts), and the job's wall clock (start-up of SuperLink, Ray and 20
+nodes included).
 
 Simulation slots. ``fedserve-train`` runs each simulated client in a Ray actor; Ray sizes the pool
-by its CPU count (the machine's cores unless ``--slots N`` sets ``RAY_OVERRIDE_RESOURCES``). A
-slow client's sleep holds its actor, so with fewer slots than clients the sleep also blocks other
-clients' work — unlike a real federation, where every client has its own device. ``--slots 10``
-gives every in-flight FedBuff client a slot of its own.
+by its CPU count (the machine's cores unless ``--slots N`` sets ``RAY_OVERRIDE_RESOURCES``), and
+our ``flwr-simulation`` wrapper (``server/simulation_runtime.py``) lets every actor run at once
+(flwr's own engine runs at most cpu_count + 4 = 6 here). A slow client's sleep holds its actor, so
+with fewer slots than clients the sleep also blocks other clients' work — unlike a real
+federation, where every client has its own device.
 
 Devices. With ``--device-factor 1`` every simulated client computes at this machine's speed, and
 the 20 clients share its 2 cores: training is CPU-bound however it is scheduled, so waiting for a
@@ -29,8 +33,13 @@ the CPU stops being the bottleneck, and the time is the devices' — the setting
 federation, in which sync waits for its slowest device every round. Use ``--slots 20`` with it
 (every client an actor of its own, as every client has a device of its own).
 
+FedBuff's settings (``--concurrency``, ``--buffer-size``, ``--max-staleness``,
+``--server-optimizer``, ``--server-lr``, ``--server-momentum``, ``--client-lr``) name the results
+file when they differ from the defaults; ``--only async`` then reuses the sync side of the same
+slots and device factor, so a search over them runs sync once.
+
+    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10  # ~6 min
     nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 10               # ~5 min
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10
     .venv/bin/python benchmarks/async_vs_sync.py --quick               # 2 versions each (smoke)
 """
 
@@ -97,8 +106,26 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="heterogeneity.device_factor: every client's device this many times slower",
     )
+    parser.add_argument(
+        "--server-optimizer",
+        default="sgd",
+        choices=("sgd", "adam", "yogi", "adagrad"),
+        help="FedBuff's server optimizer (default sgd, FedBuff's own)",
+    )
+    parser.add_argument("--server-lr", type=float, default=1.0, help="FedBuff's server lr")
+    parser.add_argument(
+        "--server-momentum", type=float, default=0.0, help="FedBuff's server SGD momentum"
+    )
+    parser.add_argument(
+        "--client-lr", type=float, help="FedBuff's client lr (default: FedAvg's best cell's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=("sync", "async"), help="run one side only")
+    parser.add_argument(
+        "--only",
+        choices=("sync", "async"),
+        help="run one side only; the other side comes from this setting's results file, else "
+        "from the file of the same slots and device factor with FedBuff's defaults",
+    )
     args = parser.parse_args(argv)
     exit_on_sigterm()
 
@@ -108,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     fedavgs = [best[k] for k in ("flower_fedavg", "fedavg") if k in best]
     avg = min(fedavgs, key=lambda c: c.get("rounds_to_target") or math.inf, default=None)
     adam_clr, adam_slr = (adam["client_lr"], adam["server_lr"]) if adam else (0.1, 0.01)
-    buff_clr = avg["client_lr"] if avg else 0.1
+    buff_clr = args.client_lr or (avg["client_lr"] if avg else 0.1)
+    buff_server = f"server {args.server_optimizer} lr {args.server_lr:g}" + (
+        f" momentum {args.server_momentum:g}" if args.server_momentum else ""
+    )
     # The same number of client updates for both caps: a sync round is num_clients updates.
     versions_cap = args.rounds * 20 // args.buffer_size
     jobs = {
@@ -130,18 +160,22 @@ def main(argv: list[str] | None = None) -> None:
                 f"strategy.concurrency={args.concurrency}",
                 f"strategy.buffer_size={args.buffer_size}",
                 f"strategy.max_staleness={args.max_staleness}",
+                f"strategy.optimizer={args.server_optimizer}",
+                f"strategy.server_lr={args.server_lr:g}",
+                f"strategy.momentum={args.server_momentum:g}",
                 f"rounds={2 if args.quick else versions_cap}",
             ],
-            f"client lr {buff_clr:g}, server SGD lr 1, concurrency {args.concurrency}, "
+            f"client lr {buff_clr:g}, {buff_server}, concurrency {args.concurrency}, "
             f"buffer {args.buffer_size}, max staleness {args.max_staleness}",
         ),
     }
     env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": args.slots})} if args.slots else None
-    suffix = (
+    base = (
         ("-quick" if args.quick else "")
         + (f"-slots{args.slots}" if args.slots else "")
         + (f"-device{args.device_factor:g}" if args.device_factor != 1 else "")
     )
+    suffix = base + async_suffix(args)
     heterogeneity = [*HETEROGENEITY, f"heterogeneity.device_factor={args.device_factor:g}"]
     out = RESULTS / f"async_vs_sync{suffix}.json"
     results: dict[str, Any] = {
@@ -153,6 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "jobs": {},
     }
+    if args.only:  # keep the side this run does not redo: this file's, else the base setting's
+        for earlier in (out, RESULTS / f"async_vs_sync{base}.json"):
+            if earlier.exists():
+                jobs_before = json.loads(earlier.read_text()).get("jobs", {})
+                results["jobs"].update(
+                    {k: v for k, v in jobs_before.items() if k not in results["jobs"]}
+                )
+        results["jobs"].pop(args.only, None)
     started = time.perf_counter()
     for side, (name, overrides, settings) in jobs.items():
         if args.only and side != args.only:
@@ -190,6 +232,24 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out, results)
     print()
     print(text)
+
+
+def async_suffix(args: argparse.Namespace) -> str:
+    """FedBuff's settings that differ from the defaults, for the results file's name (so that a
+    search over them keeps one file per setting, each with the sync side it is compared to)."""
+    parts = [
+        f"c{args.concurrency}" if args.concurrency != 10 else "",
+        f"k{args.buffer_size}" if args.buffer_size != 5 else "",
+        f"s{args.max_staleness}" if args.max_staleness != 10 else "",
+        (
+            f"{args.server_optimizer}{args.server_lr:g}"
+            if (args.server_optimizer, args.server_lr) != ("sgd", 1.0)
+            else ""
+        ),
+        f"m{args.server_momentum:g}" if args.server_momentum else "",
+        f"clr{args.client_lr:g}" if args.client_lr else "",
+    ]
+    return "".join(f"-{p}" for p in parts if p)
 
 
 def _history(job: JobResult) -> dict[str, Any]:

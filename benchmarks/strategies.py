@@ -60,8 +60,7 @@ from common import (  # noqa: E402
     write_json,
 )
 from strategy_grid import (  # noqa: E402
-    CLIENT_LRS,
-    SERVER_LRS,
+    GRIDS,
     SERVER_OPTIMIZERS,
     STRATEGIES,
     Cell,
@@ -76,16 +75,19 @@ def run_name(args: argparse.Namespace) -> str:
     """``strategies[-quick][-seed<N>]``: names the results JSON and the job directories, so that
     another seed never reuses or overwrites seed 0's cells."""
     return (
-        "strategies" + ("-quick" if args.quick else "") + (f"-seed{args.seed}" if args.seed else "")
+        "strategies"
+        + ("-quick" if args.quick else "")
+        + (f"-momentum{args.client_momentum:g}" if args.client_momentum != 0.9 else "")
+        + (f"-seed{args.seed}" if args.seed else "")
     )
 
 
-def resumable(out: Path, runs: Path, cap: int) -> dict[str, Any]:
+def resumable(out: Path, runs: Path, cap: int, momentum: float) -> dict[str, Any]:
     """Cells of an earlier run: the results JSON, and any job directory with a ``job.json``."""
     import json
 
     cells: dict[str, Any] = {}
-    for cell in grid():
+    for cell in grid(momentum=momentum):
         job = load_job(runs / cell.key)
         if job is not None:
             cells[cell.key] = _entry(cell, _cap_of(job, cap), False, job)
@@ -126,29 +128,32 @@ def divergence_watch(rounds: list[dict[str, Any]]) -> str | None:
 
 
 def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cells = grid()
+    cells = grid(momentum=args.client_momentum)
     if args.quick:
         cells = [Cell("flower_fedavg", 0.1, None), Cell("fedadam", 0.1, 0.01)]
     if args.only:
         cells = [c for c in cells if c.strategy in args.only]
     if args.cells:
-        unknown = sorted(set(args.cells) - {c.key for c in grid()})
+        unknown = sorted(set(args.cells) - {c.key for c in grid(momentum=args.client_momentum)})
         if unknown:
             raise SystemExit(f"--cells: not in the grid: {', '.join(unknown)}")
         cells = [c for c in cells if c.key in args.cells]
     runs = RUNS / run_name(args)
+    # Cells of earlier runs: reused with --resume, and kept in the results whenever this run is
+    # a part of the grid (--cells, --only), so that a partial run never drops the others.
     previous: dict[str, Any] = {}
-    if args.resume:
-        previous = resumable(out, runs, args.rounds)
+    if args.resume or args.cells or args.only:
+        previous = resumable(out, runs, args.rounds, args.client_momentum)
     results: dict[str, Any] = {
         "benchmark": "strategies",
         "target": args.target,
         "rounds_cap": args.rounds,
         "seed": args.seed,
-        "setup": IDX_SETUP,
+        "client_momentum": args.client_momentum,
+        "setup": [*IDX_SETUP, f"train.momentum={args.client_momentum:g}"],
         "grid": {
-            "client_lr": list(CLIENT_LRS),
-            "server_lr": {k: list(v) for k, v in SERVER_LRS.items()},
+            "client_lr": list(GRIDS[args.client_momentum].client_lrs),
+            "server_lr": {k: list(v) for k, v in GRIDS[args.client_momentum].server_lrs.items()},
         },
         "rules": {
             "pruning": "a cell is capped at the rounds its strategy's best cell so far needed",
@@ -164,7 +169,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         cap = args.rounds
         if not args.no_prune and cell.strategy in best:
             cap = min(cap, best[cell.strategy])
-        entry = previous.get(cell.key)
+        entry = previous.get(cell.key) if args.resume else None
         if not reusable(entry, cap, args.target):
             if args.max_minutes and time.perf_counter() - started > 60 * args.max_minutes:
                 print(f"[{index}/{len(cells)}] {cell.key}: SKIPPED (over --max-minutes)")
@@ -174,6 +179,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             print(f"[{index}/{len(cells)}] {cell.key}: up to {cap} rounds ...", flush=True)
             overrides = [
                 *IDX_SETUP,
+                f"train.momentum={args.client_momentum:g}",
                 *cell.overrides(),
                 f"rounds={cap}",
                 f"stop_at_accuracy={args.target}",
@@ -205,7 +211,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         previous.pop(cell.key, None)
         write_json(out, _with_pending(results, previous))
     results["wall_s"] = time.perf_counter() - started
-    return results
+    return _with_pending(results, previous)
 
 
 def reusable(entry: dict[str, Any] | None, cap: int, target: float) -> bool:
@@ -223,7 +229,8 @@ def reusable(entry: dict[str, Any] | None, cap: int, target: float) -> bool:
 
 
 def _with_pending(results: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """The results so far plus earlier cells not reached yet (an interrupted run loses none)."""
+    """The results so far plus earlier cells not reached yet or not in this run (an interrupted
+    or partial run loses none)."""
     done = {c["key"] for c in results["cells"]}
     pending = [c for key, c in previous.items() if key not in done]
     return {**results, "cells": results["cells"] + pending}
@@ -321,7 +328,7 @@ def report(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Each strategy at its best cell: rounds to {target:.0%} (one run per cell, seed "
-        f"{results.get('seed', 0)})",
+        f"{results.get('seed', 0)}, client momentum {results.get('client_momentum', 0.9):g})",
         "",
         table(
             [
@@ -364,6 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=40, help="rounds cap per job (default 40)")
     parser.add_argument("--target", type=float, default=0.97, help="test accuracy (default 0.97)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--client-momentum",
+        type=float,
+        default=0.9,
+        choices=sorted(GRIDS),
+        help="train.momentum; each has its own grid (strategy_grid.GRIDS); default 0.9, the conf's",
+    )
     parser.add_argument("--only", nargs="*", choices=STRATEGIES, help="run these strategies only")
     parser.add_argument(
         "--cells", nargs="*", help="run these cells only, by key (e.g. fedadam-clr0.02-slr0.05)"

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 STRATEGIES = ("flower_fedavg", "fedavg", "fedavgm", "fedadam", "fedyogi")
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")
-CLIENT_LRS = (0.1, 0.05, 0.02)
-SERVER_LRS = {
+# The grid with the conf's client momentum 0.9 (train.momentum).
+CLIENT_LRS = (0.1, 0.05, 0.02, 0.01)
+SERVER_LRS: dict[str, tuple[float | None, ...]] = {
     "flower_fedavg": (None,),
     "fedavg": (1.0,),
     "fedavgm": (2.0, 1.0, 0.5, 0.1),
@@ -105,13 +106,79 @@ ORDER = (
     "fedyogi-clr0.05-slr0.05",
     "fedadam-clr0.1-slr0.05",
     "fedyogi-clr0.1-slr0.05",
+    # client lr 0.01, added once 0.02 (then the grid's edge) was the best of every server
+    # optimizer: the adaptive ones around their best server lr first, Flower's FedAvg next
+    "fedadam-clr0.01-slr0.05",
+    "fedyogi-clr0.01-slr0.03",
+    "fedadam-clr0.01-slr0.1",
+    "fedyogi-clr0.01-slr0.05",
+    "fedadam-clr0.01-slr0.03",
+    "fedavgm-clr0.01-slr2",
+    "flower_fedavg-clr0.01",
+    "fedyogi-clr0.01-slr0.1",
+    "fedavgm-clr0.01-slr1",
 )
 
 
-def grid(order_by_promise: bool = True) -> list[Cell]:
-    """Every cell; in :data:`ORDER` unless ``order_by_promise`` is False."""
-    cells = [Cell(s, clr, slr) for s in STRATEGIES for clr in CLIENT_LRS for slr in SERVER_LRS[s]]
-    if not order_by_promise:
-        return cells
-    rank = {key: i for i, key in enumerate(ORDER)}
-    return sorted(cells, key=lambda c: rank.get(c.key, len(ORDER)))
+# The grid with plain-SGD clients (train.momentum=0), as in Reddi et al. 2021 and the issue's
+# reference runs of Flower's FedAvg (round 34 at client lr 0.05, 23 at 0.1). Without momentum a
+# client's step is 10x smaller than with 0.9, so the client lrs go up to 0.5; server lrs are the
+# neighbourhood of the momentum-0.9 grid's best.
+CLIENT_LRS_MOMENTUM0 = (0.5, 0.2, 0.1, 0.05)
+SERVER_LRS_MOMENTUM0: dict[str, tuple[float | None, ...]] = {
+    "flower_fedavg": (None,),
+    "fedavg": (1.0,),
+    "fedavgm": (2.0, 1.0, 0.5),
+    "fedadam": (0.1, 0.05, 0.03, 0.01),
+    "fedyogi": (0.1, 0.05, 0.03, 0.01),
+}
+# Flower's FedAvg first (the reference), then the adaptive optimizers at their momentum-0.9 best
+# server lrs, FedAvgM, our FedAvg (Flower's FedAvg step for step), the other server lrs last.
+ORDER_MOMENTUM0 = (
+    "flower_fedavg-clr0.2",
+    "flower_fedavg-clr0.1",
+    "flower_fedavg-clr0.5",
+    "flower_fedavg-clr0.05",
+    *(
+        f"{s}-clr{clr:g}-slr{slr:g}"
+        for slr in (0.05, 0.03)
+        for clr in (0.1, 0.2, 0.05, 0.5)
+        for s in ("fedadam", "fedyogi")
+    ),
+    *(f"fedavgm-clr{clr:g}-slr{slr:g}" for clr in (0.1, 0.2, 0.05) for slr in (1.0, 2.0, 0.5)),
+    "fedavg-clr0.2-slr1",
+    "fedavg-clr0.1-slr1",
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    client_lrs: tuple[float, ...]
+    server_lrs: dict[str, tuple[float | None, ...]]
+    order: tuple[str, ...]
+
+    def cells(self, order_by_promise: bool = True) -> list[Cell]:
+        """Every cell; in ``order`` (then the grid's own order) unless ``order_by_promise`` is
+        False."""
+        cells = [
+            Cell(s, clr, slr)
+            for s in STRATEGIES
+            for clr in self.client_lrs
+            for slr in self.server_lrs[s]
+        ]
+        if not order_by_promise:
+            return cells
+        rank = {key: i for i, key in enumerate(self.order)}
+        return sorted(cells, key=lambda c: rank.get(c.key, len(self.order)))
+
+
+# By client momentum (train.momentum).
+GRIDS = {
+    0.9: Grid(CLIENT_LRS, SERVER_LRS, ORDER),
+    0.0: Grid(CLIENT_LRS_MOMENTUM0, SERVER_LRS_MOMENTUM0, ORDER_MOMENTUM0),
+}
+
+
+def grid(order_by_promise: bool = True, momentum: float = 0.9) -> list[Cell]:
+    """Every cell of the grid for client ``momentum``; see :meth:`Grid.cells`."""
+    return GRIDS[momentum].cells(order_by_promise)
