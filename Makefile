@@ -31,7 +31,7 @@ bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
 	nice -n 10 $(PY) benchmarks/strategies.py
-	nice -n 10 $(PY) benchmarks/async_vs_sync.py
+	nice -n 10 $(PY) benchmarks/async_vs_sync.py --slots 20 --device-factor 10
 	$(PY) benchmarks/aggregation_memory.py
 	$(PY) benchmarks/serving_bench.py
 	$(PY) benchmarks/train_to_serve.py

@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> None:
         for earlier in (out, RESULTS / f"async_vs_sync{base}.json"):
             if earlier.exists():
                 jobs_before = json.loads(earlier.read_text()).get("jobs", {})
-                results["jobs"].update(
-                    {k: v for k, v in jobs_before.items() if k not in results["jobs"]}
-                )
-        results["jobs"].pop(args.only, None)
+                for side, job in jobs_before.items():
+                    if side != args.only and side not in results["jobs"]:
+                        results["jobs"][side] = job
+                        results.setdefault("reused", {})[side] = earlier.name
     started = time.perf_counter()
     for side, (name, overrides, settings) in jobs.items():
         if args.only and side != args.only:
@@ -300,10 +300,12 @@ def report(results: dict[str, Any]) -> str:
                 ratio_wall,
             ]
         )
+    reused = results.get("reused", {})
     lines = [
         f"Time to {target:.0%} test accuracy, 25% of the 20 clients 5x slower "
         f"(Ray CPU slots: {results['ray_cpu_slots']}; devices "
-        f"{results.get('device_factor', 1.0):g}x slower than a core here); one run each",
+        f"{results.get('device_factor', 1.0):g}x slower than a core here); one run each"
+        + "".join(f"; {side} from an earlier run ({name})" for side, name in reused.items()),
         "",
         table(
             [
