@@ -316,3 +316,29 @@ def test_base_strategy_start_gives_the_same_run() -> None:
     result = Strategy.start(batch, grid2, x0, num_rounds=3, timeout=100)
     for key, value in streaming.arrays.items():  # type: ignore[union-attr]
         np.testing.assert_array_equal(result.arrays[key].numpy(), value)
+
+
+def test_evaluate_replies_are_averaged_by_examples_and_errors_counted() -> None:
+    """Federated evaluation (sync loop and the batch hooks share it): an error reply is counted,
+    the others' metrics are averaged weighted by num-examples."""
+    from collections import Counter
+
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from server.strategy.sync_loop import average_evaluate_replies
+
+    sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="evaluate")
+
+    def ok(acc: float, n: int) -> Message:
+        metrics = MetricRecord({"eval-acc": acc, "num-examples": n})
+        return Message(RecordDict({"metrics": metrics}), reply_to=sent)
+
+    counters: Counter[str] = Counter()
+    bad = Message(Error(code=0, reason="client crashed"), reply_to=sent)
+    averaged = average_evaluate_replies(counters, [ok(0.5, 10), bad, ok(1.0, 30)])
+    assert counters["evaluate_error"] == 1
+    assert averaged is not None
+    assert averaged["eval-acc"] == pytest.approx(0.875)
+    assert averaged["num-examples"] == 40
+    assert average_evaluate_replies(counters, [bad]) is None
+    assert counters["evaluate_error"] == 2

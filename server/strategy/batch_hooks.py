@@ -17,7 +17,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from server.strategy.aggregator import StreamingAggregator, aggregate_metric_records
+from server.strategy.aggregator import StreamingAggregator
+from server.strategy.sync_loop import average_evaluate_replies
 
 if TYPE_CHECKING:
     from server.strategy.sampling import PartitionSampler
@@ -106,15 +107,4 @@ class BatchStrategyHooks:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        records = []
-        for reply in replies:
-            if reply.has_error():
-                self.counters["evaluate_error"] += 1
-                log.warning(
-                    "evaluate reply from node %d is an error: %s",
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
-                continue
-            records.extend(reply.content.metric_records.values())
-        return aggregate_metric_records(records)
+        return average_evaluate_replies(self.counters, replies)

@@ -12,9 +12,11 @@ ends the run after that version (nothing is in flight between two sync rounds).
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from flwr.app import MetricRecord
+from flwr.app import Message, MetricRecord
 
 from server.strategy.aggregator import aggregate_metric_records
 from server.strategy.events import RoundFailedError
@@ -99,11 +101,23 @@ def federated_evaluate(server: ParameterServer, ctx: RunContext) -> MetricRecord
     messages = server.evaluate_messages(cohort, server.round, ctx.evaluate_config, ctx.timeout)
     ids = ctx.messenger.push(messages)
     pending: dict[str, object] = {i: p for i, p in zip(ids, cohort, strict=True) if i}
-    records = []
+    replies = []
     for reply in ctx.messenger.collect(pending, ctx.messenger.clock() + ctx.timeout):
         pending.pop(reply.metadata.reply_to_message_id)
+        replies.append(reply)
+    if pending:
+        log.warning("federated evaluation: %d client(s) did not reply in time", len(pending))
+    return average_evaluate_replies(server.counters, replies)
+
+
+def average_evaluate_replies(
+    counters: Counter[str], replies: Iterable[Message]
+) -> MetricRecord | None:
+    """The clients' evaluation metrics, averaged; an error reply is counted and logged."""
+    records = []
+    for reply in replies:
         if reply.has_error():
-            server.counters["evaluate_error"] += 1
+            counters["evaluate_error"] += 1
             log.warning(
                 "evaluate reply from node %d is an error: %s",
                 reply.metadata.src_node_id,
@@ -111,6 +125,4 @@ def federated_evaluate(server: ParameterServer, ctx: RunContext) -> MetricRecord
             )
             continue
         records.extend(reply.content.metric_records.values())
-    if pending:
-        log.warning("federated evaluation: %d client(s) did not reply in time", len(pending))
     return aggregate_metric_records(records)
