@@ -52,7 +52,6 @@ from common import (  # noqa: E402
     RUNS,
     JobResult,
     exit_on_sigterm,
-    load_job,
     machine,
     median,
     run_job,
@@ -66,6 +65,7 @@ from strategy_grid import (  # noqa: E402
     Cell,
     grid,
 )
+from strategy_results import entry_of, resumable, reusable, with_pending  # noqa: E402
 
 DIVERGED_AFTER = 10  # rounds
 DIVERGED_BELOW = 0.2  # best test accuracy
@@ -80,43 +80,6 @@ def run_name(args: argparse.Namespace) -> str:
         + (f"-momentum{args.client_momentum:g}" if args.client_momentum != 0.9 else "")
         + (f"-seed{args.seed}" if args.seed else "")
     )
-
-
-def resumable(out: Path, runs: Path, cap: int, momentum: float) -> dict[str, Any]:
-    """Cells of an earlier run: the results JSON, and any job directory with a ``job.json``."""
-    import json
-
-    cells: dict[str, Any] = {}
-    for cell in grid(momentum=momentum):
-        job = load_job(runs / cell.key)
-        if job is not None:
-            cells[cell.key] = _entry(cell, _cap_of(job, cap), False, job)
-    if out.exists():
-        for c in json.loads(out.read_text()).get("cells", []):
-            if not c.get("skipped"):
-                cells[c["key"]] = c
-    return cells
-
-
-def _entry(cell: Cell, cap: int, pruned: bool, job: JobResult) -> dict[str, Any]:
-    """One cell's record in the results JSON."""
-    return {
-        "key": cell.key,
-        "strategy": cell.strategy,
-        "client_lr": cell.client_lr,
-        "server_lr": cell.server_lr,
-        "cap": cap,
-        "pruned": pruned,
-        "job": job.to_dict(),
-    }
-
-
-def _cap_of(job: JobResult, cap: int) -> int:
-    """The rounds cap a job ran with (its ``rounds=`` override), else ``cap``."""
-    for override in job.overrides:
-        if override.startswith("rounds="):
-            return int(override.split("=", 1)[1])
-    return cap
 
 
 def divergence_watch(rounds: list[dict[str, Any]]) -> str | None:
@@ -174,7 +137,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             if args.max_minutes and time.perf_counter() - started > 60 * args.max_minutes:
                 print(f"[{index}/{len(cells)}] {cell.key}: SKIPPED (over --max-minutes)")
                 results["cells"].append({"key": cell.key, "skipped": "time budget"})
-                write_json(out, _with_pending(results, previous))
+                write_json(out, with_pending(results, previous))
                 continue
             print(f"[{index}/{len(cells)}] {cell.key}: up to {cap} rounds ...", flush=True)
             overrides = [
@@ -191,7 +154,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 runs / cell.key,
                 watch=divergence_watch,
             )
-            entry = _entry(cell, cap, cap < args.rounds, job)
+            entry = entry_of(cell, cap, cap < args.rounds, job)
         else:
             print(f"[{index}/{len(cells)}] {cell.key}: reused from {out.name}", flush=True)
         job = JobResult.from_dict(entry["job"])
@@ -209,31 +172,9 @@ def run_grid(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         )
         results["cells"].append(entry)
         previous.pop(cell.key, None)
-        write_json(out, _with_pending(results, previous))
+        write_json(out, with_pending(results, previous))
     results["wall_s"] = time.perf_counter() - started
-    return _with_pending(results, previous)
-
-
-def reusable(entry: dict[str, Any] | None, cap: int, target: float) -> bool:
-    """An earlier cell answers this one: it ran to at least ``cap`` rounds, or ended before its
-    own cap (target reached, or diverged), which a smaller cap would not have changed."""
-    if entry is None or "job" not in entry:
-        return False
-    job = JobResult.from_dict(entry["job"])
-    if not job.ok:
-        return False
-    reached = job.rounds_to(target)
-    if reached is not None:
-        return reached <= cap or entry.get("cap", 0) >= cap
-    return entry.get("cap", 0) >= cap or job.stopped is not None
-
-
-def _with_pending(results: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """The results so far plus earlier cells not reached yet or not in this run (an interrupted
-    or partial run loses none)."""
-    done = {c["key"] for c in results["cells"]}
-    pending = [c for key, c in previous.items() if key not in done]
-    return {**results, "cells": results["cells"] + pending}
+    return with_pending(results, previous)
 
 
 def describe(entry: dict[str, Any], target: float) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from task.config import StrategyConfig
 
 log = logging.getLogger(__name__)
+
+# (partitions, server_round, config, ttl) -> one message per partition
+MessagesFor = Callable[[Iterable[int], int, ConfigRecord | None, float], list[Message]]
 
 
 class BatchStrategyHooks:
@@ -46,20 +49,10 @@ class BatchStrategyHooks:
         def ensure_partitions(
             self, grid: Grid, timeout: float | None = None, config: ConfigRecord | None = None
         ) -> None: ...
-        def train_messages(
-            self,
-            partitions: Iterable[int],
-            server_round: int,
-            config: ConfigRecord | None,
-            ttl: float,
-        ) -> list[Message]: ...
-        def evaluate_messages(
-            self,
-            partitions: Iterable[int],
-            server_round: int,
-            config: ConfigRecord | None,
-            ttl: float,
-        ) -> list[Message]: ...
+
+        train_messages: MessagesFor
+        evaluate_messages: MessagesFor
+
         def fold_reply(self, reply: Message, *, start_version: int, staleness: int) -> bool: ...
         def apply_update(self) -> float: ...
         def array_record(self) -> ArrayRecord: ...
