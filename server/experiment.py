@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,17 +119,25 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
         client_metrics: dict[str, float],
         counts: dict[str, int],
         server_state: dict[str, Any] | None,
+        seconds: float | None = None,
+        made_at: float | None = None,
     ) -> bool:
-        """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached."""
+        """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached.
+
+        ``seconds`` / ``made_at``: the strategy's own wall time since the previous version and
+        when this one was made (the ParameterServer: exact also when versions are announced in
+        background, after the clients moved on); without them both are taken here.
+        """
         nonlocal best, started, last_plot
-        params_at = time.time()  # train->serve latency starts when the new global params exist
+        # train->serve latency starts when the new global params exist
+        params_at = time.time() if made_at is None else made_at
         loss, acc = evaluator(arrays)
         entry = HistoryEntry(
             version=version,
             round=server_round,
             test_loss=loss,
             test_acc=acc,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started if seconds is None else seconds,
             client_metrics=client_metrics,
             counts=counts,
             timing={"params_at": params_at, "evaluated_at": time.time()},
@@ -166,12 +173,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
             return True
         return False
 
-    def federation_ready() -> None:
-        """Every node answered the partition query (in simulation: every client actor has
-        loaded the ClientApp): version 1's seconds count from here, as later versions' do."""
-        nonlocal started
-        started = time.perf_counter()
-
     check_partitions(cfg)
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
     if cfg.strategy.implementation == "flower_fedavg":
@@ -185,7 +186,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
             train_config,
             evaluate_config,
             on_version,
-            federation_ready,
         )
     history.write(output_dir)
     log.info(
@@ -228,14 +228,13 @@ def _run_parameter_server(
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
     on_version: Any,
-    on_ready: Callable[[], None],
 ) -> dict[str, np.ndarray]:
     strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
     if restored is not None:
         strategy.load_state_dict(restored)
-    # The query carries the task: every client loads its data (and warms up) before it answers.
+    # The query carries the task: every client loads its data (and warms up) before it answers,
+    # and version 1's seconds count from start(), as later versions' do from the one before.
     strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
-    on_ready()
 
     def hook(event: VersionEvent) -> bool:
         return on_version(
@@ -244,7 +243,9 @@ def _run_parameter_server(
             event.arrays,
             dict(event.train_metrics),
             dict(event.counts),
-            strategy.state_dict(),
+            event.state_dict(),
+            seconds=event.seconds,
+            made_at=event.made_at,
         )
 
     strategy.start(

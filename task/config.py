@@ -142,6 +142,9 @@ class StrategyConfig:
     clip_update_norm: float | None = None  # clip the server update to this norm
     aggregation: str = "mean"
     trim_fraction: float = 0.1
+    # evaluate / record / checkpoint / export each version on a worker thread while the clients
+    # already train on it (server/strategy/announcer.py); off: the loop waits for them
+    publish_in_background: bool = False
 
     def validate(self) -> None:
         _choice("strategy.implementation", self.implementation, IMPLEMENTATIONS)
@@ -180,6 +183,16 @@ class StrategyConfig:
             )
         if self.implementation == "flower_fedavg" and self.mode != "sync":
             raise ConfigError("strategy.mode must be 'sync' for flower_fedavg, got 'async'")
+        if not isinstance(self.publish_in_background, bool):
+            raise ConfigError(
+                "strategy.publish_in_background must be true or false, got "
+                f"{self.publish_in_background!r}"
+            )
+        if self.implementation == "flower_fedavg" and self.publish_in_background:
+            raise ConfigError(
+                "strategy.publish_in_background=true needs implementation=parameter_server; "
+                "flower_fedavg runs Flower's own loop: set it to false"
+            )
 
 
 @dataclass

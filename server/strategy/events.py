@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
+from server.strategy.announcer import VersionAnnouncer
 from server.strategy.messaging import Messenger, to_array_record
 
 
@@ -23,8 +25,11 @@ class VersionEvent:
 
     ``arrays`` are the server's own global arrays: read them, copy them, never modify them.
     ``eval_metrics`` is ``evaluate_fn``'s result for this version; ``client_eval_metrics`` the
-    federated evaluation (sync mode, ``fraction_evaluate > 0``). ``seconds`` is the wall time since
-    the previous version, ``elapsed`` since ``start`` was called.
+    federated evaluation (sync mode, ``fraction_evaluate > 0``). ``seconds`` is the wall time from
+    the previous version to this one's update, ``elapsed`` from ``start`` to it; ``made_at`` is that
+    moment as a ``time.time()`` stamp. ``state_dict()`` is the server's state at this version (what
+    a checkpoint holds): the live state when versions are announced inline, a snapshot taken when
+    the version was made with ``publish_in_background`` (the server has moved on by then).
     """
 
     version: int
@@ -41,6 +46,8 @@ class VersionEvent:
     seconds: float
     elapsed: float
     update_norm: float
+    made_at: float = 0.0
+    state_dict: Callable[[], dict[str, Any]] = field(default=dict, repr=False, compare=False)
 
     def array_record(self) -> ArrayRecord:
         return to_array_record(self.arrays)
@@ -73,6 +80,7 @@ class RunContext:
     started: float
     last_version_at: float
     window: Counter[str] = field(default_factory=Counter)
+    announcer: VersionAnnouncer | None = None  # ``publish_in_background``: announces off the loop
     stop_requested: bool = False  # ``on_version`` returned True: no further version is made
 
     def finished(self, version: int) -> bool:

@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from server.strategy.aggregator import StreamingAggregator
+from server.strategy.announcer import VersionAnnouncer
 from server.strategy.async_loop import run_async
 from server.strategy.batch_hooks import BatchStrategyHooks
 from server.strategy.events import RoundFailedError, RunContext, VersionEvent
@@ -284,9 +285,10 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         self._record = None
         return self.optimizer.last_update_norm
 
-    def publish(self, ctx: RunContext, *, dropped: int = 0, timed_out: int = 0) -> VersionEvent:
-        """After an accepted aggregate: update, evaluate, record history, call ``on_version``."""
-        return publish_version(self, ctx, dropped=dropped, timed_out=timed_out)
+    def publish(self, ctx: RunContext, *, dropped: int = 0, timed_out: int = 0) -> None:
+        """After an accepted aggregate: update, then evaluate, record history, call
+        ``on_version`` (inline, or on the announcer's thread with ``publish_in_background``)."""
+        publish_version(self, ctx, dropped=dropped, timed_out=timed_out)
 
     # ----------------------------------------------------------------- start
     def start(  # type: ignore[override]
@@ -314,6 +316,10 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         ``save_checkpoint(path, strategy.state_dict())`` there is a consistent checkpoint.
         ``on_version`` returning ``True`` (the bool) stops the run after that version (early stop
         at a target accuracy); async mode then drains the replies in flight as at a normal end.
+        With ``strategy.publish_in_background`` both run on a worker thread, in version order,
+        while the clients train on; ``start`` returns once every made version was announced. An
+        early stop then takes effect at the loop's next check: the versions made meanwhile (at
+        most two) are kept and announced too.
         """
         if resume_state is not None:
             self.load_state_dict(resume_state)
@@ -339,18 +345,23 @@ class ParameterServer(BatchStrategyHooks, Strategy):
             result=Result(),
             started=now,
             last_version_at=now,
+            announcer=VersionAnnouncer() if self.cfg.publish_in_background else None,
         )
         if evaluate_fn is not None and self.version == 0:
             initial = evaluate_fn(0, self.array_record())
             if initial is not None:
                 ctx.result.evaluate_metrics_serverapp[0] = initial
                 log.info("initial global evaluation: %s", dict(initial))
-        if self.version < num_rounds:
-            self.ensure_partitions(grid, wait)
-            if self.cfg.mode == "sync":
-                run_sync(self, ctx)
-            else:
-                run_async(self, ctx)
+        try:
+            if self.version < num_rounds:
+                self.ensure_partitions(grid, wait)
+                if self.cfg.mode == "sync":
+                    run_sync(self, ctx)
+                else:
+                    run_async(self, ctx)
+        finally:
+            if ctx.announcer is not None:
+                ctx.announcer.close()  # every made version announced (checkpointed) first
         ctx.result.arrays = self.array_record()
         log.info(
             "ParameterServer finished at version %d%s in %.1fs; totals %s",
