@@ -1,26 +1,21 @@
-"""The model repository: layout, metadata, versions that only grow, atomic publish under a crash,
-retention with leases, verification, and refusals that change nothing (no torch here)."""
+"""The model repository: layout, metadata, versions that only grow, names, retention with leases,
+external data (no torch here). Integrity under failures: test_repository_integrity.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from repository_helpers import CLASSES, FEATURES, ROOT, make_onnx, publish, snapshot
 
-from serving import repository as repository_module
 from serving.repository import (
     DATA_FILE,
     MODEL_FILE,
@@ -29,70 +24,6 @@ from serving.repository import (
     TensorSpec,
     specs_from_onnx,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-FEATURES, CLASSES = 4, 3
-
-
-def make_onnx(
-    path: Path,
-    seed: int = 0,
-    *,
-    external_location: str | None = None,
-    batch: str | int = "batch",
-) -> tuple[np.ndarray, np.ndarray]:
-    """``logits = input @ W + b`` (FP32[batch, 4] -> FP32[batch, 3]); returns (W, b)."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
-    b = rng.standard_normal(CLASSES).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W"], ["mm"]),
-            helper.make_node("Add", ["mm", "b"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, FEATURES])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, CLASSES])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external_location is None:
-        onnx.save(model, str(path))
-    else:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=external_location,
-            size_threshold=0,
-        )
-    return w, b
-
-
-def publish(repo: ModelRepository, tmp: Path, name: str = "tiny", seed: int = 0, **meta) -> int:
-    src = tmp / f"src-{name}-{seed}-{time.monotonic_ns()}.onnx"
-    make_onnx(src, seed)
-    return repo.publish(
-        name,
-        src,
-        inputs=[TensorSpec("input", "FP32", [-1, FEATURES])],
-        outputs=[TensorSpec("logits", "FP32", [-1, CLASSES])],
-        metadata={"round": seed, "global_version": seed, "metrics": meta, "config": {"s": seed}},
-        max_batch_size=8,
-    )
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every published file under root with its sha256 (dot-entries excluded)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -220,135 +151,6 @@ def test_repository_path_that_is_a_file(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="is a file"):
         ModelRepository(path)
     assert path.read_text() == "hello"
-
-
-def test_verify_catches_flipped_byte(repo: ModelRepository, tmp_path: Path) -> None:
-    publish(repo, tmp_path, seed=0)
-    publish(repo, tmp_path, seed=1)
-    path = repo.model_path("tiny", 2)
-    expected = repo.load_metadata("tiny", 2)["files"]["model.onnx"]
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    actual = hashlib.sha256(bytes(data)).hexdigest()
-    with pytest.raises(RepositoryError) as info:
-        repo.verify("tiny", 2)
-    message = str(info.value)
-    assert "checksum mismatch" in message and str(path) in message
-    assert expected in message and actual in message
-    repo.verify("tiny", 1)  # the other version is untouched
-
-
-def test_version_dir_without_its_files(repo: ModelRepository, tmp_path: Path) -> None:
-    publish(repo, tmp_path, seed=0)
-    publish(repo, tmp_path, seed=1)
-    publish(repo, tmp_path, seed=2)
-    (repo.version_dir("tiny", 2) / MODEL_FILE).unlink()
-    with pytest.raises(RepositoryError, match=r"missing model\.onnx"):
-        repo.verify("tiny", 2)
-    (repo.version_dir("tiny", 3) / "metadata.json").unlink()
-    with pytest.raises(RepositoryError, match=r"no metadata\.json"):
-        repo.verify("tiny", 3)
-    assert repo.list_versions("tiny") == [1]  # only complete versions are listed
-    with pytest.raises(RepositoryError, match="does not exist"):
-        repo.verify("tiny", 7)
-    repo.verify("tiny", 1)
-    assert publish(repo, tmp_path, seed=3) == 4  # numbers of broken dirs are not reused
-
-
-def test_onnx_checker_runs_in_verify(repo: ModelRepository, tmp_path: Path) -> None:
-    publish(repo, tmp_path)
-    vdir = repo.version_dir("tiny", 1)
-    proto = onnx.load(str(vdir / MODEL_FILE))
-    proto.graph.node[0].op_type = "NoSuchOp"
-    (vdir / MODEL_FILE).write_bytes(proto.SerializeToString())
-    meta = json.loads((vdir / "metadata.json").read_text())
-    meta["files"]["model.onnx"] = hashlib.sha256((vdir / MODEL_FILE).read_bytes()).hexdigest()
-    (vdir / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(RepositoryError, match="onnx checker"):
-        repo.verify("tiny", 1)
-
-
-def test_failed_publish_cleans_up_and_changes_nothing(
-    repo: ModelRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    publish(repo, tmp_path, seed=0)
-    before = snapshot(repo.root)
-
-    def boom(src: Path, dst: Path) -> None:
-        raise OSError("disk on fire")
-
-    monkeypatch.setattr(repository_module, "_rename_into_place", boom)
-    with pytest.raises(OSError, match="disk on fire"):
-        publish(repo, tmp_path, seed=1)
-    monkeypatch.undo()
-    assert repo.list_versions("tiny") == [1]
-    assert not [p for p in (repo.root / "tiny").iterdir() if p.name.startswith(".tmp-")]
-    assert snapshot(repo.root) == before
-    assert publish(repo, tmp_path, seed=2) == 2
-
-
-CRASH_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    from serving import repository as r
-
-    root, src, marker = sys.argv[1:4]
-
-    def stall(tmp, dst):
-        Path(marker).write_text(str(tmp))
-        time.sleep(120)
-
-    r._rename_into_place = stall
-    r.ModelRepository(root).publish("tiny", Path(src), max_batch_size=8,
-                                    metadata={"metrics": {"test_acc": 0.99}})
-    """
-)
-
-
-def test_crash_between_write_and_rename(repo: ModelRepository, tmp_path: Path) -> None:
-    assert [publish(repo, tmp_path, seed=s) for s in range(2)] == [1, 2]
-    before = snapshot(repo.root)
-    src = tmp_path / "crash.onnx"
-    make_onnx(src, seed=5)
-    marker = tmp_path / "stalled"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CRASH_SCRIPT, str(repo.root), str(src), str(marker)],
-        cwd=ROOT,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, "publisher exited before reaching the rename"
-            assert time.monotonic() < deadline, "publisher never reached the rename"
-            time.sleep(0.02)
-        # the new version is fully written, not yet renamed: a reader sees the old versions only
-        tmp_dir = Path(marker.read_text())
-        assert tmp_dir.name.startswith(".tmp-") and (tmp_dir / "metadata.json").is_file()
-        assert repo.list_versions("tiny") == [1, 2]
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    fresh = ModelRepository(repo.root)
-    assert fresh.list_models() == ["tiny"] and fresh.list_versions("tiny") == [1, 2]
-    for v in (1, 2):
-        fresh.verify("tiny", v)
-    assert fresh.latest("tiny") == 2
-    assert fresh.best("tiny", "test_acc") is None  # the crashed version's metrics are invisible
-    assert snapshot(repo.root) == before
-    assert tmp_dir.exists()  # only the temp dir is left behind ...
-    assert fresh.read_config("tiny")["name"] == "tiny"
-    assert publish(fresh, tmp_path, seed=3) == 3  # ... and the next publish removes it
-    assert not tmp_dir.exists()
-    assert not [p for p in (repo.root / "tiny").iterdir() if p.name.startswith(".tmp-")]
-    for v in (1, 2, 3):
-        fresh.verify("tiny", v)
 
 
 def test_retention_keeps_newest_best_and_leased(repo: ModelRepository, tmp_path: Path) -> None:
