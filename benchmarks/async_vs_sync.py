@@ -40,7 +40,7 @@ on it, as a parameter server's evaluator runs beside it. ``seconds`` are then th
 time between versions. FedBuff makes a version every ~1.5 s, sync one every ~18 s, so waiting for
 the evaluation cost async a third of its time and sync 3%; ``--publish inline`` measures that.
 
-FedBuff's settings (``--concurrency``, ``--buffer-size``, ``--max-staleness``,
+FedBuff's settings (``--concurrency``, ``--buffer-size``, ``--max-staleness``, ``--selection``,
 ``--server-optimizer``, ``--server-lr``, ``--server-momentum``, ``--client-lr``) name the results
 file when they differ from the defaults; ``--only async`` then reuses the sync side of the same
 slots and device factor, so a search over them runs sync once.
@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--buffer-size", type=int, default=5)
     parser.add_argument("--max-staleness", type=int, default=10)
+    parser.add_argument(
+        "--selection",
+        choices=("uniform", "balanced"),
+        default="uniform",
+        help="which idle client FedBuff sends a free slot to (strategy.selection)",
+    )
     parser.add_argument("--slots", type=int, default=0, help="Ray CPU slots (0: Ray's default)")
     parser.add_argument(
         "--device-factor",
@@ -136,12 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--repeats", type=int, default=3, help="sync/async pairs, run in turn (default 3)"
+    )
+    parser.add_argument(
         "--only",
         choices=("sync", "async"),
         help="run one side only; the other side comes from this setting's results file, else "
         "from the file of the same slots and device factor with FedBuff's defaults",
     )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.quick:
+        args.repeats = 1
     exit_on_sigterm()
 
     best = best_cells()
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"strategy.concurrency={args.concurrency}",
                 f"strategy.buffer_size={args.buffer_size}",
                 f"strategy.max_staleness={args.max_staleness}",
+                f"strategy.selection={args.selection}",
                 f"strategy.optimizer={args.server_optimizer}",
                 f"strategy.server_lr={args.server_lr:g}",
                 f"strategy.momentum={args.server_momentum:g}",
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 *publish,
             ],
             f"client lr {buff_clr:g}, {buff_server}, concurrency {args.concurrency}, "
-            f"buffer {args.buffer_size}, max staleness {args.max_staleness}{announced}",
+            f"buffer {args.buffer_size}, max staleness {args.max_staleness}, "
+            f"{args.selection} selection{announced}",
         ),
     }
     env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": args.slots})} if args.slots else None
@@ -206,46 +221,40 @@ def main(argv: list[str] | None = None) -> None:
         "ray_cpu_slots": args.slots or "default (machine cores)",
         "device_factor": args.device_factor,
         "machine": machine(),
-        "jobs": {},
+        "repeats": args.repeats,
+        "runs": [],
     }
-    if args.only:  # keep the side this run does not redo: this file's, else the base setting's
-        for earlier in (out, RESULTS / f"async_vs_sync{base}.json"):
-            if earlier.exists():
-                jobs_before = json.loads(earlier.read_text()).get("jobs", {})
-                for side, job in jobs_before.items():
-                    if side != args.only and side not in results["jobs"]:
-                        results["jobs"][side] = job
-                        results.setdefault("reused", {})[side] = earlier.name
+    reused = _reused_side(args.only, (out, RESULTS / f"async_vs_sync{base}.json"), results)
     started = time.perf_counter()
-    for side, (name, overrides, settings) in jobs.items():
-        if args.only and side != args.only:
-            continue
-        print(f"{name}: {settings} ...", flush=True)
-        job = run_job(
-            name,
-            [
-                *IDX_SETUP,
-                *heterogeneity,
-                *overrides,
-                f"stop_at_accuracy={args.target}",
-                f"seed={args.seed}",
-            ],
-            RUNS / f"async_vs_sync{suffix}" / side,
-            env=env,
-        )
-        history = _history(job)
-        results["jobs"][side] = {
-            "name": name,
-            "settings": settings,
-            "job": job.to_dict(),
-            **history,
-        }
-        print(
-            f"  -> versions {len(job.versions)}, to target: {history['versions_to_target']}, "
-            f"train s {history['seconds_to_target']}, wall {job.wall_s:.0f} s, "
-            f"load {job.load_avg[0]:.1f}->{job.load_avg[1]:.1f}",
-            flush=True,
-        )
+    for index in range(args.repeats):
+        run: dict[str, Any] = {}
+        for side, (name, overrides, settings) in jobs.items():
+            if args.only and side != args.only:
+                if index < len(reused):
+                    run[side] = reused[index]
+                continue
+            print(f"run {index + 1}/{args.repeats}, {name}: {settings} ...", flush=True)
+            job = run_job(
+                name,
+                [
+                    *IDX_SETUP,
+                    *heterogeneity,
+                    *overrides,
+                    f"stop_at_accuracy={args.target}",
+                    f"seed={args.seed}",
+                ],
+                RUNS / f"async_vs_sync{suffix}" / f"run{index + 1}" / side,
+                env=env,
+            )
+            history = _history(job)
+            run[side] = {"name": name, "settings": settings, "job": job.to_dict(), **history}
+            print(
+                f"  -> versions {len(job.versions)}, to target: {history['versions_to_target']}, "
+                f"train s {history['seconds_to_target']}, wall {job.wall_s:.0f} s, "
+                f"load {job.load_avg[0]:.1f}->{job.load_avg[1]:.1f}",
+                flush=True,
+            )
+        results["runs"].append(run)
         write_json(out, results)
     results["wall_s"] = time.perf_counter() - started
     text = report(results)
@@ -255,6 +264,26 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
+def _reused_side(
+    only: str | None, files: tuple[Path, ...], results: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """With ``--only``, the other side's runs from the first of ``files`` that has them (older
+    files hold one run under ``jobs``); names the file in ``results["reused"]``."""
+    if not only:
+        return []
+    other = "sync" if only == "async" else "async"
+    for earlier in files:
+        if not earlier.exists():
+            continue
+        data = json.loads(earlier.read_text())
+        runs = data.get("runs") or ([data["jobs"]] if "jobs" in data else [])
+        found = [run[other] for run in runs if other in run]
+        if found:
+            results["reused"] = {other: earlier.name}
+            return found
+    return []
+
+
 def async_suffix(args: argparse.Namespace) -> str:
     """FedBuff's settings that differ from the defaults, for the results file's name (so that a
     search over them keeps one file per setting, each with the sync side it is compared to)."""
@@ -262,6 +291,7 @@ def async_suffix(args: argparse.Namespace) -> str:
         f"c{args.concurrency}" if args.concurrency != 10 else "",
         f"k{args.buffer_size}" if args.buffer_size != 5 else "",
         f"s{args.max_staleness}" if args.max_staleness != 10 else "",
+        args.selection if args.selection != "uniform" else "",
         (
             f"{args.server_optimizer}{args.server_lr:g}"
             if (args.server_optimizer, args.server_lr) != ("sgd", 1.0)
@@ -292,46 +322,81 @@ def _history(job: JobResult) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
+    """One row per run and side, then the medians; the verdict is on the median of the per-run
+    ratios (each async run against the sync run of the same repeat, run just before it)."""
     target = results["target"]
-    jobs = results["jobs"]
-    sync = jobs.get("sync", {})
-    rows = []
+    runs = results.get("runs") or [results["jobs"]]  # older files: one run under "jobs"
+    rows, ratios, walls = [], [], []
+    # a run without its own sync job (--only async, fewer reused sync runs): the syncs' median
+    syncs = [run["sync"] for run in runs if "sync" in run]
+    sync_s = [j["seconds_to_target"] for j in syncs if j["seconds_to_target"]]
+    sync_wall = [JobResult.from_dict(j["job"]).wall_s for j in syncs]
+    for number, run in enumerate(runs, 1):
+        sync = run.get("sync")
+        reference_s = sync["seconds_to_target"] if sync else (median(sync_s) if sync_s else None)
+        reference_wall = JobResult.from_dict(sync["job"]).wall_s if sync else None
+        if sync is None and sync_wall:
+            reference_wall = median(sync_wall)
+        for side in ("sync", "async"):
+            j = run.get(side)
+            if j is None:
+                continue
+            job = JobResult.from_dict(j["job"])
+            reached = j["versions_to_target"] is not None
+            seconds = j["seconds_to_target"]
+            ratio = seconds / reference_s if reached and reference_s else None
+            wall = job.wall_s / reference_wall if reference_wall else None
+            if side == "async":
+                ratios.append(ratio)
+                walls.append(wall)
+            rows.append(
+                [
+                    number,
+                    j["name"],
+                    j["versions_to_target"] if reached else f">{len(job.versions)}",
+                    j["updates_to_target"] if reached else "-",
+                    f"{seconds:.0f}" if reached else f"not reached (best {j['best_acc']:.4f})",
+                    f"{ratio:.2f}x" if ratio is not None else "-",
+                    f"{job.wall_s:.0f}",
+                    f"{wall:.2f}x" if wall is not None else "-",
+                ]
+            )
     for side in ("sync", "async"):
-        j = jobs.get(side)
-        if j is None:
+        sides = [run[side] for run in runs if side in run]
+        reached = [j for j in sides if j["versions_to_target"] is not None]
+        if len(sides) < 2 or not reached:
             continue
-        job = JobResult.from_dict(j["job"])
-        reached = j["versions_to_target"] is not None
-        seconds = j["seconds_to_target"]
-        ratio_s = (
-            f"{seconds / sync['seconds_to_target']:.2f}x"
-            if reached and sync.get("seconds_to_target")
-            else "-"
-        )
-        ratio_wall = f"{job.wall_s / JobResult.from_dict(sync['job']).wall_s:.2f}x" if sync else "-"
+        paired = [r for r in ratios if r is not None] if side == "async" else []
         rows.append(
             [
-                j["name"],
-                j["settings"],
-                j["versions_to_target"] if reached else f">{len(job.versions)}",
-                j["updates_to_target"] if reached else "-",
-                f"{seconds:.0f}" if reached else f"not reached (best {j['best_acc']:.4f})",
-                ratio_s,
-                f"{job.wall_s:.0f}",
-                ratio_wall,
+                "median",
+                sides[0]["name"],
+                f"{median([j['versions_to_target'] for j in reached]):g}",
+                f"{median([j['updates_to_target'] for j in reached]):g}",
+                f"{median([j['seconds_to_target'] for j in reached]):.0f}"
+                + ("" if len(reached) == len(sides) else f" ({len(reached)}/{len(sides)} reached)"),
+                f"{median(paired):.2f}x" if paired else ("1.00x" if side == "sync" else "-"),
+                f"{median([JobResult.from_dict(j['job']).wall_s for j in sides]):.0f}",
+                f"{median([w for w in walls if w is not None]):.2f}x"
+                if side == "async" and any(w is not None for w in walls)
+                else "-",
             ]
         )
     reused = results.get("reused", {})
+    first = runs[0]
     lines = [
         f"Time to {target:.0%} test accuracy, 25% of the 20 clients 5x slower "
         f"(Ray CPU slots: {results['ray_cpu_slots']}; devices "
-        f"{results.get('device_factor', 1.0):g}x slower than a core here); one run each"
+        f"{results.get('device_factor', 1.0):g}x slower than a core here); {len(runs)} run(s), "
+        "each async run against the sync run just before it (else the syncs' median)"
         + "".join(f"; {side} from an earlier run ({name})" for side, name in reused.items()),
+        "",
+        *[f"- {first[side]['name']}: {first[side]['settings']}" for side in first],
         "",
         table(
             [
+                "run",
                 "strategy",
-                "settings",
                 "versions",
                 "client updates",
                 "train s to target",
@@ -342,12 +407,17 @@ def report(results: dict[str, Any]) -> str:
             rows,
         ),
     ]
-    if "sync" in jobs and "async" in jobs:
-        a, s = jobs["async"], jobs["sync"]
-        if a["seconds_to_target"] and s["seconds_to_target"]:
-            ratio = a["seconds_to_target"] / s["seconds_to_target"]
-            verdict = "MET" if ratio <= 0.5 else "NOT met"
-            lines += ["", f"Target (async <= 0.5x sync's time): {verdict} ({ratio:.2f}x)"]
+    if len(ratios) == len(runs) and all(r is not None for r in ratios):
+        ratio = median(ratios)  # type: ignore[arg-type]
+        verdict = "MET" if ratio <= 0.5 else "NOT met"
+        low, high = min(ratios), max(ratios)  # type: ignore[type-var]
+        spread = f", runs {low:.2f}x-{high:.2f}x" if len(ratios) > 1 else ""
+        lines += [
+            "",
+            f"Target (async <= 0.5x sync's time): {verdict} (median {ratio:.2f}x{spread})",
+        ]
+    elif ratios:
+        lines += ["", "Target (async <= 0.5x sync's time): NOT met (a run missed the target)"]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ MODELS = ("mlp", "cnn", "resnet18")
 MODES = ("sync", "async")
 OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 AGGREGATIONS = ("mean", "trimmed_mean")
+SELECTIONS = ("uniform", "balanced")
 IMPLEMENTATIONS = ("parameter_server", "flower_fedavg")
 
 
@@ -137,6 +138,8 @@ class StrategyConfig:
     buffer_size: int = 5
     concurrency: int = 10
     max_staleness: int = 10
+    # which idle client a free slot goes to: uniform (FedBuff) or balanced (sent the fewest)
+    selection: str = "uniform"
     # validation and robustness
     max_update_norm: float | None = None  # reject replies whose delta norm exceeds this
     clip_update_norm: float | None = None  # clip the server update to this norm
@@ -151,6 +154,7 @@ class StrategyConfig:
         _choice("strategy.mode", self.mode, MODES)
         _choice("strategy.optimizer", self.optimizer, OPTIMIZERS)
         _choice("strategy.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("strategy.selection", self.selection, SELECTIONS)
         _positive("strategy.server_lr", self.server_lr)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"strategy.momentum must be in [0, 1), got {self.momentum}")

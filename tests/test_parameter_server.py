@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -342,3 +343,43 @@ def test_evaluate_replies_are_averaged_by_examples_and_errors_counted() -> None:
     assert averaged["num-examples"] == 40
     assert average_evaluate_replies(counters, [bad]) is None
     assert counters["evaluate_error"] == 2
+
+
+def test_balanced_pick_serves_the_least_served_idle_partition() -> None:
+    sampler = PartitionSampler(4)
+    sampler.set_nodes({p: 100 + p for p in range(5)})
+    assert all(sampler.pick([0]) != 0 for _ in range(20))  # busy partitions are never picked
+    most = max(sampler.picked.values())
+    assert most - min(sampler.picked[p] for p in range(1, 5)) >= 2  # uniform: uneven
+    assert sampler.pick([], balanced=True) == 0  # the one never sent a model comes first
+    for _ in range(5 * most - 21):  # balanced picks level every partition up to the most-picked
+        sampler.pick([], balanced=True)
+    assert [sampler.picked[p] for p in range(5)] == [most] * 5
+    restored = PartitionSampler(0)
+    restored.set_nodes(sampler.node_of)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.picked == sampler.picked
+    assert restored.pick([1], balanced=True) == sampler.pick([1], balanced=True)
+
+
+@pytest.mark.parametrize("selection", ["uniform", "balanced"])
+def test_async_selection_spreads_updates_over_fast_clients(selection: str) -> None:
+    """Partition 0 takes 5x as long: uniform picking lets some fast clients pile up updates,
+    balanced picking keeps the fast ones within one of each other and gives the slow one more."""
+    server, grid = make(
+        4,
+        latency=lambda p, i, m: 5.0 if p == 0 else 1.0,
+        mode="async",
+        buffer_size=1,
+        concurrency=2,
+        max_staleness=20,
+        selection=selection,
+    )
+    server.start(grid, to_array_record(small_model()), num_rounds=30)
+    sent = Counter(s.partition for s in grid.log)
+    fast = [sent[p] for p in (1, 2, 3)]
+    assert sent == server.sampler.picked
+    if selection == "balanced":
+        assert max(fast) - min(fast) <= 1 and sent[0] == 5
+    else:  # the same seed, uniform: the spread balanced picking removes
+        assert max(fast) - min(fast) >= 3 and sent[0] == 4

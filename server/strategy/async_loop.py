@@ -5,7 +5,8 @@ at server version ``v`` has staleness ``τ = v - v_start``; with ``τ > max_stal
 dropped and counted, otherwise it is validated and folded with weight ``num-examples · s(τ)``,
 ``s(τ) = 1/√(1+τ)``. Every ``buffer_size`` accepted replies the server optimizer makes a new
 version. Whenever a client replies (or times out) a slot frees up and the next idle partition,
-drawn by the seeded sampler, is sent the newest model at once.
+drawn by the seeded sampler (``selection``: uniform, or balanced: among the idle partitions sent
+the fewest models), is sent the newest model at once.
 
 The loop ends when the version reaches ``num_rounds`` (versions, not rounds) or ``on_version``
 returned True (early stop, e.g. a target accuracy). The replies still in flight are then pulled
@@ -110,7 +111,7 @@ def _fill(
     busy = {d.partition for d in in_flight.values()}
     chosen: list[int] = []
     while len(busy) < concurrency:
-        partition = server.sampler.pick(busy)
+        partition = server.sampler.pick(busy, balanced=server.cfg.selection == "balanced")
         if partition is None:
             break
         busy.add(partition)

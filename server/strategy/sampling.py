@@ -7,12 +7,18 @@ stream 1: federated evaluation), so the same seed selects the same partitions wh
 came from ``flwr run`` or from our simulation, whatever their node ids. The generator's
 ``bit_generator.state`` is part of :meth:`state_dict`, so a resumed run continues the same
 sequence of cohorts.
+
+Async mode picks one idle partition per free slot: uniformly (FedBuff), or ``balanced``: among
+the idle partitions sent the fewest models so far, uniformly. A fast client is idle again 5x as
+often as a 5x slower one, so uniform picking gives it 5x the updates and its (non-IID) data 5x the
+say; balanced picking sends every free slot to the least-served client that can take it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +33,7 @@ class PartitionSampler:
         self.stream = int(stream)
         self.rng = self._generator()
         self.node_of: dict[int, int] = {}
+        self.picked: Counter[int] = Counter()  # models sent per partition by :meth:`pick`
 
     def _generator(self) -> np.random.Generator:
         return np.random.Generator(
@@ -54,19 +61,26 @@ class PartitionSampler:
         chosen = self.rng.choice(len(candidates), size=size, replace=False)
         return sorted(candidates[int(i)] for i in chosen)
 
-    def pick(self, busy: Iterable[int]) -> int | None:
-        """One partition not in ``busy``, uniformly; None when all are busy."""
+    def pick(self, busy: Iterable[int], balanced: bool = False) -> int | None:
+        """One partition not in ``busy``, uniformly (``balanced``: among those picked the fewest
+        times so far); None when all are busy."""
         taken = set(busy)
         idle = [p for p in self.partitions if p not in taken]
         if not idle:
             return None
-        return idle[int(self.rng.integers(len(idle)))]
+        if balanced:
+            fewest = min(self.picked[p] for p in idle)
+            idle = [p for p in idle if self.picked[p] == fewest]
+        chosen = idle[int(self.rng.integers(len(idle)))]
+        self.picked[chosen] += 1
+        return chosen
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
             "stream": self.stream,
             "bit_generator": copy.deepcopy(self.rng.bit_generator.state),
+            "picked": dict(self.picked),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -74,3 +88,4 @@ class PartitionSampler:
         self.stream = int(state["stream"])
         self.rng = self._generator()
         self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
+        self.picked = Counter({int(p): int(n) for p, n in state.get("picked", {}).items()})
