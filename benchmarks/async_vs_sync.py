@@ -36,17 +36,27 @@ federation, in which sync waits for its slowest device every round. Use ``--slot
 Versions are announced in background on both sides (``--publish background``, the default:
 ``strategy.publish_in_background=true``): the central evaluation (~0.4-0.6 s of 2,000 test images
 here), history and checkpoint of a version run on a worker thread while the clients already train
-on it, as a parameter server's evaluator runs beside it. ``seconds`` are then the strategy's own
-time between versions. FedBuff makes a version every ~1.5 s, sync one every ~18 s, so waiting for
-the evaluation cost async a third of its time and sync 3%; ``--publish inline`` measures that.
+on it, and ``seconds`` are the strategy's own time between versions. At devices 10x slower this
+changed FedBuff's version rate little (1.8 s a version either way): the clients in flight keep
+training while the server evaluates, only the few replies that arrive meanwhile wait. It matters
+when a version's announcement is long (an ONNX export per version, a big test set).
+
+Which client gets a free slot: ``--selection balanced`` (the default, ``fedbuff.yaml``'s) the idle
+one sent the fewest models; ``uniform`` (FedBuff's paper) one drawn uniformly, which gives a fast
+client ~5x the updates of a 5x slower one.
 
 FedBuff's settings (``--concurrency``, ``--buffer-size``, ``--max-staleness``, ``--selection``,
 ``--server-optimizer``, ``--server-lr``, ``--server-momentum``, ``--client-lr``) name the results
 file when they differ from the defaults; ``--only async`` then reuses the sync side of the same
 slots and device factor, so a search over them runs sync once.
 
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10  # ~6 min
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 10               # ~5 min
+``--repeats N`` (default 3) runs N sync/async pairs in turn; the table has a row per run and the
+medians, and the verdict is on the median of the per-pair ratios (the machine is shared and noisy,
+and the arrival order differs from run to run).
+
+    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10  # ~20 min
+    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10 \
+        --selection uniform --only async       # FedBuff's uniform picking vs the same syncs
     .venv/bin/python benchmarks/async_vs_sync.py --quick               # 2 versions each (smoke)
 """
 
@@ -109,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--selection",
         choices=("uniform", "balanced"),
-        default="uniform",
-        help="which idle client FedBuff sends a free slot to (strategy.selection)",
+        default="balanced",
+        help="which idle client FedBuff sends a free slot to (strategy.selection; default "
+        "balanced, conf/strategy/fedbuff.yaml's)",
     )
     parser.add_argument("--slots", type=int, default=0, help="Ray CPU slots (0: Ray's default)")
     parser.add_argument(
@@ -291,7 +302,7 @@ def async_suffix(args: argparse.Namespace) -> str:
         f"c{args.concurrency}" if args.concurrency != 10 else "",
         f"k{args.buffer_size}" if args.buffer_size != 5 else "",
         f"s{args.max_staleness}" if args.max_staleness != 10 else "",
-        args.selection if args.selection != "uniform" else "",
+        args.selection if args.selection != "balanced" else "",
         (
             f"{args.server_optimizer}{args.server_lr:g}"
             if (args.server_optimizer, args.server_lr) != ("sgd", 1.0)
