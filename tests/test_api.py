@@ -314,8 +314,10 @@ def test_failing_engine_replaced_over_http_no_request_hangs(served: Served) -> N
         raise RuntimeError("simulated engine crash")
 
     victim.engine.run = boom
-    for w in pool.workers:  # make the victim the least-loaded pick on ties
-        w.ewma_s = 0.0 if w is victim else 1.0
+    for w in pool.workers:  # make the victim the dispatcher's first pick: its key is
+        # ((load + 1) * ewma_item_s, load, ewma_s); setting ewma_s alone left the pick to the
+        # measured per-item times, and a victim that was never picked made this test flaky
+        w.ewma_item_s = w.ewma_s = 0.0 if w is victim else 1.0
     x = np.ones((2, IN_FEATURES), np.float32)
     url = served.url + "/v2/models/clf/infer"
     body = _json_body([2, 4], x.ravel().tolist())
