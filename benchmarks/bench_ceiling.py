@@ -1,7 +1,9 @@
 """The ceiling: raw onnxruntime in this process, no HTTP, on the same model and batch.
 
-Two layouts are tried each round, one session x 2 intra-op threads and two 1-thread sessions
-driven by two threads; the better one (images/s) is that round's ceiling.
+Two layouts are tried each round and the better one (images/s) is that round's ceiling. On the
+CPU (``--providers cpu``): one session x C intra-op threads and C 1-thread sessions driven by C
+threads, C = the usable cores (2 here). On a GPU (``--providers cuda``): one and two CUDA sessions
+(the serving pool's default is 2 engines on a GPU), each driven by its own thread.
 """
 
 from __future__ import annotations
@@ -14,29 +16,49 @@ from typing import Any
 
 import numpy as np
 
-#: (label, sessions, intra-op threads per session)
-LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1))
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 
 
-def _session(path: str, threads: int) -> Any:
-    """An ``onnxruntime.InferenceSession`` on CPU with ``threads`` intra-op threads."""
+def layouts(providers: str) -> tuple[tuple[str, int, int], ...]:
+    """(label, sessions, intra-op threads per session) of the layouts tried on ``providers``."""
+    if providers == "cuda":
+        return (("1 CUDA session", 1, 1), ("2 CUDA sessions", 2, 1))
+    cores = len(os.sched_getaffinity(0))
+    return (
+        (f"1 session x {cores} threads", 1, cores),
+        (f"{cores} sessions x 1 thread", cores, 1),
+    )
+
+
+def _session(path: str, threads: int, providers: str) -> Any:
+    """An ``onnxruntime.InferenceSession`` on ``providers`` with ``threads`` intra-op threads;
+    a CUDA session that did not obtain the CUDA provider is an error, not a silent CPU run."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, opts, providers=PROVIDERS[providers])
+    if session.get_providers()[0] != PROVIDERS[providers][0]:
+        raise RuntimeError(f"asked for {providers}, obtained {session.get_providers()}")
+    return session
 
 
 def ceiling_layout(
-    path: str, input_name: str, x: np.ndarray, sessions: int, threads: int, seconds: float
+    path: str,
+    input_name: str,
+    x: np.ndarray,
+    sessions: int,
+    threads: int,
+    seconds: float,
+    providers: str = "cpu",
 ) -> dict[str, float]:
     """``sessions`` sessions of ``threads`` intra-op threads (onnxruntime defaults otherwise), each
     driven back to back by its own Python thread (run releases the GIL) until ``seconds`` have
     passed, and at least 10 runs' worth of time; every run started is counted and timed to its end,
     so a run of seconds (ResNet-18 at batch 64 on a shared core) does not bias the rate."""
-    sess = [_session(path, threads) for _ in range(sessions)]
+    sess = [_session(path, threads, providers) for _ in range(sessions)]
     feeds = {input_name: x}
     warm = []
     for s in sess:
@@ -82,19 +104,21 @@ def ceiling_layout(
     }
 
 
-def ceiling_once(info: dict[str, Any], rows: int, seconds: float) -> dict[str, Any]:
+def ceiling_once(
+    info: dict[str, Any], rows: int, seconds: float, providers: str = "cpu"
+) -> dict[str, Any]:
     """Both layouts once; the best (images/s) is the ceiling of this round."""
     x = np.random.default_rng(0).standard_normal((rows, *info["shape"])).astype(np.float32)
-    layouts = {
-        label: ceiling_layout(info["path"], info["input"], x, n, t, seconds)
-        for label, n, t in LAYOUTS
+    tried = {
+        label: ceiling_layout(info["path"], info["input"], x, n, t, seconds, providers)
+        for label, n, t in layouts(providers)
     }
-    best = max(layouts, key=lambda k: layouts[k]["rows_per_s"])
-    out = {f"{label}/{k}": v for label, d in layouts.items() for k, v in d.items()}
-    out.update(layouts[best])
+    best = max(tried, key=lambda k: tried[k]["rows_per_s"])
+    out = {f"{label}/{k}": v for label, d in tried.items() for k, v in d.items()}
+    out.update(tried[best])
     out["best_layout"] = best
     out["requests_per_s"] = out["rows_per_s"] / rows
-    out["rows_per_core_s"] = max(d["rows_per_core_s"] for d in layouts.values())
+    out["rows_per_core_s"] = max(d["rows_per_core_s"] for d in tried.values())
     print(
         f"  [ceiling b{rows}] {out['rows_per_s']:,.0f} images/s ({best}); "
         f"load {os.getloadavg()[0]:.1f}",

@@ -22,7 +22,7 @@ def http_section(
     :func:`summarize_http` of the raw samples."""
     bodies = bodies_for(info)
     raw: dict[str, Any] = {}
-    ctx, base = our_server(repo, name)
+    ctx, base = our_server(repo, name, [f"serving.providers={args.providers}"])
     with ctx as ours:
         url = f"{base}/v2/models/{name}/infer"
         answers = {}
@@ -34,11 +34,13 @@ def http_section(
             for rows in BATCHES:
                 body, hlen = bodies[rows]
                 # round 1's ceiling is measured first: it sets the warm-up of the loads
-                ceilings = [ceiling_once(info, rows, args.ceiling_s)]
+                ceilings = [ceiling_once(info, rows, args.ceiling_s, args.providers)]
                 first = ceilings[0]
 
                 def ceiling_round(rows: int = rows, ceilings: list = ceilings) -> dict:
-                    return ceilings.pop() if ceilings else ceiling_once(info, rows, args.ceiling_s)
+                    if ceilings:
+                        return ceilings.pop()
+                    return ceiling_once(info, rows, args.ceiling_s, args.providers)
 
                 contenders = {
                     "ceiling": ceiling_round,

@@ -27,7 +27,8 @@ def policy_section(
     bodies = bodies_for(info)
     out: dict[str, Any] = {}
     batches = [1] if name == "resnet18" and not args.policy_resnet_b64 else list(BATCHES)
-    with slow_servers(repo, name, ("least_loaded", "round_robin"), args.slow_factor) as servers:
+    policies = ("least_loaded", "round_robin")
+    with slow_servers(repo, name, policies, args.slow_factor, args.providers) as servers:
         for rows in batches:
             body, hlen = bodies[rows]
             contenders = {

@@ -161,7 +161,7 @@ def ray_section(
                 ray_pids = sorted(set(_descendants()) - before)
                 out["processes"] = len(ray_pids)
                 out["rss_gb"] = _rss_gb(ray_pids)
-            ctx, base = our_server(repo, name)
+            ctx, base = our_server(repo, name, [f"serving.providers={args.providers}"])
             with ctx as ours:
                 url = f"{base}/v2/models/{name}/infer"
 

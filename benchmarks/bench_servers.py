@@ -90,7 +90,9 @@ def our_server(
     manager that runs it, and its base URL."""
     port = free_port()
     cmd = [
-        str(Path(sys.executable).parent / "fedserve-serve"),
+        sys.executable,  # `fedserve-serve`'s entry point, run without needing the script installed
+        "-m",
+        "serving.cli",
         f"repository={repo}",
         f"port={port}",
         "log_level=warning",
@@ -200,7 +202,7 @@ cli.serve(json.loads(sys.argv[2]))
 
 @contextlib.contextmanager
 def slow_servers(
-    repo: Path, model: str, policies: Sequence[str], factor: float
+    repo: Path, model: str, policies: Sequence[str], factor: float, providers: str = "cpu"
 ) -> Iterator[dict[str, tuple[str, subprocess.Popen]]]:
     """One slowed server per dispatch policy of ``policies``, all running at once: our server
     (``serving.cli.serve``) serving ``model`` with inline runs off and engine e0 of its pool
@@ -220,7 +222,7 @@ def slow_servers(
                 "port": port,
                 "log_level": "warning",
                 "models": [model],
-                "serving": {"policy": policy, "inline_max_ms": 0},
+                "serving": {"policy": policy, "inline_max_ms": 0, "providers": providers},
             }
             cmd = [sys.executable, str(script), str(factor), json.dumps(conf)]
             base = f"http://127.0.0.1:{port}"

@@ -13,7 +13,9 @@ Prints
 3. one round of client training (``task.training.train``: the conf/ default of 5 local epochs on
    one of 10 digits partitions for the CNN; 1 epoch of 360 synthetic 3x32x32 images for
    ResNet-18) on CUDA (after a warm-up step) and on CPU, seconds;
-4. the providers the serving pool's engines obtain (``serving.engine.Engine(...).providers``,
+4. the ClientApp's ``train`` handler called with a Flower Message, ``device=cuda`` vs ``cpu``
+   (seconds, the GPU's peak memory, the reply's delta compared);
+5. the providers the serving pool's engines obtain (``serving.engine.Engine(...).providers``,
    ``serving.providers=auto``).
 
 Without a GPU it says so, prints the versions and the serving providers (CPU), and exits 0.
@@ -218,6 +220,64 @@ def training(models: list[str], gpu_name: str = "cuda") -> None:
         )
 
 
+def client_app(gpu_name: str = "cuda") -> None:
+    """The ClientApp's own ``train`` handler (client/app.py) called in-process with a Flower
+    Message, as a SuperNode would: task config ``device=cuda`` vs ``device=cpu``, cnn on digits
+    partition 0 of 10, conf/ defaults. Shows the client path (config -> get_device -> loader with
+    pinned memory -> train -> delta reply) runs on the GPU: the GPU's peak memory must grow."""
+    import json
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import train as client_train
+    from server.config_loader import compose_experiment
+    from task.federated import client_data
+    from task.models import build_model
+
+    print("\n== the ClientApp's train handler (client/app.py), one round, seconds")
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    cfg = compose_experiment(["model=cnn"])
+    data = client_data(cfg, 0, 10)
+    torch.manual_seed(0)
+    model = build_model("cnn", data.input_shape, data.num_classes)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 10},
+        state=RecordDict(),
+        run_config={},
+    )
+    deltas: dict[str, dict[str, np.ndarray]] = {}
+    print(f"{'device':<7} | {'1st call':>8} | {'2nd call':>8} | {'GPU peak MiB':>12} | reply")
+    for device in (gpu_name, "cpu"):
+        task = cfg.to_dict() | {"device": device}
+        seconds = []
+        for _ in range(2):  # the first call pays data loading, CUDA context and cuDNN set-up
+            config = ConfigRecord(
+                {"task": json.dumps(task), "server-round": 1, "version": 0, "reply": "delta"}
+            )
+            content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+            msg = Message(content=content, dst_node_id=1, message_type="train")
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            reply = client_train(msg, context)
+            seconds.append(time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        arrays = reply.content["arrays"]
+        deltas[device] = {k: v.numpy() for k, v in arrays.items()}
+        finite = all(np.isfinite(v).all() for v in deltas[device].values())
+        examples = reply.content["metrics"]["num-examples"]
+        print(
+            f"{device:<7} | {seconds[0]:>8.2f} | {seconds[1]:>8.2f} | {peak:>12.1f} | "
+            f"{len(arrays)} arrays, finite={finite}, num-examples={examples}"
+        )
+    scale = max(float(np.abs(v).max()) for v in deltas["cpu"].values())
+    diff = max(float(np.abs(deltas[gpu_name][k] - v).max()) for k, v in deltas["cpu"].items())
+    print(f"max |delta({gpu_name}) - delta(cpu)| = {diff:.1e} (max |delta(cpu)| {scale:.1e})")
+
+
 def serving_providers(workdir: Path) -> None:
     from server.export import export_onnx
     from task.models import build_model
@@ -252,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             inference(args.seconds, workdir, args.models, "cpu")
             training(args.models, "cpu")
+            client_app("cpu")
             serving_providers(workdir)
             return 0
         if not found:
@@ -263,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         inference(args.seconds, workdir, args.models)
         training(args.models)
+        client_app()
         serving_providers(workdir)
     print(
         "\nnote: under `fedserve-train` (Flower simulation on Ray) a client actor sees the GPU "

@@ -71,7 +71,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 
-def machine() -> str:
+def machine(providers: str) -> str:
     """One line about this machine and its load, for the report."""
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -83,9 +83,25 @@ def machine() -> str:
 
     return (
         f"{len(os.sched_getaffinity(0))} cores ({cpu}), onnxruntime {ort.__version__} "
-        f"CPUExecutionProvider, Python {platform.python_version()}; load average at start "
+        f"{'CUDA' if providers == 'cuda' else 'CPU'}ExecutionProvider{_gpu_name(providers)}, "
+        f"Python {platform.python_version()}; load average at start "
         f"{os.getloadavg()[0]:.1f} (the machine is shared with other jobs)"
     )
+
+
+def _gpu_name(providers: str) -> str:
+    """`` on <GPU name>`` from nvidia-smi for a CUDA run ("" otherwise, or if it cannot tell)."""
+    if providers != "cuda" or not shutil.which("nvidia-smi"):
+        return ""
+    import subprocess
+
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f" on {out.splitlines()[0]}" if out else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-factor", type=float, default=4.0)
     ap.add_argument("--policy-resnet-b64", action="store_true", help="also ResNet batch 64")
     ap.add_argument("--dispatch-n", type=int, default=20000)
+    ap.add_argument(
+        "--providers",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="onnxruntime provider of our server's engines, the ceiling and the slowed servers",
+    )
     ap.add_argument("--out", default=None, help="default benchmarks/results/serving.json")
     ap.add_argument(
         "--quick",
@@ -121,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         sections.discard("ray")
     if sections - set(SECTIONS) or set(names) - set(MODELS):
         ap.error(f"sections are {SECTIONS}, models {tuple(MODELS)}")
+    if args.providers == "cuda" and "ray" in sections:
+        ap.error("--providers cuda: the ray section runs Ray Serve on the CPU only; add --skip-ray")
     if sections & {"http", "ray", "policy"} and not wrk_available():
         ap.error("wrk is needed for the load sections: apt-get install wrk")
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(args.providers),
         "command": " ".join([".venv/bin/python benchmarks/serving_bench.py", *given]),
         "models": {},
     }
@@ -142,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 expected[name] = {b: res["http"][f"b{b}"]["ceiling"]["rows_per_s"] for b in BATCHES}
             else:
                 expected[name] = {
-                    b: ceiling_once(info, b, args.ceiling_s)["rows_per_s"] for b in BATCHES
+                    b: ceiling_once(info, b, args.ceiling_s, args.providers)["rows_per_s"]
+                    for b in BATCHES
                 }
             if "policy" in sections:
                 res["policy"] = policy_section(name, info, repo, expected[name], args)

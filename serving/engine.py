@@ -18,6 +18,7 @@ engine; each message names the input and the expected spec.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -196,6 +197,11 @@ def cuda_usable() -> bool:
     if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")):
         log.info("onnxruntime lists CUDA but this machine has no NVIDIA driver; serving on CPU")
         return False
+    if hasattr(ort, "preload_dlls"):
+        # CUDA/cuDNN from pip's nvidia-* wheels: a serving process never imports torch, which is
+        # what would otherwise have loaded them; missing libraries make the probe below fail
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(

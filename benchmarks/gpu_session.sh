@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks of one session, in one go, on a machine with an NVIDIA GPU:
+#
+#   SHIP=/tmp/ship OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh
+#
+# 1. benchmarks/gpu_check.py: versions, ORT CUDA EP vs torch inference, client training and the
+#    ClientApp's train handler on CUDA vs CPU, the providers the serving pool's engines obtain;
+# 2. benchmarks/serving_bench.py --providers cuda: our KServe v2 server with its engines on the CUDA
+#    EP vs raw onnxruntime CUDA sessions vs a no-op endpoint, least-loaded vs round-robin, the
+#    dispatcher's overhead;
+# 3. benchmarks/serving_bench.py --providers cpu on this machine's cores (the 2-core CI machine
+#    cannot show what a bigger CPU does with the batch-1 and policy loads).
+#
+# Written for machines with no package index whose python3 already holds torch: what else the
+# project needs comes as files in $SHIP (onnxruntime-gpu as ort.tar.xz, possibly split into
+# ort.tar.xz.part-*; wheels in $SHIP/wheels; wrk and its LuaJIT in $SHIP/bin), installed into
+# /tmp/site. Where pip works, `pip install -e .` replaces all that. Each step has its own time
+# limit and a failure does not stop the next one; logs and results go to $OUT.
+set -u
+SHIP=${SHIP:-/tmp/ship}
+OUT=${OUT:-/tmp/gpu-out}
+SITE=/tmp/site
+PY=${PY:-python3}
+mkdir -p "$OUT" "$SITE"
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PYTHONUNBUFFERED=1
+started=$(date +%s)
+step() { echo "== [$(($(date +%s) - started)) s] $*"; }
+
+step "install into $SITE"
+if [ -d "$SHIP/wheels" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$SHIP"/wheels/*.whl 2>&1 | tail -3
+fi
+if ls "$SHIP"/ort.tar.xz.part-* >/dev/null 2>&1; then
+    cat "$SHIP"/ort.tar.xz.part-* >"$SHIP/ort.tar.xz"
+fi
+if [ -f "$SHIP/ort.tar.xz" ]; then
+    rm -rf "$SITE/onnxruntime"
+    $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+        "$SHIP/ort.tar.xz" "$SITE"
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SHIP/bin:$SITE/bin:$PATH"
+# pip's nvidia-* CUDA libraries (those torch uses), for processes that never import torch
+nvidia_libs=$($PY - <<'EOF'
+import glob, os, site
+dirs = {os.path.dirname(p) for sp in site.getsitepackages()
+        for p in glob.glob(f"{sp}/nvidia/**/lib*.so*", recursive=True)}
+print(":".join(sorted(dirs)))
+EOF
+)
+export LD_LIBRARY_PATH="$SHIP/bin:$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import onnxruntime as o, torch, flwr, fastapi; print('ort', o.__version__, o.get_available_providers(), '| torch', torch.__version__, '| flwr', flwr.__version__)"
+wrk --version 2>&1 | head -1
+
+step "gpu_check.py"
+timeout 200 $PY benchmarks/gpu_check.py --seconds 1 2>&1 | tee "$OUT/gpu_check.log"
+
+step "serving_bench.py --providers cuda"
+timeout "${CUDA_BENCH_S:-260}" $PY benchmarks/serving_bench.py --providers cuda --skip-ray \
+    --models cnn,resnet18 --rounds 2 --window 2 --out "$OUT/serving-cuda.json" \
+    >"$OUT/serving-cuda.log" 2>&1
+tail -n 60 "$OUT/serving-cuda.log"
+
+step "serving_bench.py --providers cpu ($(nproc) cores)"
+timeout "${CPU_BENCH_S:-110}" $PY benchmarks/serving_bench.py --providers cpu --skip-ray \
+    --models cnn --sections http,policy --rounds 1 --window 2 --out "$OUT/serving-cpu.json" \
+    >"$OUT/serving-cpu.log" 2>&1
+tail -n 40 "$OUT/serving-cpu.log"
+step "done"
