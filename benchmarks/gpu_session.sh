@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of one session, in one go, on a machine with an NVIDIA GPU:
 #
-#   SHIP=/tmp/ship OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh
+#   SHIP=/tmp/ship OUT=/tmp/gpu-out [STEPS="check conv cuda cpu"] bash benchmarks/gpu_session.sh
 #
 # 1. benchmarks/gpu_check.py: versions, ORT CUDA EP vs torch inference, client training and the
 #    ClientApp's train handler on CUDA vs CPU, the providers the serving pool's engines obtain;
+#    benchmarks/gpu_conv_search.py: cuDNN's algorithm search modes vs dynamic batch shapes;
 # 2. benchmarks/serving_bench.py --providers cuda: our KServe v2 server with its engines on the CUDA
 #    EP vs raw onnxruntime CUDA sessions vs a no-op endpoint, least-loaded vs round-robin, the
 #    dispatcher's overhead;
@@ -54,18 +55,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import onnxruntime as o, torch, flwr, fastapi; print('ort', o.__version__, o.get_available_providers(), '| torch', torch.__version__, '| flwr', flwr.__version__)"
 wrk --version 2>&1 | head -1
 
-step "gpu_check.py"
-timeout 200 $PY benchmarks/gpu_check.py --seconds 1 2>&1 | tee "$OUT/gpu_check.log"
-
-step "serving_bench.py --providers cuda"
-timeout "${CUDA_BENCH_S:-260}" $PY benchmarks/serving_bench.py --providers cuda --skip-ray \
-    --models cnn,resnet18 --rounds 2 --window 2 --out "$OUT/serving-cuda.json" \
-    >"$OUT/serving-cuda.log" 2>&1
-tail -n 60 "$OUT/serving-cuda.log"
-
-step "serving_bench.py --providers cpu ($(nproc) cores)"
-timeout "${CPU_BENCH_S:-110}" $PY benchmarks/serving_bench.py --providers cpu --skip-ray \
-    --models cnn --sections http,policy --rounds 1 --window 2 --out "$OUT/serving-cpu.json" \
-    >"$OUT/serving-cpu.log" 2>&1
-tail -n 40 "$OUT/serving-cpu.log"
+STEPS=" ${STEPS:-check conv cuda cpu} "
+if [[ $STEPS == *" check "* ]]; then
+    step "gpu_check.py"
+    timeout 200 $PY benchmarks/gpu_check.py --seconds 1 2>&1 | tee "$OUT/gpu_check.log"
+fi
+if [[ $STEPS == *" conv "* ]]; then
+    step "gpu_conv_search.py"
+    timeout 120 $PY benchmarks/gpu_conv_search.py 2>&1 | grep -v "^\[" | tee "$OUT/conv_search.log"
+fi
+if [[ $STEPS == *" cuda "* ]]; then
+    step "serving_bench.py --providers cuda"
+    timeout "${CUDA_BENCH_S:-260}" $PY benchmarks/serving_bench.py --providers cuda --skip-ray \
+        --models cnn,resnet18 --rounds 2 --window 2 --out "$OUT/serving-cuda.json" \
+        >"$OUT/serving-cuda.log" 2>&1
+    tail -n 60 "$OUT/serving-cuda.log"
+fi
+if [[ $STEPS == *" cpu "* ]]; then
+    step "serving_bench.py --providers cpu ($(nproc) cores)"
+    timeout "${CPU_BENCH_S:-110}" $PY benchmarks/serving_bench.py --providers cpu --skip-ray \
+        --models cnn --sections http,policy --rounds 1 --window 2 \
+        --out "$OUT/serving-cpu.json" >"$OUT/serving-cpu.log" 2>&1
+    tail -n 40 "$OUT/serving-cpu.log"
+fi
 step "done"

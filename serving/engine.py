@@ -245,6 +245,29 @@ def resolve_providers(preference: str | Sequence[str] = "auto") -> list[str]:
     return chosen or [CPU]
 
 
+#: cuDNN convolution algorithm search of the CUDA provider (its option ``cudnn_conv_algo_search``)
+CONV_ALGO_SEARCHES = ("heuristic", "exhaustive", "default")
+
+
+def session_providers(
+    providers: Sequence[str], conv_algo_search: str = "heuristic"
+) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` as onnxruntime takes them, with the CUDA provider's options.
+
+    Why ``heuristic`` by default: onnxruntime's CUDA provider defaults to ``EXHAUSTIVE``, which
+    benchmarks every cuDNN algorithm for each convolution the first time it sees an input shape.
+    Dynamic batching makes up to ``max_batch_size`` shapes per model, so under batch-1 load the
+    engines keep meeting new shapes and each costs a search (measured on an H200, see
+    benchmarks/README.md); ``HEURISTIC`` asks cuDNN for its choice instead, in microseconds."""
+    search = conv_algo_search.lower()
+    if search not in CONV_ALGO_SEARCHES:
+        raise ValueError(
+            f"serving.cudnn_conv_algo_search must be one of {', '.join(CONV_ALGO_SEARCHES)}, "
+            f"got {conv_algo_search!r}"
+        )
+    return [(p, {"cudnn_conv_algo_search": search.upper()}) if p == CUDA else p for p in providers]
+
+
 def default_instances(providers: Sequence[str]) -> int:
     """Engines per model version when ``serving.instances`` is unset: one per usable core on CPU
     (each engine runs 1 intra-op thread), 2 on a GPU (overlaps host work with device work)."""
@@ -271,6 +294,7 @@ class Engine:
         providers: str | Sequence[str] = "auto",
         intra_op_threads: int = 1,
         allow_spinning: bool = False,
+        cudnn_conv_algo_search: str = "heuristic",
         warmup: bool = True,
         name: str = "engine",
     ) -> None:
@@ -287,7 +311,9 @@ class Engine:
         self.requested_providers = resolve_providers(providers)
         t0 = time.perf_counter()
         self.session = ort.InferenceSession(
-            str(self.model_path), options, providers=self.requested_providers
+            str(self.model_path),
+            options,
+            providers=session_providers(self.requested_providers, cudnn_conv_algo_search),
         )
         self.providers: list[str] = self.session.get_providers()
         if self.requested_providers[0] not in self.providers:

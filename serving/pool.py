@@ -51,7 +51,13 @@ import numpy as np
 
 from serving.batching import Request
 from serving.dispatcher import Dispatcher
-from serving.engine import Engine, ModelSignature, default_instances, resolve_providers
+from serving.engine import (
+    CONV_ALGO_SEARCHES,
+    Engine,
+    ModelSignature,
+    default_instances,
+    resolve_providers,
+)
 from serving.protocol import ServingError, Unavailable
 from serving.worker import PoolClosed, Worker
 
@@ -66,6 +72,7 @@ class PoolSettings:
     intra_op_threads: int = 1
     allow_spinning: bool = False
     providers: str | list[str] = "auto"
+    cudnn_conv_algo_search: str = "heuristic"
     policy: str = "least_loaded"
     max_batch_size: int = 64
     max_queue_delay_ms: float = 1.0
@@ -103,6 +110,11 @@ class PoolSettings:
             )
         if self.max_queue_items < 0:
             raise ValueError(f"serving.max_queue_items must be >= 0, got {self.max_queue_items}")
+        if str(self.cudnn_conv_algo_search).lower() not in CONV_ALGO_SEARCHES:
+            raise ValueError(
+                "serving.cudnn_conv_algo_search must be one of "
+                f"{', '.join(CONV_ALGO_SEARCHES)}, got {self.cudnn_conv_algo_search!r}"
+            )
         if self.policy not in ("least_loaded", "round_robin"):
             raise ValueError(
                 f"serving.policy must be least_loaded or round_robin, got {self.policy!r}"
@@ -206,6 +218,7 @@ class EnginePool:
             providers=self.providers,
             intra_op_threads=s.intra_op_threads,
             allow_spinning=s.allow_spinning,
+            cudnn_conv_algo_search=s.cudnn_conv_algo_search,
             warmup=s.warmup,
             name=name,
         )
