@@ -10,7 +10,10 @@ then times
 
 - a first pass over the 64 batch sizes in a shuffled order (every shape new to the engine),
 - a second pass in the same order (every shape seen before),
-- the steady p50 of one run at batch 1 and at batch 64.
+- the steady p50 of one run at batch 1 and at batch 64;
+
+and the same for ``heuristic`` with ``serving.pad_batches`` on (every run padded to 64 rows: one
+shape per engine, the default on CUDA).
 
 ``--cpu-stand-in`` runs the same on the CPU provider (to exercise the script without a GPU; the
 search mode then changes nothing).
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +61,14 @@ def p50_ms(engine: Engine, feeds: dict[str, np.ndarray], runs: int = 30) -> floa
     return statistics.median(times) * 1000
 
 
-def measure(path: Path, providers: str, search: str) -> dict[str, float]:
+def measure(path: Path, providers: str, search: str, pad: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = Engine(
         path,
         max_batch_size=MAX_BATCH,
         providers=providers,
         cudnn_conv_algo_search=search,
+        pad_batches=pad,
         name=search,
     )
     load = time.perf_counter() - t0
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     providers = "cpu" if args.cpu_stand_in else "cuda"
     header = (
-        f"{'model':<9} {'search':<10} {'EP':<5} | {'load+warm s':>11} | "
+        f"{'model':<9} {'search':<14} {'EP':<5} | {'load+warm s':>11} | "
         f"{'1st pass s':>10} {'max run ms':>10} | {'2nd pass s':>10} | "
         f"{'b1 p50 ms':>9} {'b64 p50 ms':>10}"
     )
@@ -107,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             path = Path(tmp, f"{name}.onnx")
             export(name, path)
-            for search in CONV_ALGO_SEARCHES:
-                r = measure(path, providers, search)
+            modes = [(search, False) for search in CONV_ALGO_SEARCHES] + [("heuristic", True)]
+            for search, pad in modes:
+                r = measure(path, providers, search, pad)
+                label = f"{search}{'+pad' if pad else ''}"
                 print(
-                    f"{name:<9} {search:<10} {r['providers']:<5} | {r['load_s']:>11.2f} | "
+                    f"{name:<9} {label:<14} {r['providers']:<5} | {r['load_s']:>11.2f} | "
                     f"{r['first_s']:>10.2f} {r['first_max_ms']:>10.1f} | {r['second_s']:>10.3f} | "
                     f"{r['b1_ms']:>9.2f} {r['b64_ms']:>10.2f}"
                 )

@@ -114,3 +114,14 @@ def split_outputs(batch: Sequence[Request], outputs: Mapping[str, np.ndarray]) -
         end = offset + req.n
         req.finish({name: value[offset:end] for name, value in outputs.items()})
         offset = end
+
+
+def pad_rows(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Each feed grown along axis 0 to ``rows`` by repeating its last row (not zeros: a repeated
+    row is an input the model accepts, whatever its domain); the extra outputs are cut off by
+    the caller. Feeds already ``rows`` long or longer are returned as they are."""
+    out = {}
+    for name, arr in feeds.items():
+        extra = rows - arr.shape[0]
+        out[name] = arr if extra <= 0 else np.concatenate([arr, np.repeat(arr[-1:], extra, axis=0)])
+    return out

@@ -73,6 +73,7 @@ class PoolSettings:
     allow_spinning: bool = False
     providers: str | list[str] = "auto"
     cudnn_conv_algo_search: str = "heuristic"
+    pad_batches: bool | str = "auto"
     policy: str = "least_loaded"
     max_batch_size: int = 64
     max_queue_delay_ms: float = 1.0
@@ -114,6 +115,10 @@ class PoolSettings:
             raise ValueError(
                 "serving.cudnn_conv_algo_search must be one of "
                 f"{', '.join(CONV_ALGO_SEARCHES)}, got {self.cudnn_conv_algo_search!r}"
+            )
+        if self.pad_batches not in (True, False, "auto"):
+            raise ValueError(
+                f"serving.pad_batches must be true, false or auto, got {self.pad_batches!r}"
             )
         if self.policy not in ("least_loaded", "round_robin"):
             raise ValueError(
@@ -219,6 +224,7 @@ class EnginePool:
             intra_op_threads=s.intra_op_threads,
             allow_spinning=s.allow_spinning,
             cudnn_conv_algo_search=s.cudnn_conv_algo_search,
+            pad_batches=s.pad_batches,
             warmup=s.warmup,
             name=name,
         )
