@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         "--client-lr", type=float, help="FedBuff's client lr (default: FedAvg's best cell's)"
     )
     parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="FedBuff's strategy.ema_decay: publish an average of its versions (default 0: off)",
+    )
+    parser.add_argument(
         "--publish",
         choices=("background", "inline"),
         default="background",
@@ -207,12 +213,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"strategy.optimizer={args.server_optimizer}",
                 f"strategy.server_lr={args.server_lr:g}",
                 f"strategy.momentum={args.server_momentum:g}",
+                f"strategy.ema_decay={args.ema_decay:g}",
                 f"rounds={2 if args.quick else versions_cap}",
                 *publish,
             ],
             f"client lr {buff_clr:g}, {buff_server}, concurrency {args.concurrency}, "
             f"buffer {args.buffer_size}, max staleness {args.max_staleness}, "
-            f"{args.selection} selection{announced}",
+            f"{args.selection} selection"
+            + (f", average of versions (decay {args.ema_decay:g})" if args.ema_decay else "")
+            + announced,
         ),
     }
     env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": args.slots})} if args.slots else None
@@ -310,6 +319,7 @@ def async_suffix(args: argparse.Namespace) -> str:
         ),
         f"m{args.server_momentum:g}" if args.server_momentum else "",
         f"clr{args.client_lr:g}" if args.client_lr else "",
+        f"ema{args.ema_decay:g}" if args.ema_decay else "",
     ]
     return "".join(f"-{p}" for p in parts if p)
 

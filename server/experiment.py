@@ -257,7 +257,7 @@ def _run_parameter_server(
         evaluate_config=evaluate_config,
         on_version=hook,
     )
-    return strategy.global_arrays
+    return strategy.published_arrays()
 
 
 def _run_flower_fedavg(

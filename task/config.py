@@ -148,6 +148,9 @@ class StrategyConfig:
     # evaluate / record / checkpoint / export each version on a worker thread while the clients
     # already train on it (server/strategy/announcer.py); off: the loop waits for them
     publish_in_background: bool = False
+    # publish (evaluate, checkpoint, export) an exponential moving average of the versions with
+    # this decay instead of the last version; clients still train from the last (0 = off)
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         _choice("strategy.implementation", self.implementation, IMPLEMENTATIONS)
@@ -191,6 +194,15 @@ class StrategyConfig:
             raise ConfigError(
                 "strategy.publish_in_background must be true or false, got "
                 f"{self.publish_in_background!r}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(
+                f"strategy.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}"
+            )
+        if self.implementation == "flower_fedavg" and self.ema_decay:
+            raise ConfigError(
+                "strategy.ema_decay needs implementation=parameter_server; flower_fedavg "
+                "publishes Flower's own aggregate: set it to 0"
             )
         if self.implementation == "flower_fedavg" and self.publish_in_background:
             raise ConfigError(

@@ -56,6 +56,7 @@ class BatchStrategyHooks:
         def fold_reply(self, reply: Message, *, start_version: int, staleness: int) -> bool: ...
         def apply_update(self) -> float: ...
         def array_record(self) -> ArrayRecord: ...
+        def published_record(self) -> ArrayRecord: ...
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -84,7 +85,9 @@ class BatchStrategyHooks:
         metrics = agg.metrics()
         self.apply_update()
         self.round = server_round
-        return self.array_record(), metrics
+        # Flower evaluates what this returns; the clients get the server's own arrays anyway
+        # (configure_train ignores the arrays Flower passes back once the server has its own)
+        return self.published_record(), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from server.strategy.aggregator import StreamingAggregator
 from server.strategy.announcer import VersionAnnouncer
 from server.strategy.async_loop import run_async
+from server.strategy.averaging import ParameterAverage
 from server.strategy.batch_hooks import BatchStrategyHooks
 from server.strategy.events import RoundFailedError, RunContext, VersionEvent
 from server.strategy.messaging import (
@@ -113,6 +114,7 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         self.eval_sampler = PartitionSampler(self.seed, stream=1)
         self.staleness = StalenessPolicy(cfg.max_staleness)
         self.arrays: dict[str, np.ndarray] | None = None
+        self.average = ParameterAverage(cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.version = 0
         self.round = 0
         self.history: list[dict[str, Any]] = []
@@ -149,6 +151,18 @@ class ParameterServer(BatchStrategyHooks, Strategy):
             )
         return self._aggregator
 
+    def published_arrays(self) -> dict[str, np.ndarray]:
+        """What a version publishes (evaluation, export): the global arrays, or their average
+        with ``strategy.ema_decay`` (:mod:`server.strategy.averaging`)."""
+        arrays = self.global_arrays
+        return arrays if self.average is None else self.average.value(arrays)
+
+    def published_record(self) -> ArrayRecord:
+        """:meth:`published_arrays` as an ArrayRecord (the clients' record when not averaged)."""
+        if self.average is None:
+            return self.array_record()
+        return to_array_record(self.published_arrays())
+
     def array_record(self) -> ArrayRecord:
         """The current global arrays as an ArrayRecord (built once per version)."""
         if self.arrays is None:
@@ -173,6 +187,7 @@ class ParameterServer(BatchStrategyHooks, Strategy):
             "counters": dict(self.counters),
             "config": asdict(self.cfg),
             "seed": self.seed,
+            "average": None if self.average is None else self.average.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -205,6 +220,13 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         self.history = [dict(e) for e in history] if isinstance(history, list) else []
         self.counters = Counter(state.get("counters", {}))
         self.seed = int(state.get("seed", self.seed))
+        if self.average is not None:
+            if state.get("average") is None:
+                raise ValueError(
+                    "checkpoint has no parameter average but strategy.ema_decay="
+                    f"{self.cfg.ema_decay}; resume with the run's strategy.ema_decay"
+                )
+            self.average.load_state_dict(state["average"])
 
     # ------------------------------------------------------- Strategy (batch)
     def summary(self) -> None:
@@ -281,6 +303,8 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         assert self.arrays is not None
         mean_delta = self.aggregator.mean_delta()
         self.arrays = self.optimizer.step(self.arrays, mean_delta)
+        if self.average is not None:
+            self.average.update(self.arrays)
         self.version += 1
         self._record = None
         return self.optimizer.last_update_norm
@@ -362,7 +386,7 @@ class ParameterServer(BatchStrategyHooks, Strategy):
         finally:
             if ctx.announcer is not None:
                 ctx.announcer.close()  # every made version announced (checkpointed) first
-        ctx.result.arrays = self.array_record()
+        ctx.result.arrays = self.published_record()
         log.info(
             "ParameterServer finished at version %d%s in %.1fs; totals %s",
             self.version,

@@ -35,7 +35,7 @@ class MadeVersion:
 
     version: int
     round: int
-    arrays: dict[str, np.ndarray]  # the optimizer returns new arrays: these never change
+    arrays: dict[str, np.ndarray]  # published (new arrays every version): these never change
     train_metrics: MetricRecord
     client_eval: MetricRecord | None
     accepted: int
@@ -82,7 +82,7 @@ def make_version(
     made = MadeVersion(
         version=server.version,
         round=server.round,
-        arrays=server.arrays,
+        arrays=server.published_arrays(),
         train_metrics=train_metrics,
         client_eval=client_eval,
         accepted=accepted,
@@ -110,8 +110,10 @@ def announce_version(server: ParameterServer, ctx: RunContext, made: MadeVersion
     """
     eval_metrics = None
     if ctx.evaluate_fn is not None:
-        # inline, the server is still at this version: its cached record is the one clients get
-        record = server.array_record() if made.state is None else to_array_record(made.arrays)
+        # inline and not averaged, the server is still at this version and publishes what it
+        # sends: its cached record is the one clients get
+        own = made.state is None and server.average is None
+        record = server.array_record() if own else to_array_record(made.arrays)
         eval_metrics = ctx.evaluate_fn(made.version, record)
         if eval_metrics is not None:
             ctx.result.evaluate_metrics_serverapp[made.version] = eval_metrics
