@@ -41,14 +41,19 @@ changed FedBuff's version rate little (1.8 s a version either way): the clients 
 training while the server evaluates, only the few replies that arrive meanwhile wait. It matters
 when a version's announcement is long (an ONNX export per version, a big test set).
 
+What a version publishes: ``--ema-decay 0.8`` (the default, ``fedbuff.yaml``'s) evaluates the
+average of FedBuff's versions (``strategy.ema_decay``), ``0`` the last version itself;
+``--sync-ema-decay`` does the same for sync FedAdam (default 0).
+
 Which client gets a free slot: ``--selection balanced`` (the default, ``fedbuff.yaml``'s) the idle
 one sent the fewest models; ``uniform`` (FedBuff's paper) one drawn uniformly, which gives a fast
 client ~5x the updates of a 5x slower one.
 
 FedBuff's settings (``--concurrency``, ``--buffer-size``, ``--max-staleness``, ``--selection``,
-``--server-optimizer``, ``--server-lr``, ``--server-momentum``, ``--client-lr``) name the results
-file when they differ from the defaults; ``--only async`` then reuses the sync side of the same
-slots and device factor, so a search over them runs sync once.
+``--server-optimizer``, ``--server-lr``, ``--server-momentum``, ``--client-lr``, ``--ema-decay``)
+name the results file when they differ from the defaults (``--ema-decay`` whenever it is not
+0); ``--only async`` then reuses the sync side of the same slots and device factor, so a search
+over them runs sync once.
 
 ``--repeats N`` (default 3) runs N sync/async pairs in turn; the table has a row per run and the
 medians, and the verdict is on the median of the per-pair ratios (the machine is shared and noisy,
@@ -146,8 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ema-decay",
         type=float,
+        default=0.8,
+        help="FedBuff's strategy.ema_decay: publish an average of its versions (default 0.8, "
+        "fedbuff.yaml's; 0: off, the runs before it, whose files have no -ema)",
+    )
+    parser.add_argument(
+        "--sync-ema-decay",
+        type=float,
         default=0.0,
-        help="FedBuff's strategy.ema_decay: publish an average of its versions (default 0: off)",
+        help="sync FedAdam's strategy.ema_decay (default 0: off); names the results file",
     )
     parser.add_argument(
         "--publish",
@@ -196,10 +208,13 @@ def main(argv: list[str] | None = None) -> None:
                 "strategy=fedadam",
                 f"train.lr={adam_clr:g}",
                 f"strategy.server_lr={adam_slr:g}",
+                f"strategy.ema_decay={args.sync_ema_decay:g}",
                 f"rounds={2 if args.quick else args.rounds}",
                 *publish,
             ],
-            f"client lr {adam_clr:g}, server lr {adam_slr:g}, 20 clients/round{announced}",
+            f"client lr {adam_clr:g}, server lr {adam_slr:g}, 20 clients/round"
+            + averaged(args.sync_ema_decay)
+            + announced,
         ),
         "async": (
             "fedbuff (async)",
@@ -219,9 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
             f"client lr {buff_clr:g}, {buff_server}, concurrency {args.concurrency}, "
             f"buffer {args.buffer_size}, max staleness {args.max_staleness}, "
-            f"{args.selection} selection"
-            + (f", average of versions (decay {args.ema_decay:g})" if args.ema_decay else "")
-            + announced,
+            f"{args.selection} selection" + averaged(args.ema_decay) + announced,
         ),
     }
     env = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": args.slots})} if args.slots else None
@@ -231,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         + (f"-device{args.device_factor:g}" if args.device_factor != 1 else "")
         + ("-bg" if background else "")
     )
-    suffix = base + async_suffix(args)
+    sync_ema = f"-syncema{args.sync_ema_decay:g}" if args.sync_ema_decay else ""
+    suffix = base + sync_ema + async_suffix(args)
     heterogeneity = [*HETEROGENEITY, f"heterogeneity.device_factor={args.device_factor:g}"]
     out = RESULTS / f"async_vs_sync{suffix}.json"
     results: dict[str, Any] = {
@@ -244,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "runs": [],
     }
-    reused = _reused_side(args.only, (out, RESULTS / f"async_vs_sync{base}.json"), results)
+    # the other side: this setting's file, else the default one of the side that is not rerun
+    other = base + (async_suffix(args) if args.only == "sync" else sync_ema)
+    candidates = tuple(RESULTS / f"async_vs_sync{name}.json" for name in (suffix, other, base))
+    reused = _reused_side(args.only, candidates, results)
     started = time.perf_counter()
     for index in range(args.repeats):
         run: dict[str, Any] = {}
@@ -302,6 +319,11 @@ def _reused_side(
             results["reused"] = {other: earlier.name}
             return found
     return []
+
+
+def averaged(decay: float) -> str:
+    """The settings' words for ``strategy.ema_decay``."""
+    return f", average of versions (decay {decay:g})" if decay else ""
 
 
 def async_suffix(args: argparse.Namespace) -> str:
