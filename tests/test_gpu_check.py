@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py runs in one go: without a GPU it says so and exits 0; every section's
-code runs with the CPU standing in for the GPU (``--cpu-stand-in``, slow)."""
+code runs with the CPU standing in for the GPU (``--cpu-stand-in``, slow). The same for
+benchmarks/gpu_conv_search.py (cnn only)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,4 +44,20 @@ def test_every_section_runs_with_the_cpu_standing_in() -> None:
     out = result.stdout
     rows = [line for line in out.splitlines() if line.startswith("cnn ")]
     assert len(rows) == 3, out  # batch 1, batch 64, one training round
+    client = out.split("== the ClientApp's train handler")[1].splitlines()
+    assert sum(line.startswith("cpu     |") for line in client) == 2, out
+    assert "finite=True" in out and "max |delta(cpu) - delta(cpu)| = 0.0e+00" in out
     assert "== serving pool engines" in out
+
+
+def test_conv_search_script_runs_every_mode_with_the_cpu_standing_in() -> None:
+    script = ROOT / "benchmarks" / "gpu_conv_search.py"
+    result = _run("--cpu-stand-in", "--models", "cnn", script=script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("cnn ")]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("heuristic", "CPU"),
+        ("exhaustive", "CPU"),
+        ("default", "CPU"),
+        ("heuristic+pad", "CPU"),
+    ], result.stdout
