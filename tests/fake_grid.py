@@ -51,6 +51,8 @@ class FakeGrid(Grid):
     pending: dict[str, Sent] = field(default_factory=dict)
     log: list[Sent] = field(default_factory=list)
     dispatches: dict[int, int] = field(default_factory=dict)
+    #: node id -> how many of its next partition queries reply an error (a crashed actor)
+    query_errors: dict[int, int] = field(default_factory=dict)
     _ids: Iterable[int] = field(default_factory=count)
 
     def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
@@ -94,6 +96,11 @@ class FakeGrid(Grid):
             del self.pending[message_id]
             message = sent.message
             if message.metadata.message_type == MessageType.QUERY:
+                node = message.metadata.dst_node_id
+                if self.query_errors.get(node, 0) > 0:
+                    self.query_errors[node] -= 1
+                    replies.append(Message(Error(1, "actor unavailable"), reply_to=message))
+                    continue
                 content = RecordDict({"metrics": MetricRecord({"partition-id": sent.partition})})
                 replies.append(Message(content, reply_to=message))
                 continue

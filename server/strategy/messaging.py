@@ -118,8 +118,10 @@ def discover_partitions(
 ) -> dict[int, int]:
     """Ask every connected node for its partition id; return ``{partition-id: node-id}``.
 
-    Waits up to ``timeout`` for ``min_nodes`` nodes to connect. Nodes that fail to answer are
-    left out with a warning; two nodes claiming one partition: the lower node id keeps it.
+    Waits up to ``timeout`` for ``min_nodes`` nodes to connect. A node whose query fails (an
+    error reply: e.g. a simulation actor that crashed and was restarted) is asked once more; one
+    that fails again, or does not answer in time, is left out with a warning, and the run goes
+    on without its partition. Two nodes claiming one partition: the lower node id keeps it.
     ``config`` (e.g. the train config with its ``task``) goes along, so that a client can get
     ready to train (load its data) before it answers.
     """
@@ -135,36 +137,25 @@ def discover_partitions(
             )
         log.info("waiting for nodes: %d connected, need %d", len(node_ids), min_nodes)
         messenger.sleep(max(messenger.poll_interval, 0.5))
-    content = RecordDict({"config": ConfigRecord({**(config or {}), "request": "partition-id"})})
-    messages = [
-        Message(content, node_id, MessageType.QUERY, ttl=timeout, group_id="partition-query")
-        for node_id in node_ids
-    ]
-    ids = messenger.push(messages)
-    pending: dict[str, object] = {i: n for i, n in zip(ids, node_ids, strict=True) if i}
+    answers, failed = _query_partitions(messenger, node_ids, timeout, config)
+    if failed:
+        log.warning("asking the %d node(s) that failed the partition query again", len(failed))
+        again, failed = _query_partitions(messenger, failed, timeout, config)
+        answers.update(again)
+    for node_id in failed:
+        log.warning("node %d failed the partition query twice; its partition is left out", node_id)
     node_of: dict[int, int] = {}
-    for reply in messenger.collect(pending, deadline):
-        node_id = int(pending.pop(reply.metadata.reply_to_message_id))  # type: ignore[arg-type]
-        if reply.has_error():
-            log.warning("node %d failed the partition query: %s", node_id, reply.error.reason)
-            continue
-        partition = find_partition_id(reply.content)
-        if partition is None:
-            log.warning("node %d answered the partition query without 'partition-id'", node_id)
-            continue
+    for node_id, partition in sorted(answers.items()):
         if partition in node_of:
-            keep = min(node_of[partition], node_id)
             log.warning(
                 "nodes %d and %d both hold partition %d; using node %d",
                 node_of[partition],
                 node_id,
                 partition,
-                keep,
+                node_of[partition],
             )
-            node_id = keep
+            continue
         node_of[partition] = node_id
-    if pending:
-        log.warning("%d node(s) did not answer the partition query in time", len(pending))
     if not node_of:
         raise RuntimeError(
             "no node answered the partition-id query; the ClientApp must register an "
@@ -172,3 +163,34 @@ def discover_partitions(
         )
     log.info("discovered %d partitions on %d nodes", len(node_of), len(node_ids))
     return node_of
+
+
+def _query_partitions(
+    messenger: Messenger, node_ids: list[int], timeout: float, config: ConfigRecord | None
+) -> tuple[dict[int, int], list[int]]:
+    """One partition query to ``node_ids``: ``{node-id: partition-id}`` of the answers, and the
+    nodes whose reply was an error (those that gave no usable answer otherwise are logged)."""
+    deadline = messenger.clock() + timeout
+    content = RecordDict({"config": ConfigRecord({**(config or {}), "request": "partition-id"})})
+    messages = [
+        Message(content, node_id, MessageType.QUERY, ttl=timeout, group_id="partition-query")
+        for node_id in node_ids
+    ]
+    ids = messenger.push(messages)
+    pending: dict[str, object] = {i: n for i, n in zip(ids, node_ids, strict=True) if i}
+    answers: dict[int, int] = {}
+    failed: list[int] = []
+    for reply in messenger.collect(pending, deadline):
+        node_id = int(pending.pop(reply.metadata.reply_to_message_id))  # type: ignore[arg-type]
+        if reply.has_error():
+            log.warning("node %d failed the partition query: %s", node_id, reply.error.reason)
+            failed.append(node_id)
+            continue
+        partition = find_partition_id(reply.content)
+        if partition is None:
+            log.warning("node %d answered the partition query without 'partition-id'", node_id)
+            continue
+        answers[node_id] = partition
+    if pending:
+        log.warning("%d node(s) did not answer the partition query in time", len(pending))
+    return answers, sorted(failed)

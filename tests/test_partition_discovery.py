@@ -1,0 +1,41 @@
+"""Partition discovery: a node whose query fails is asked again; one that fails twice is left out
+and the run goes on with the others; two nodes claiming one partition: the lower id keeps it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fake_grid import small_model
+from test_parameter_server import make
+
+from server.strategy.messaging import to_array_record
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
+def test_a_node_that_fails_the_query_once_is_asked_again() -> None:
+    server, grid = make(4)
+    grid.query_errors = {2002: 1}
+    server.ensure_partitions(grid, timeout=10)
+    assert server.sampler.node_of == {0: 1001, 1: 2002, 2: 3003, 3: 4004}
+    assert grid.query_errors == {2002: 0}
+
+
+def test_a_node_that_fails_twice_is_left_out_and_the_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, grid = make(4)
+    grid.query_errors = {3003: 2}
+    with caplog.at_level(logging.WARNING):
+        server.start(grid, to_array_record(small_model()), num_rounds=2)
+    assert server.sampler.node_of == {0: 1001, 1: 2002, 3: 4004}
+    assert server.version == 2 and {s.partition for s in grid.log} == {0, 1, 3}
+    assert "node 3003 failed the partition query twice" in caplog.text
+
+
+def test_two_nodes_claiming_one_partition_the_lower_id_keeps_it() -> None:
+    server, grid = make(3)
+    grid.partition_of[9009] = 1  # a second node with partition 1
+    server.ensure_partitions(grid, timeout=10)
+    assert server.sampler.node_of == {0: 1001, 1: 2002, 2: 3003}
