@@ -21,8 +21,8 @@ memory and complicate hot swap. So the pool uses threads. (Each cell: a 1 s loop
 ``run`` calls per engine; threads share sessions in-process, processes get the array over a
 ``multiprocessing`` pipe and send the logits back; one run on a shared machine, so +-10 %.)
 
-Instances: ``instances`` engines (default :func:`~serving.engine.default_instances`: one per usable
-core on CPU, 2 on a GPU), each with ``intra_op_threads`` (default 1) and spinning off.
+Instances: ``instances`` engines (default :func:`~serving.providers.default_instances`: one per
+usable core on CPU, 2 on a GPU), each with ``intra_op_threads`` (default 1) and spinning off.
 
 Failure: a worker whose engine raises (or whose batch runs longer than ``run_timeout_s``, checked by
 a watchdog thread) is taken out of the dispatch set at once. The requests of its running batch are
@@ -51,14 +51,9 @@ import numpy as np
 
 from serving.batching import Request
 from serving.dispatcher import Dispatcher
-from serving.engine import (
-    CONV_ALGO_SEARCHES,
-    Engine,
-    ModelSignature,
-    default_instances,
-    resolve_providers,
-)
+from serving.engine import Engine, ModelSignature
 from serving.protocol import ServingError, Unavailable
+from serving.providers import CONV_ALGO_SEARCHES, default_instances, resolve_providers
 from serving.worker import PoolClosed, Worker
 
 log = logging.getLogger(__name__)
