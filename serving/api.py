@@ -33,7 +33,6 @@ in :mod:`serving.ndjson_stream`.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,8 +63,6 @@ from serving.protocol import (
 from serving.registry import ModelRegistry
 from serving.request_body import read_body
 from serving.worker import PoolClosed
-
-log = logging.getLogger(__name__)
 
 SERVER_NAME = "fedserve"
 SERVER_VERSION = "0.1.0"
@@ -263,10 +260,6 @@ def create_app(
     app = FastAPI(
         title="fedserve", docs_url=None, redoc_url=None, openapi_url=None, version=SERVER_VERSION
     )
-    app.state.serving = handlers
-    app.state.registry = registry
-    app.state.metrics = metrics
-
     routes: list[tuple[str, Callable[..., Any], list[str]]] = [
         ("/v2", handlers.server_metadata, ["GET"]),
         ("/v2/health/live", handlers.live, ["GET"]),

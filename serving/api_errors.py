@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from serving.protocol import ServingError, error_body
 
-log = logging.getLogger("serving.api")
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 

@@ -4,8 +4,7 @@ A :class:`Request` carries validated feeds and its row count ``n``. It completes
 outputs or an error, and then calls its ``callback`` from the thread that completed it; an asyncio
 caller passes a callback that hops to its loop (``loop.call_soon_threadsafe``), a blocking caller
 waits on :meth:`Request.wait`. Timestamps (``perf_counter``): ``t_submit`` when created,
-``t_start`` when its batch started running, ``t_end`` when completed; queue time is
-``t_start - t_submit``.
+``t_start`` when its batch started running; queue time is ``t_start - t_submit``.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class Request:
         "error",
         "t_submit",
         "t_start",
-        "t_end",
         "attempts",
         "done",
         "_event",
@@ -50,7 +48,6 @@ class Request:
         self.error: BaseException | None = None
         self.t_submit = time.perf_counter()
         self.t_start = 0.0
-        self.t_end = 0.0
         self.attempts = 0
         self.done = False
         self._event: threading.Event | None = None
@@ -67,7 +64,6 @@ class Request:
             event = self._event
         self.outputs = outputs
         self.error = error
-        self.t_end = time.perf_counter()
         if event is not None:
             event.set()
         cb = self.callback

@@ -10,7 +10,6 @@ releases its leases.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-log = logging.getLogger("fedserve.serve")
 
 
 def serve(cfg: DictConfig | dict[str, Any]) -> None:

@@ -220,7 +220,6 @@ class Engine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.requested_providers = resolve_providers(providers)
-        t0 = time.perf_counter()
         self.session = ort.InferenceSession(
             str(self.model_path),
             options,
@@ -236,7 +235,6 @@ class Engine:
         _check_against_graph(self.signature, graph, self.model_path)
         self.output_names = self.signature.output_names
         self.pad_to = self._pad_target(pad_batches)
-        self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = 0.0
         if warmup:
             self.warmup()

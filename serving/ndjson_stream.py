@@ -1,8 +1,4 @@
-"""``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection.
-
-Log records keep the ``serving.api`` logger name they had before this was split out of
-:mod:`serving.api`.
-"""
+"""``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection."""
 
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ from serving.protocol import PayloadTooLarge, ServingError, decode_request, enco
 if TYPE_CHECKING:
     from serving.api import ServingApp
 
-log = logging.getLogger("serving.api")
+log = logging.getLogger(__name__)
 
 #: most lines decoded and in flight at once; the reader waits when this many are pending
 STREAM_WINDOW = 64

@@ -150,7 +150,6 @@ class EnginePool:
         signature: ModelSignature,
         settings: PoolSettings | None = None,
         *,
-        metadata: Mapping[str, Any] | None = None,
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.name = model_name
@@ -158,7 +157,6 @@ class EnginePool:
         self.model_path = Path(model_path)
         self.signature = signature
         self.settings = settings = settings or PoolSettings()
-        self.metadata = dict(metadata or {})
         self.providers = resolve_providers(settings.providers)
         self.instances = settings.instances or default_instances(self.providers)
         self.batch_limit = (
@@ -177,8 +175,6 @@ class EnginePool:
         self.closed = False
         self.engine_failures = 0
         self.replacements = 0
-        self.failed_requests = 0
-        self.retried_requests = 0
         t0 = time.perf_counter()
         names = [self._next_name() for _ in range(self.instances)]
         with ThreadPoolExecutor(max_workers=self.instances) as ex:
@@ -280,7 +276,6 @@ class EnginePool:
                 continue
             try:
                 self.dispatcher.submit(self.workers, req, force=True)
-                self.retried_requests += 1
             except ServingError as err:
                 self._fail(req, f"engine {worker.name} failed ({exc}) and {err}")
         if not self.closed:
@@ -289,7 +284,6 @@ class EnginePool:
             ).start()
 
     def _fail(self, req: Request, message: str) -> None:
-        self.failed_requests += 1
         req.finish(error=Unavailable(message))
 
     def _replace(self, dead: Worker) -> None:
@@ -353,19 +347,3 @@ class EnginePool:
     @property
     def ready(self) -> bool:
         return not self.closed and any(w.accepting for w in self.workers)
-
-    def stats(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "engine": w.name,
-                "queue_depth": w.queue_depth,
-                "queued_items": w.queued_items,
-                "running_items": w.running_items,
-                "ewma_latency_s": w.ewma_s,
-                "batches": w.batches,
-                "items": w.items,
-                "errors": w.errors,
-                "providers": w.engine.providers,
-            }
-            for w in self.workers
-        ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -128,7 +128,6 @@ class InferRequest:
 
     inputs: dict[str, np.ndarray]
     id: str | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
     #: requested outputs as (name, binary) or None for "all outputs"
     outputs: list[tuple[str, bool]] | None = None
     binary_output: bool = False
@@ -269,7 +268,6 @@ def decode_request(
     return InferRequest(
         inputs=inputs,
         id=str(req_id) if req_id is not None else None,
-        parameters=parameters,
         outputs=outputs,
         binary_output=binary_default,
     )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import onnxruntime as ort
 
-log = logging.getLogger("serving.engine")
+log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

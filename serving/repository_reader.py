@@ -30,7 +30,7 @@ from serving.layout import (
 from serving.model_config import read_config
 from serving.tensor_spec import TensorSpec
 
-log = logging.getLogger("serving.repository")
+log = logging.getLogger(__name__)
 
 
 class RepositoryReader:

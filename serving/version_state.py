@@ -19,7 +19,7 @@ from serving.fsutil import atomic_write, remove_path
 from serving.layout import STATE_FILE, TMP_PREFIX, TMP_RE, VERSION_RE
 from serving.leases import pid_alive
 
-log = logging.getLogger("serving.repository")
+log = logging.getLogger(__name__)
 
 
 def read_state(mdir: Path) -> dict[str, Any]:

@@ -235,7 +235,6 @@ class RepositoryWatcher:
                 repo.model_path(model, version),
                 signature,
                 self.settings,
-                metadata=meta,
             )
             built_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any failure: skip this version, keep serving
@@ -283,9 +282,6 @@ class RepositoryWatcher:
                 except Exception:  # noqa: BLE001
                     log.exception("cannot release lease on %s:%d", model, version)
         log.info("unloaded %s version %d", model, version)
-
-    def loaded(self) -> list[tuple[str, int]]:
-        return sorted(self._loaded)
 
 
 def _recent(stamp: Any, window_ns: int = 100_000_000) -> bool:

@@ -81,7 +81,6 @@ class Worker:
         self.batch_size_counts = [0] * (self.max_batch_size + 1)
         self.dead = False
         self.closing = False
-        self.fault: BaseException | None = None
         self._inline = False
         #: the batch being formed or run (handed to the failure handler if the engine dies)
         self._running: list[Request] = []
@@ -300,7 +299,6 @@ class Worker:
             if self.dead:
                 return False
             self.dead = True
-            self.fault = exc
             self.errors += 1
             seen = set()
             taken = []
