@@ -30,8 +30,8 @@ class NullEngine:
 
 def _null_pool(**settings: Any) -> Any:
     """An ``EnginePool`` of 2 :class:`NullEngine` workers; ``settings`` override PoolSettings."""
-    from serving.engine import ModelSignature
     from serving.pool import EnginePool, PoolSettings
+    from serving.signature import ModelSignature
 
     sig = ModelSignature.build(
         [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],

@@ -46,7 +46,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from serving.engine import CPU, CUDA, Engine, cuda_usable  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+from serving.providers import CPU, CUDA, cuda_usable  # noqa: E402
 
 SHAPES = {"cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 BATCHES = (1, 64)

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serving.engine import CONV_ALGO_SEARCHES, Engine  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+from serving.providers import CONV_ALGO_SEARCHES  # noqa: E402
 
 SHAPES = {"cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 MAX_BATCH = 64

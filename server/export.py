@@ -40,7 +40,9 @@ import onnx
 import torch
 from torch import nn
 
-from serving.repository import ModelRepository, TensorSpec, specs_from_onnx
+from serving.onnx_specs import specs_from_onnx
+from serving.repository import ModelRepository
+from serving.tensor_spec import TensorSpec
 from task.config import ExportConfig
 
 log = logging.getLogger(__name__)

@@ -43,26 +43,17 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.api_errors import JSON as JSON
-from serving.api_errors import error_response, install_error_handlers, json_response
+from serving.api_errors import JSON, error_response, install_error_handlers, json_response
 from serving.auth import BearerAuth
 from serving.batching import Request
+from serving.datatypes import v2_to_triton
+from serving.errors import PoolClosed, ServingError, Unavailable
 from serving.metrics import CONTENT_TYPE, ServingMetrics
-from serving.model_config import v2_to_triton
-from serving.ndjson_stream import STREAM_WINDOW as STREAM_WINDOW
 from serving.ndjson_stream import NDJSONStream
 from serving.pool import EnginePool
-from serving.protocol import (
-    HEADER_LENGTH,
-    InferRequest,
-    ServingError,
-    Unavailable,
-    decode_request,
-    encode_response,
-)
+from serving.protocol import HEADER_LENGTH, InferRequest, decode_request, encode_response
 from serving.registry import ModelRegistry
 from serving.request_body import read_body
-from serving.worker import PoolClosed
 
 SERVER_NAME = "fedserve"
 SERVER_VERSION = "0.1.0"
@@ -176,8 +167,8 @@ class ServingApp:
                 "name": pool.name,
                 "versions": [str(v) for v in self.registry.versions(pool.name)],
                 "platform": "onnxruntime_onnx",
-                "inputs": [s.as_dict() for s in sig.inputs],
-                "outputs": [s.as_dict() for s in sig.outputs],
+                "inputs": [s.to_dict() for s in sig.inputs],
+                "outputs": [s.to_dict() for s in sig.outputs],
             }
         )
 

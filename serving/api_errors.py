@@ -2,7 +2,7 @@
 parses), with the status code the error maps to.
 
 :func:`install_error_handlers` replaces FastAPI's own handlers (``{"detail": ...}``, 422): a
-:class:`~serving.protocol.ServingError` keeps its status and headers, an unknown route is a 404
+:class:`~serving.errors.ServingError` keeps its status and headers, an unknown route is a 404
 naming method and path, a validation error is a 400, anything else a logged 500.
 """
 
@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
-from serving.protocol import ServingError, error_body
+from serving.errors import ServingError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """A ``{"error": message}`` response with ``status``."""
-    return Response(error_body(message), status_code=status, media_type=JSON, headers=headers)
+    body = json.dumps({"error": message}).encode()
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,6 +8,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.api_errors import error_response
+from serving.errors import Unauthorized
 
 
 class BearerAuth:
@@ -30,11 +31,11 @@ class BearerAuth:
                     given = value
                     break
             if not hmac.compare_digest(given, self.expected):
-                response = error_response(
-                    401,
+                refused = Unauthorized(
                     "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                    {"WWW-Authenticate": "Bearer"},
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
+                response = error_response(refused.status, refused.message, refused.headers)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

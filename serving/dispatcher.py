@@ -12,7 +12,7 @@
 * ``round_robin``: the next worker in turn (for comparison).
 
 A worker whose queue would exceed ``max_queue_items`` rows refuses; when every worker refuses the
-dispatcher raises :class:`~serving.protocol.Overloaded` (429) with ``Retry-After`` = the time the
+dispatcher raises :class:`~serving.errors.Overloaded` (429) with ``Retry-After`` = the time the
 queued rows take to drain at the measured rate, at least 1 s. A request always fits an empty queue.
 
 Inline runs: when the chosen worker is idle and its EWMA run time is below ``inline_max_s``, the
@@ -26,11 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving.batching import Request
-from serving.protocol import Overloaded, Unavailable
-from serving.worker import HANDED_OFF, INLINE_DONE, OK, PoolClosed, Worker
+from serving.errors import Overloaded, PoolClosed, Unavailable
+from serving.worker import HANDED_OFF, INLINE_DONE, OK, Worker
 
-__all__ = ["POLICIES", "Dispatcher"]
-
+#: the dispatch policies (``serving.policy``)
 POLICIES = ("least_loaded", "round_robin")
 
 

@@ -1,4 +1,4 @@
-"""One onnxruntime InferenceSession with chosen providers, warm-up and input validation.
+"""One onnxruntime InferenceSession with chosen providers, warm-up and batch padding.
 
 Providers (:mod:`serving.providers`): :attr:`Engine.providers` is what the session obtained
 (``session.get_providers()``), not what was asked.
@@ -7,19 +7,15 @@ Threads. ``intra_op_threads`` (default 1: the pool runs one engine per core). Se
 intra-op threads spin while idle and steal cores from the other engines and the event loop, so
 spinning is off unless ``allow_spinning=True`` (``session.intra_op.allow_spinning = "0"``).
 
-Validation. :class:`ModelSignature` checks a request's tensors against the model's specs (names,
-datatype, rank, fixed dims, batch size <= ``max_batch_size``, all batch dims equal, non-finite
-floats) before anything is queued, so a bad request never reaches (or poisons the batch of) an
-engine; each message names the input and the expected spec.
+Signature. The engine serves a :class:`~serving.signature.ModelSignature`: the declared one
+(checked against the graph's own names, datatypes and ranks) or, when none is given, the graph's.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,169 +23,12 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.batching import pad_rows
-from serving.model_config import NUMPY_TO_V2, onnx_to_v2
-from serving.protocol import BadRequest, Spec
-from serving.providers import (  # noqa: F401 - re-exported: the engine's public names
-    CONV_ALGO_SEARCHES,
-    CPU,
-    CUDA,
-    cuda_usable,
-    default_instances,
-    resolve_providers,
-    session_providers,
-)
+from serving.datatypes import ort_to_v2
+from serving.providers import CUDA, resolve_providers, session_providers
+from serving.signature import ModelSignature
+from serving.tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
-
-
-_ORT_TYPES = {
-    "tensor(float)": 1,
-    "tensor(uint8)": 2,
-    "tensor(int8)": 3,
-    "tensor(uint16)": 4,
-    "tensor(int16)": 5,
-    "tensor(int32)": 6,
-    "tensor(int64)": 7,
-    "tensor(string)": 8,
-    "tensor(bool)": 9,
-    "tensor(float16)": 10,
-    "tensor(double)": 11,
-    "tensor(uint32)": 12,
-    "tensor(uint64)": 13,
-    "tensor(bfloat16)": 16,
-}
-
-
-class InputError(BadRequest):
-    """A request tensor does not match the model's input spec (HTTP 400)."""
-
-
-# ---------------------------------------------------------------- signature
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    """The served interface of one model version.
-
-    ``max_batch_size > 0``: dim 0 of every input and output is the batch dim; requests may carry
-    1..max_batch_size rows and the dispatcher concatenates requests along it. ``0``: no batch dim,
-    requests are never merged. ``allow_nonfinite``: input names whose float values may be NaN/Inf
-    (by default no float input may be).
-    """
-
-    inputs: tuple[Spec, ...]
-    outputs: tuple[Spec, ...]
-    max_batch_size: int
-    allow_nonfinite: frozenset[str] = frozenset()
-
-    @classmethod
-    def build(
-        cls,
-        inputs: Iterable[Any],
-        outputs: Iterable[Any],
-        max_batch_size: int,
-        allow_nonfinite: Iterable[str] = (),
-    ) -> ModelSignature:
-        return cls(
-            tuple(Spec.of(s) for s in inputs),
-            tuple(Spec.of(s) for s in outputs),
-            int(max_batch_size),
-            frozenset(allow_nonfinite),
-        )
-
-    @classmethod
-    def from_session(cls, session: ort.InferenceSession, max_batch_size: int) -> ModelSignature:
-        """Specs read from the ONNX graph (symbolic dims become -1)."""
-
-        def specs(args: Sequence[Any]) -> tuple[Spec, ...]:
-            return tuple(
-                Spec(
-                    a.name,
-                    onnx_to_v2(_ORT_TYPES.get(a.type, 0)),
-                    tuple(d if isinstance(d, int) and d >= 0 else -1 for d in a.shape),
-                )
-                for a in args
-            )
-
-        return cls(specs(session.get_inputs()), specs(session.get_outputs()), max_batch_size)
-
-    @functools.cached_property
-    def input_map(self) -> dict[str, Spec]:
-        return {s.name: s for s in self.inputs}
-
-    @functools.cached_property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
-
-    def describe_inputs(self) -> str:
-        return "; ".join(s.describe() for s in self.inputs)
-
-    def validate(self, feeds: Mapping[str, np.ndarray]) -> int:
-        """Check ``feeds`` against the input specs; returns the batch size (1 when not batching).
-
-        Raises :class:`InputError` naming the input and its expected spec.
-        """
-        specs = self.input_map
-        batch = -1
-        for name, arr in feeds.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise InputError(
-                    f"unknown input '{name}'; the model expects {self.describe_inputs()}"
-                )
-            if arr.dtype != spec.dtype:
-                got = _v2_name(arr.dtype)
-                raise InputError(
-                    f"input '{name}': datatype {got} does not match the model's {spec.describe()}"
-                )
-            shape = arr.shape
-            if len(shape) != len(spec.shape) or any(
-                want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
-            ):
-                raise InputError(
-                    f"input '{name}': shape {list(shape)} does not match the model's "
-                    f"{spec.describe()}"
-                )
-            if self.max_batch_size > 0:
-                n = shape[0]
-                if n < 1 or n > self.max_batch_size:
-                    raise InputError(
-                        f"input '{name}': batch size {n} is outside 1..{self.max_batch_size} "
-                        f"(max_batch_size) for {spec.describe()}"
-                    )
-                if batch == -1:
-                    batch = n
-                elif n != batch:
-                    raise InputError(
-                        f"input '{name}': batch size {n} differs from the other inputs' {batch}"
-                    )
-            if arr.dtype.kind == "f" and name not in self.allow_nonfinite:
-                if not np.isfinite(arr).all():
-                    raise InputError(
-                        f"input '{name}': contains NaN or Inf, which the model does not accept "
-                        f"({spec.describe()})"
-                    )
-        if len(feeds) != len(specs):
-            missing = [s.describe() for s in self.inputs if s.name not in feeds]
-            raise InputError(f"missing input(s): {'; '.join(missing)}")
-        return batch if batch > 0 else 1
-
-    def example_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """Zeros of each input spec (dynamic dims 1, batch ``batch``) for warm-up."""
-        feeds = {}
-        for i_spec in self.inputs:
-            shape = [1 if d == -1 else d for d in i_spec.shape]
-            if self.max_batch_size > 0 and shape:
-                shape[0] = batch
-            feeds[i_spec.name] = np.zeros(shape, dtype=i_spec.dtype)
-        return feeds
-
-
-def _v2_name(dtype: np.dtype) -> str:
-    return NUMPY_TO_V2.get(dtype, str(dtype))
-
-
-# ---------------------------------------------------------------- engine
 
 
 class Engine:
@@ -230,7 +69,7 @@ class Engine:
             log.warning(
                 "%s asked for %s but obtained %s", name, self.requested_providers, self.providers
             )
-        graph = ModelSignature.from_session(self.session, max_batch_size)
+        graph = graph_signature(self.session, max_batch_size)
         self.signature = signature or graph
         _check_against_graph(self.signature, graph, self.model_path)
         self.output_names = self.signature.output_names
@@ -280,6 +119,22 @@ class Engine:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+def graph_signature(session: ort.InferenceSession, max_batch_size: int) -> ModelSignature:
+    """The signature of a session's graph (symbolic dims become -1)."""
+
+    def specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(
+                a.name,
+                ort_to_v2(a.type),
+                tuple(d if isinstance(d, int) and d >= 0 else -1 for d in a.shape),
+            )
+            for a in args
+        )
+
+    return ModelSignature(specs(session.get_inputs()), specs(session.get_outputs()), max_batch_size)
 
 
 def _check_against_graph(sig: ModelSignature, graph: ModelSignature, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Triton's ``config.pbtxt`` for an ONNX model, and the data-type tables shared by serving.
+"""Triton's ``config.pbtxt`` for an ONNX model: written from tensor specs, read back as dicts.
 
 The file is Triton's ``ModelConfig`` protobuf message in protobuf text format
 (https://github.com/triton-inference-server/common/blob/main/protobuf/model_config.proto).
@@ -7,13 +7,10 @@ The file is Triton's ``ModelConfig`` protobuf message in protobuf text format
 :func:`parse_pbtxt` is a small reader of protobuf text format that returns plain dicts, so a
 serving node can read the file back without Triton's generated protobuf classes.
 
-Shapes: a :class:`~serving.repository.TensorSpec` shape includes the batch dimension (``-1`` is
+Shapes: a :class:`~serving.tensor_spec.TensorSpec` shape includes the batch dimension (``-1`` is
 dynamic). Triton's ``dims`` exclude it whenever ``max_batch_size > 0``; with ``max_batch_size: 0``
-the dims are the full shape.
-
-Data types have four spellings; the tables below map between them:
-KServe v2 / Open Inference Protocol (``"FP32"``), ONNX ``TensorProto`` element types (``1``),
-Triton's ``DataType`` enum (``"TYPE_FP32"``) and numpy (``np.float32``).
+the dims are the full shape. Data types are written as Triton's ``TYPE_*`` names
+(:mod:`serving.datatypes`).
 """
 
 from __future__ import annotations
@@ -22,95 +19,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
-# ---------------------------------------------------------------- data types
-
-V2_DATATYPES: tuple[str, ...] = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BF16",
-    "BYTES",
-)
-
-#: ONNX ``TensorProto.DataType`` value -> KServe v2 datatype name.
-ONNX_TO_V2: dict[int, str] = {
-    1: "FP32",  # FLOAT
-    2: "UINT8",
-    3: "INT8",
-    4: "UINT16",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    8: "BYTES",  # STRING
-    9: "BOOL",
-    10: "FP16",  # FLOAT16
-    11: "FP64",  # DOUBLE
-    12: "UINT32",
-    13: "UINT64",
-    16: "BF16",  # BFLOAT16
-}
-V2_TO_ONNX: dict[str, int] = {v: k for k, v in ONNX_TO_V2.items()}
-
-#: KServe v2 datatype name -> numpy dtype (BF16 has no numpy dtype and is absent).
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(np.object_),
-}
-NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
-
-
-def v2_to_triton(datatype: str) -> str:
-    """``"FP32"`` -> ``"TYPE_FP32"``; ``"BYTES"`` -> ``"TYPE_STRING"`` (Triton's name for it)."""
-    if datatype not in V2_DATATYPES:
-        raise ValueError(
-            f"unknown KServe v2 datatype {datatype!r}; expected one of {', '.join(V2_DATATYPES)}"
-        )
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
-def triton_to_v2(triton_type: str) -> str:
-    """``"TYPE_FP32"`` -> ``"FP32"``; ``"TYPE_STRING"`` -> ``"BYTES"``."""
-    if not triton_type.startswith("TYPE_"):
-        raise ValueError(f"not a Triton data type: {triton_type!r} (expected TYPE_<NAME>)")
-    name = triton_type[len("TYPE_") :]
-    name = "BYTES" if name == "STRING" else name
-    if name not in V2_DATATYPES:
-        raise ValueError(f"unknown Triton data type {triton_type!r}")
-    return name
-
-
-def onnx_to_v2(elem_type: int) -> str:
-    """ONNX element type -> KServe v2 name, with an error that names the unsupported type."""
-    try:
-        return ONNX_TO_V2[elem_type]
-    except KeyError:
-        raise ValueError(
-            f"ONNX element type {elem_type} has no KServe v2 datatype; "
-            f"supported: {sorted(ONNX_TO_V2)}"
-        ) from None
-
+from serving.datatypes import triton_to_v2, v2_to_triton
+from serving.tensor_spec import TensorSpec
 
 # ---------------------------------------------------------------- writer
 
@@ -138,8 +48,8 @@ def triton_dims(shape: Sequence[int], max_batch_size: int) -> list[int]:
 
 def render_config(
     name: str,
-    inputs: Iterable[Any],
-    outputs: Iterable[Any],
+    inputs: Iterable[TensorSpec],
+    outputs: Iterable[TensorSpec],
     *,
     max_batch_size: int,
     platform: str = "onnxruntime_onnx",
@@ -151,9 +61,9 @@ def render_config(
 ) -> str:
     """``config.pbtxt`` text for one model.
 
-    ``inputs``/``outputs`` are TensorSpec-like objects (``name``, ``datatype``, ``shape`` with the
-    batch dim). ``num_versions=None`` serves all versions (``version_policy { all {} }``),
-    otherwise the newest ``num_versions``. Dynamic batching is only written when batching.
+    ``inputs``/``outputs`` shapes include the batch dim. ``num_versions=None`` serves all
+    versions (``version_policy { all {} }``), otherwise the newest ``num_versions``. Dynamic
+    batching is only written when batching.
     """
     if max_batch_size < 0:
         raise ValueError(f"max_batch_size must be >= 0, got {max_batch_size}")

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from serving.errors import PayloadTooLarge, ServingError
 from serving.pool import EnginePool
-from serving.protocol import PayloadTooLarge, ServingError, decode_request, encode_response
+from serving.protocol import decode_request, encode_response
 
 if TYPE_CHECKING:
     from serving.api import ServingApp

@@ -30,8 +30,8 @@ retried once on another engine, its queued requests are moved to other engines; 
 already had its retry, or that finds no live engine, fails with 503 (``Unavailable``). A
 replacement engine is then loaded and warmed in the background and joins the set.
 
-Close: :meth:`EnginePool.close` stops accepting (new submissions raise ``PoolClosed``, which the API
-answers by looking the model up again), lets every queued request finish, then drops the sessions.
+Close: :meth:`EnginePool.close` stops accepting (new submissions raise ``PoolClosed``, on which the
+dataplane looks the model up again), lets every queued request finish, then drops the sessions.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ from typing import Any
 import numpy as np
 
 from serving.batching import Request
-from serving.dispatcher import Dispatcher
-from serving.engine import Engine, ModelSignature
-from serving.protocol import ServingError, Unavailable
+from serving.dispatcher import POLICIES, Dispatcher
+from serving.engine import Engine
+from serving.errors import PoolClosed, ServingError, Unavailable
 from serving.providers import CONV_ALGO_SEARCHES, default_instances, resolve_providers
-from serving.worker import PoolClosed, Worker
+from serving.signature import ModelSignature
+from serving.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,8 @@ class PoolSettings:
             raise ValueError(
                 f"serving.pad_batches must be true, false or auto, got {self.pad_batches!r}"
             )
-        if self.policy not in ("least_loaded", "round_robin"):
-            raise ValueError(
-                f"serving.policy must be least_loaded or round_robin, got {self.policy!r}"
-            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"serving.policy must be {' or '.join(POLICIES)}, got {self.policy!r}")
 
 
 EngineFactory = Callable[[str], Engine]

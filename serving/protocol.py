@@ -11,11 +11,10 @@ With the binary extension the body is that JSON header (its byte length in the H
 input whose ``parameters.binary_data_size`` is set, in the order of ``inputs``. Outputs are
 returned as binary when the requested output says ``binary_data: true`` or, with no ``outputs``
 list, when the request parameter ``binary_data_output`` is true (tritonclient's default); the
-response then carries the same header. Errors are :class:`ServingError` subclasses, rendered by
-the API as ``{"error": message}`` with their status; every message about a tensor names the input
-and, when known, the model's spec.
+response then carries the same header. Errors are :class:`~serving.errors.ServingError`
+subclasses; every message about a tensor names the input and, when known, the model's spec.
 
-This module imports numpy only; it is the bottom layer of ``serving``.
+Needs numpy only.
 """
 
 from __future__ import annotations
@@ -28,94 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from serving.model_config import NUMPY_TO_V2, V2_TO_NUMPY
+from serving.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
+from serving.errors import BadRequest, ServingError
+from serving.tensor_spec import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-# ---------------------------------------------------------------- errors
 
-
-class ServingError(Exception):
-    """An error with an HTTP status; the API answers ``{"error": str(self)}``."""
-
-    status = 500
-
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-class BadRequest(ServingError, ValueError):
-    status = 400
-
-
-class Unauthorized(ServingError):
-    status = 401
-
-
-class NotFound(ServingError, LookupError):
-    status = 404
-
-
-class PayloadTooLarge(ServingError):
-    status = 413
-
-
-class Overloaded(ServingError):
-    """Every engine's queue is full: 429 with ``Retry-After`` (whole seconds, at least 1)."""
-
-    status = 429
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        self.retry_after = max(1, math.ceil(retry_after_s))
-        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
-
-
-class Unavailable(ServingError):
-    """No engine could run the request (engine failures, pool closing): 503 with ``Retry-After``."""
-
-    status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        self.retry_after = max(1, math.ceil(retry_after_s))
-        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
-
-
-# ---------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    """A tensor spec as served: KServe v2 ``datatype`` and the full ``shape`` (batch dim included,
-    ``-1`` dynamic). Built from the repository's ``TensorSpec`` or a metadata dict."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    @classmethod
-    def of(cls, spec: Any) -> Spec:
-        if isinstance(spec, Spec):
-            return spec
-        if isinstance(spec, Mapping):
-            return cls(
-                str(spec["name"]), str(spec["datatype"]), tuple(int(d) for d in spec["shape"])
-            )
-        return cls(str(spec.name), str(spec.datatype), tuple(int(d) for d in spec.shape))
-
-    @property
-    def dtype(self) -> np.dtype:
-        return V2_TO_NUMPY[self.datatype]
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.datatype} {list(self.shape)}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-def _spec_hint(spec: Spec | None) -> str:
+def _spec_hint(spec: TensorSpec | None) -> str:
     return f" (model expects {spec.describe()})" if spec is not None else ""
 
 
@@ -140,7 +59,7 @@ def _load_json(raw: bytes | str) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def _shape_of(item: Mapping[str, Any], name: str, spec: Spec | None) -> tuple[int, ...]:
+def _shape_of(item: Mapping[str, Any], name: str, spec: TensorSpec | None) -> tuple[int, ...]:
     shape = item.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -153,7 +72,12 @@ def _shape_of(item: Mapping[str, Any], name: str, spec: Spec | None) -> tuple[in
 
 
 def _decode_json_data(
-    data: Any, name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], spec: Spec | None
+    data: Any,
+    name: str,
+    datatype: str,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    spec: TensorSpec | None,
 ) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -177,14 +101,14 @@ def _decode_json_data(
 def decode_request(
     body: bytes,
     header_length: int | str | None = None,
-    specs: Mapping[str, Spec] | None = None,
+    specs: Mapping[str, TensorSpec] | None = None,
 ) -> InferRequest:
     """Decode a v2 inference request (JSON, or JSON header + binary tensors).
 
     ``specs`` (the model's inputs by name) only enriches error messages;
-    :meth:`ModelSignature.validate` checks the tensors against them. Raises :class:`BadRequest`
-    for junk JSON, a bad header length, a datatype it cannot decode, an element count that
-    disagrees with the shape, and a missing or short binary part.
+    :meth:`~serving.signature.ModelSignature.validate` checks the tensors against them. Raises
+    :class:`~serving.errors.BadRequest` for junk JSON, a bad header length, a datatype it cannot
+    decode, an element count that disagrees with the shape, and a missing or short binary part.
     """
     if header_length is not None:
         try:
@@ -291,7 +215,8 @@ def encode_response(
     request: InferRequest,
 ) -> tuple[bytes, int | None]:
     """Encode a v2 inference response; returns ``(body, header_length)`` where ``header_length`` is
-    None for a JSON-only body. Raises :class:`BadRequest` for an unknown requested output."""
+    None for a JSON-only body. Raises :class:`~serving.errors.BadRequest` for an unknown requested
+    output."""
     if request.outputs is None:
         wanted = [(name, request.binary_output) for name in output_order]
     else:
@@ -326,7 +251,3 @@ def encode_response(
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
-
-
-def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
+from serving.errors import NotFound
 from serving.pool import EnginePool
-from serving.protocol import NotFound
 
 
 class ModelRegistry:

@@ -26,10 +26,10 @@ Guarantees:
   crash mid-publish leave existing versions and their files intact.
 
 This module holds the writers (publish, leases, retention); the read side is
-:mod:`serving.repository_reader`, the specs :mod:`serving.tensor_spec`, the names
-:mod:`serving.layout`, durable file primitives :mod:`serving.fsutil`, leases
-:mod:`serving.leases` and the version counter :mod:`serving.version_state`. Every public name
-this module had before that split is still importable from here.
+:mod:`serving.repository_reader`, the specs :mod:`serving.tensor_spec` and
+:mod:`serving.onnx_specs`, the names :mod:`serving.layout`, durable file primitives
+:mod:`serving.fsutil`, leases :mod:`serving.leases` and the version counter
+:mod:`serving.version_state`.
 Needs only the standard library, numpy and onnx (no torch, no flwr).
 """
 
@@ -64,51 +64,18 @@ from serving.layout import (
     LOCK_FILE,
     METADATA_FILE,
     MODEL_FILE,
-    MODEL_NAME_PATTERN,
     TMP_PREFIX,
     jsonable,
     validate_model_name,
     validate_version,
 )
-from serving.layout import STATE_FILE as STATE_FILE
 from serving.leases import create_lease, live_leases, remove_leases
-from serving.model_config import (
-    NUMPY_TO_V2,
-    ONNX_TO_V2,
-    V2_DATATYPES,
-    V2_TO_NUMPY,
-    V2_TO_ONNX,
-    onnx_to_v2,
-    render_config,
-    triton_to_v2,
-    v2_to_triton,
-)
-from serving.model_config import read_config as read_config
+from serving.model_config import render_config
 from serving.onnx_external import external_locations, relocate_external
+from serving.onnx_specs import check_specs, specs_from_onnx
 from serving.repository_reader import RepositoryReader
-from serving.tensor_spec import TensorSpec, check_specs, specs_from_onnx
+from serving.tensor_spec import TensorSpec
 from serving.version_state import clean_tmp, next_version, record_version
-
-__all__ = [
-    "CONFIG_FILE",
-    "DATA_FILE",
-    "METADATA_FILE",
-    "MODEL_FILE",
-    "MODEL_NAME_PATTERN",
-    "NUMPY_TO_V2",
-    "ONNX_TO_V2",
-    "V2_DATATYPES",
-    "V2_TO_NUMPY",
-    "V2_TO_ONNX",
-    "ModelRepository",
-    "RepositoryError",
-    "TensorSpec",
-    "onnx_to_v2",
-    "specs_from_onnx",
-    "triton_to_v2",
-    "v2_to_triton",
-    "validate_model_name",
-]
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Reading a request body under a size limit, with gzip/deflate ``Content-Encoding``.
 
 The limit (``serving.body_limit_bytes``) applies to the declared ``Content-Length``, to the bytes
-received and to the decompressed body; over it is :class:`~serving.protocol.PayloadTooLarge`
-(413), a malformed length or encoding is :class:`~serving.protocol.BadRequest` (400).
+received and to the decompressed body; over it is :class:`~serving.errors.PayloadTooLarge`
+(413), a malformed length or encoding is :class:`~serving.errors.BadRequest` (400).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import zlib
 
 from starlette.requests import Request as HttpRequest
 
-from serving.protocol import BadRequest, PayloadTooLarge
+from serving.errors import BadRequest, PayloadTooLarge
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:

@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from serving.engine import ModelSignature
 from serving.pool import EnginePool, PoolSettings
 from serving.registry import ModelRegistry
+from serving.signature import ModelSignature
 
 log = logging.getLogger(__name__)
 

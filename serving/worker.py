@@ -10,7 +10,7 @@ by the dispatcher (:mod:`serving.dispatcher`) and the metrics collector; EWMAs a
 ``ewma = (1 - EWMA_ALPHA) ewma + EWMA_ALPHA t``.
 
 Inline runs: when the worker is idle, :meth:`Worker.try_inline` lets the caller's thread run the
-request directly, saving two thread hops (the API allows it only for sub-millisecond models).
+request directly, saving two thread hops (the dispatcher allows it only for sub-millisecond models).
 
 Failures: an engine that raises anything but onnxruntime's ``InvalidArgument`` is taken out
 (:attr:`Worker.dead`); its running batch and queue go to ``on_failure`` (the pool retries them
@@ -29,8 +29,8 @@ from collections.abc import Callable
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from serving.batching import Request, concat_feeds, split_outputs
-from serving.engine import Engine, InputError
-from serving.protocol import Unavailable
+from serving.engine import Engine
+from serving.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ EWMA_ALPHA = 0.2
 
 OK, FULL, CLOSED = 0, 1, 2
 NOT_RUN, INLINE_DONE, HANDED_OFF = 0, 1, 2
-
-
-class PoolClosed(Unavailable):
-    """The pool is draining for a swap or shutdown; the caller should look the model up again."""
 
 
 FailureHandler = Callable[["Worker", list[Request], list[Request], BaseException], None]

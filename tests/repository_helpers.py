@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.repository import ModelRepository, TensorSpec
+from serving.repository import ModelRepository
+from serving.tensor_spec import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES, CLASSES = 4, 3

@@ -107,7 +107,7 @@ def publish_classifier(
     repo: Any, tmp: Path, name: str = "clf", seed: int = 0, max_batch_size: int = 64
 ) -> int:
     """Builds the classifier for ``seed`` and publishes it through ``repo`` (a ModelRepository)."""
-    from serving.repository import TensorSpec
+    from serving.tensor_spec import TensorSpec
 
     onnx_path = make_classifier(tmp / f"{name}-{seed}-{time.monotonic_ns()}.onnx", seed)
     return repo.publish(

@@ -13,9 +13,10 @@ import pytest
 from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
 
 from serving.batching import Request
-from serving.engine import ModelSignature
+from serving.errors import Overloaded, Unavailable
 from serving.pool import EnginePool, PoolSettings
-from serving.protocol import Overloaded, Spec, Unavailable
+from serving.signature import ModelSignature
+from serving.tensor_spec import TensorSpec
 
 W, B = classifier_weights(1)
 
@@ -26,7 +27,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 SIG = ModelSignature.build(
-    [Spec("x", "FP32", (-1, IN_FEATURES))], [Spec("logits", "FP32", (-1, CLASSES))], 64
+    [TensorSpec("x", "FP32", (-1, IN_FEATURES))], [TensorSpec("logits", "FP32", (-1, CLASSES))], 64
 )
 
 

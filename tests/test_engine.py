@@ -9,8 +9,11 @@ import onnxruntime as ort
 import pytest
 from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
 
-from serving.engine import CPU, Engine, InputError, ModelSignature, resolve_providers
-from serving.protocol import Spec
+from serving.engine import Engine
+from serving.errors import InputError
+from serving.providers import CPU, resolve_providers
+from serving.signature import ModelSignature
+from serving.tensor_spec import TensorSpec
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def signature(max_batch: int = 8, allow: tuple[str, ...] = ()) -> ModelSignature:
     return ModelSignature.build(
-        [Spec("x", "FP32", (-1, IN_FEATURES))],
-        [Spec("logits", "FP32", (-1, CLASSES))],
+        [TensorSpec("x", "FP32", (-1, IN_FEATURES))],
+        [TensorSpec("logits", "FP32", (-1, CLASSES))],
         max_batch,
         allow_nonfinite=allow,
     )
@@ -41,13 +44,15 @@ def test_engine_reports_obtained_providers_and_matches_onnxruntime(model_path: P
 
 def test_signature_from_graph_and_mismatch_detected(model_path: Path) -> None:
     engine = Engine(model_path, None, max_batch_size=4, warmup=False)
-    assert engine.signature.inputs == (Spec("x", "FP32", (-1, IN_FEATURES)),)
+    assert engine.signature.inputs == (TensorSpec("x", "FP32", (-1, IN_FEATURES)),)
     assert engine.signature.max_batch_size == 4
-    bad = ModelSignature.build([Spec("y", "FP32", (-1, 4))], [Spec("logits", "FP32", (-1, 3))], 4)
+    bad = ModelSignature.build(
+        [TensorSpec("y", "FP32", (-1, 4))], [TensorSpec("logits", "FP32", (-1, 3))], 4
+    )
     with pytest.raises(ValueError, match="declared input 'y' is not in the ONNX graph"):
         Engine(model_path, bad, warmup=False)
     wrong_type = ModelSignature.build(
-        [Spec("x", "FP64", (-1, 4))], [Spec("logits", "FP32", (-1, 3))], 4
+        [TensorSpec("x", "FP64", (-1, 4))], [TensorSpec("logits", "FP32", (-1, 3))], 4
     )
     with pytest.raises(ValueError, match="disagrees with the graph"):
         Engine(model_path, wrong_type, warmup=False)
@@ -99,3 +104,15 @@ def test_serving_never_imports_torch_or_flwr() -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_datatype_numpy_lacks_is_a_clear_error() -> None:
+    """BF16 has no numpy dtype: warm-up refuses the model, a request gets a 400 (both were a
+    KeyError before)."""
+    sig = ModelSignature.build(
+        [TensorSpec("x", "BF16", (-1, 2))], [TensorSpec("y", "BF16", (-1, 2))], 4
+    )
+    with pytest.raises(ValueError, match="numpy has no BF16 dtype"):
+        sig.example_feeds()
+    with pytest.raises(InputError, match="datatype FP32 does not match the model's x: BF16"):
+        sig.validate({"x": np.zeros((1, 2), np.float32)})

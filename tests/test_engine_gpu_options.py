@@ -11,8 +11,9 @@ import pytest
 from serving_helpers import IN_FEATURES, make_classifier
 
 from serving.batching import pad_rows
-from serving.engine import CPU, CUDA, Engine, session_providers
+from serving.engine import Engine
 from serving.pool import PoolSettings
+from serving.providers import CPU, CUDA, session_providers
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from server.export import (
     export_and_publish,
     export_onnx,
 )
-from serving.repository import DATA_FILE, MODEL_FILE, ModelRepository
+from serving.layout import DATA_FILE, MODEL_FILE
+from serving.repository import ModelRepository
 from task.config import ExperimentConfig, ExportConfig
 from task.models import build_model
 

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from google.protobuf import json_format, text_format
 from onnx import TensorProto, helper
 
-from serving.model_config import (
-    ONNX_TO_V2,
-    V2_DATATYPES,
-    V2_TO_NUMPY,
-    PbtxtError,
-    parse_pbtxt,
-    read_config,
-    render_config,
-    triton_to_v2,
-    v2_to_triton,
-)
-from serving.repository import ModelRepository, TensorSpec
+from serving.datatypes import ONNX_TO_V2
+from serving.model_config import PbtxtError, parse_pbtxt, read_config, render_config
+from serving.repository import ModelRepository
+from serving.tensor_spec import TensorSpec
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -187,16 +178,3 @@ def test_reader_matches_protobuf_on_handwritten_config() -> None:
 def test_reader_rejects_bad_text(text: str, where: str) -> None:
     with pytest.raises(PbtxtError, match=where):
         parse_pbtxt(text)
-
-
-def test_datatype_tables_agree_with_triton_onnx_and_numpy() -> None:
-    triton_names = set(mc.DataType.keys())
-    for v2 in V2_DATATYPES:
-        assert v2_to_triton(v2) in triton_names
-        assert triton_to_v2(v2_to_triton(v2)) == v2
-    for elem, v2 in ONNX_TO_V2.items():
-        if v2 in V2_TO_NUMPY and v2 != "BYTES":
-            assert np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) == V2_TO_NUMPY[v2]
-    assert v2_to_triton("BYTES") == "TYPE_STRING"
-    with pytest.raises(ValueError, match="FP32"):
-        v2_to_triton("float")

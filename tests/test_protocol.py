@@ -7,16 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from serving.protocol import (
-    BadRequest,
-    InferRequest,
-    Overloaded,
-    Spec,
-    decode_request,
-    encode_response,
-)
+from serving.errors import BadRequest
+from serving.protocol import InferRequest, decode_request, encode_response
+from serving.tensor_spec import TensorSpec
 
-SPECS = {"x": Spec("x", "FP32", (-1, 4)), "ids": Spec("ids", "INT64", (-1, 2))}
+SPECS = {"x": TensorSpec("x", "FP32", (-1, 4)), "ids": TensorSpec("ids", "INT64", (-1, 2))}
 
 
 def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, int]:
@@ -148,8 +143,3 @@ def test_encode_json_and_binary_outputs() -> None:
         encode_response(
             "m", "3", out, ["logits"], InferRequest(inputs={}, outputs=[("nope", False)])
         )
-
-
-def test_overloaded_retry_after_is_whole_seconds() -> None:
-    assert Overloaded("x", 0.01).headers["Retry-After"] == "1"
-    assert Overloaded("x", 2.2).headers["Retry-After"] == "3"

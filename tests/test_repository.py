@@ -16,14 +16,11 @@ import onnxruntime as ort
 import pytest
 from repository_helpers import CLASSES, FEATURES, ROOT, make_onnx, publish, snapshot
 
-from serving.repository import (
-    DATA_FILE,
-    MODEL_FILE,
-    ModelRepository,
-    RepositoryError,
-    TensorSpec,
-    specs_from_onnx,
-)
+from serving.errors import RepositoryError
+from serving.layout import DATA_FILE, MODEL_FILE
+from serving.onnx_specs import specs_from_onnx
+from serving.repository import ModelRepository
+from serving.tensor_spec import TensorSpec
 
 
 @pytest.fixture

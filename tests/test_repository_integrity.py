@@ -19,7 +19,9 @@ import pytest
 from repository_helpers import ROOT, make_onnx, publish, snapshot
 
 from serving import repository as repository_module
-from serving.repository import MODEL_FILE, ModelRepository, RepositoryError
+from serving.errors import RepositoryError
+from serving.layout import MODEL_FILE
+from serving.repository import ModelRepository
 
 
 @pytest.fixture
