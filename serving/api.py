@@ -26,9 +26,11 @@ is decoded straight into numpy, and the request is awaited as an asyncio future 
 engine's thread; only models whose measured run time is under ``serving.inline_max_ms`` run inline
 in the event loop (see :mod:`serving.dispatcher`).
 
-This module wires the routes; the error bodies live in :mod:`serving.api_errors`, the bearer
-token in :mod:`serving.auth`, the body limit in :mod:`serving.request_body` and ``infer_stream``
-in :mod:`serving.ndjson_stream`.
+The routes are a thin adapter: lookup, validation, dispatch, retry on swap, the metadata documents
+and the request metrics are :class:`~serving.dataplane.DataPlane`'s, the v2 codec is
+:mod:`serving.protocol`. The error bodies live in :mod:`serving.api_errors`, the bearer token in
+:mod:`serving.auth`, the body limit in :mod:`serving.request_body` and ``infer_stream`` in
+:mod:`serving.ndjson_stream`.
 """
 
 from __future__ import annotations
@@ -45,19 +47,12 @@ from starlette.routing import Route
 
 from serving.api_errors import JSON, error_response, install_error_handlers, json_response
 from serving.auth import BearerAuth
-from serving.batching import Request
-from serving.datatypes import v2_to_triton
-from serving.errors import PoolClosed, ServingError, Unavailable
-from serving.metrics import CONTENT_TYPE, ServingMetrics
+from serving.dataplane import SERVER_VERSION, DataPlane
+from serving.errors import ServingError
+from serving.metrics import CONTENT_TYPE
 from serving.ndjson_stream import NDJSONStream
-from serving.pool import EnginePool
-from serving.protocol import HEADER_LENGTH, InferRequest, decode_request, encode_response
-from serving.registry import ModelRegistry
+from serving.protocol import HEADER_LENGTH, decode_request, encode_response
 from serving.request_body import read_body
-
-SERVER_NAME = "fedserve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository"]
 
 
 @dataclass
@@ -68,71 +63,39 @@ class ApiSettings:
     public_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready")
 
 
-class ServingApp:
-    """Route handlers bound to a registry, metrics and settings (see :func:`create_app`)."""
+class HttpRoutes:
+    """Route handlers bound to a dataplane and the HTTP settings (see :func:`create_app`)."""
 
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        settings: ApiSettings,
-        metrics: ServingMetrics,
-        ready: Callable[[], bool],
-    ) -> None:
-        self.registry = registry
+    def __init__(self, dataplane: DataPlane, settings: ApiSettings) -> None:
+        self.dataplane = dataplane
         self.settings = settings
-        self.metrics = metrics
-        self.is_ready = ready
-
-    # ---- helpers
-
-    def _pool(self, request: HttpRequest) -> EnginePool:
-        params = request.path_params
-        return self.registry.get(params["name"], params.get("version"))
-
-    async def _run(
-        self, pool: EnginePool, ireq: InferRequest, n: int, version: str | None
-    ) -> tuple[EnginePool, Request]:
-        """Await the request, looking the model up again if its pool closed for a swap."""
-        for _ in range(3):
-            try:
-                done = await pool.infer_async(ireq.inputs, n)
-            except PoolClosed:
-                fresh = self.registry.get(pool.name, version)
-                if fresh is pool:
-                    raise
-                if fresh.signature != pool.signature:
-                    n = fresh.signature.validate(ireq.inputs)
-                pool = fresh
-                continue
-            if done.error is not None:
-                raise done.error
-            return pool, done
-        raise Unavailable(f"model '{pool.name}' is being swapped; retry")
-
-    def _label(self, request: HttpRequest) -> str:
-        name = request.path_params.get("name", "")
-        return name if name in self.registry.models() else "_unknown"
 
     # ---- inference
 
     async def infer(self, request: HttpRequest) -> Response:
         t0 = time.perf_counter()
+        dataplane = self.dataplane
+        params = request.path_params
+        name = params["name"]
+        version = params.get("version")
         try:
-            pool = self._pool(request)
+            pool = dataplane.lookup(name, version)
             body = await read_body(request, self.settings.body_limit_bytes)
             ireq = decode_request(
                 body, request.headers.get(HEADER_LENGTH), pool.signature.input_map
             )
-            n = pool.signature.validate(ireq.inputs)
-            pool, done = await self._run(pool, ireq, n, request.path_params.get("version"))
-            assert done.outputs is not None
+            result = await dataplane.infer(pool, ireq, version)
             payload, header_len = encode_response(
-                pool.name, str(pool.version), done.outputs, pool.signature.output_names, ireq
+                result.model_name,
+                str(result.model_version),
+                result.outputs,
+                result.output_names,
+                ireq,
             )
         except ServingError as exc:
-            self.metrics.failure(self._label(request), exc.status)
+            dataplane.record_failure(name, exc.status)
             return error_response(exc.status, exc.message, exc.headers or None)
-        self.metrics.observe(pool.name, pool.version, time.perf_counter() - t0, done.queue_seconds)
+        dataplane.record_success(result, time.perf_counter() - t0)
         if header_len is None:
             return Response(payload, media_type=JSON)
         return Response(
@@ -142,115 +105,52 @@ class ServingApp:
         )
 
     async def infer_stream(self, request: HttpRequest) -> Response:
-        pool = self._pool(request)  # 404 before the stream starts
-        return NDJSONStream(self, pool, request.path_params.get("version"))
+        params = request.path_params
+        self.dataplane.lookup(params["name"], params.get("version"))  # 404 before the stream
+        return NDJSONStream(
+            self.dataplane, params["name"], params.get("version"), self.settings.body_limit_bytes
+        )
 
     # ---- metadata
 
     async def server_metadata(self, request: HttpRequest) -> Response:
-        return json_response(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
-        )
+        return json_response(self.dataplane.server_metadata())
 
     async def live(self, request: HttpRequest) -> Response:
         return json_response({"live": True})
 
     async def ready(self, request: HttpRequest) -> Response:
-        ok = bool(self.is_ready())
+        ok = self.dataplane.ready()
         return json_response({"ready": ok}, status=200 if ok else 503)
 
     async def model_metadata(self, request: HttpRequest) -> Response:
-        pool = self._pool(request)
-        sig = pool.signature
-        return json_response(
-            {
-                "name": pool.name,
-                "versions": [str(v) for v in self.registry.versions(pool.name)],
-                "platform": "onnxruntime_onnx",
-                "inputs": [s.to_dict() for s in sig.inputs],
-                "outputs": [s.to_dict() for s in sig.outputs],
-            }
-        )
+        params = request.path_params
+        return json_response(self.dataplane.model_metadata(params["name"], params.get("version")))
 
     async def model_ready(self, request: HttpRequest) -> Response:
-        pool = self._pool(request)
-        ok = pool.ready
-        return json_response(
-            {"name": pool.name, "version": str(pool.version), "ready": ok},
-            status=200 if ok else 503,
-        )
+        params = request.path_params
+        doc = self.dataplane.model_ready(params["name"], params.get("version"))
+        return json_response(doc, status=200 if doc["ready"] else 503)
 
     async def model_config(self, request: HttpRequest) -> Response:
-        pool = self._pool(request)
-        sig = pool.signature
-        batching = sig.max_batch_size > 0
-
-        def tensors(specs: Any) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "data_type": v2_to_triton(s.datatype),
-                    "dims": list(s.shape[1:] if batching else s.shape),
-                }
-                for s in specs
-            ]
-
-        gpu = pool.obtained_providers[:1] == ["CUDAExecutionProvider"]
-        config: dict[str, Any] = {
-            "name": pool.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
-            "version": str(pool.version),
-            "max_batch_size": sig.max_batch_size,
-            "input": tensors(sig.inputs),
-            "output": tensors(sig.outputs),
-            "instance_group": [
-                {
-                    "name": pool.name,
-                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
-                    "count": len(pool.workers),
-                }
-            ],
-            "parameters": {
-                "providers": {"string_value": ",".join(pool.obtained_providers)},
-                "policy": {"string_value": pool.settings.policy},
-            },
-        }
-        if batching:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": int(pool.settings.max_queue_delay_ms * 1000),
-                "max_batch_size": pool.batch_limit,
-            }
-        return json_response(config)
+        params = request.path_params
+        return json_response(self.dataplane.model_config(params["name"], params.get("version")))
 
     async def repository_index(self, request: HttpRequest) -> Response:
-        return json_response(
-            [
-                {"name": name, "version": str(v), "state": "READY"}
-                for name, versions in self.registry.models().items()
-                for v in versions
-            ]
-        )
+        return json_response(self.dataplane.repository_index())
 
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(
-    registry: ModelRegistry,
-    *,
-    settings: ApiSettings | None = None,
-    metrics: ServingMetrics | None = None,
-    ready: Callable[[], bool] | None = None,
-) -> FastAPI:
-    """The ASGI app serving ``registry``. ``ready`` tells readiness (e.g. the watcher's first load
-    is done); metrics default to a fresh :class:`ServingMetrics` (own CollectorRegistry)."""
+def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> FastAPI:
+    """The ASGI app serving ``dataplane`` over HTTP."""
     settings = settings or ApiSettings()
-    metrics = metrics or ServingMetrics(registry)
-    handlers = ServingApp(registry, settings, metrics, ready or (lambda: True))
+    handlers = HttpRoutes(dataplane, settings)
     app = FastAPI(
         title="fedserve", docs_url=None, redoc_url=None, openapi_url=None, version=SERVER_VERSION
     )
+
     routes: list[tuple[str, Callable[..., Any], list[str]]] = [
         ("/v2", handlers.server_metadata, ["GET"]),
         ("/v2/health/live", handlers.live, ["GET"]),

@@ -25,7 +25,7 @@ def serve(cfg: DictConfig | dict[str, Any]) -> None:
     import uvicorn
 
     from serving.api import ApiSettings, create_app
-    from serving.metrics import ServingMetrics
+    from serving.dataplane import DataPlane
     from serving.pool import PoolSettings
     from serving.registry import ModelRegistry
     from serving.repository import ModelRepository
@@ -54,8 +54,7 @@ def serve(cfg: DictConfig | dict[str, Any]) -> None:
         body_limit_bytes=int(serving.get("body_limit_bytes", 64 * 1024 * 1024)),
         token=conf.get("token") or None,
     )
-    metrics = ServingMetrics(registry)
-    app = create_app(registry, settings=api, metrics=metrics, ready=lambda: watcher.ready)
+    app = create_app(DataPlane(registry, ready=lambda: watcher.ready), settings=api)
     watcher.start()
     host, port = str(conf.get("host", "127.0.0.1")), int(conf.get("port", 8000))
     try:

@@ -1,8 +1,9 @@
 """Prometheus metrics of the serving stack, in a :class:`CollectorRegistry` of its own per app.
 
-Per request (observed by the API): ``fedserve_requests_total``, ``fedserve_request_failures_total``
-(by HTTP status), ``fedserve_request_latency_seconds`` (receive to response) and
-``fedserve_queue_time_seconds`` (dispatch to batch start) histograms, labelled by model and version.
+Per request (recorded by the dataplane for every front end): ``fedserve_requests_total``,
+``fedserve_request_failures_total`` (by HTTP status), ``fedserve_request_latency_seconds`` (receive
+to response) and ``fedserve_queue_time_seconds`` (dispatch to batch start) histograms, labelled by
+model and version.
 
 Per engine (read from the dispatcher's state at scrape time, so nothing is paid per request):
 ``fedserve_engine_queue_depth`` (requests), ``fedserve_engine_outstanding_items`` (queued + running

@@ -1,4 +1,9 @@
-"""``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection."""
+"""``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection.
+
+An adapter on :class:`~serving.dataplane.DataPlane` and the KServe v2 JSON codec: each line is
+one v2 JSON request, looked up, validated and run like a single ``infer`` (a line goes to the
+newest loaded version at the time it is read, unless the URL names a version).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from serving.dataplane import DataPlane
 from serving.errors import PayloadTooLarge, ServingError
-from serving.pool import EnginePool
 from serving.protocol import decode_request, encode_response
-
-if TYPE_CHECKING:
-    from serving.api import ServingApp
 
 log = logging.getLogger(__name__)
 
@@ -36,49 +37,51 @@ class NDJSONStream(Response):
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, app: ServingApp, pool: EnginePool, version: str | None) -> None:
+    def __init__(
+        self, dataplane: DataPlane, name: str, version: str | None, body_limit_bytes: int
+    ) -> None:
         super().__init__(content=None, media_type=self.media_type)
-        self.app = app
-        self.pool = pool
+        self.dataplane = dataplane
+        self.name = name
         self.version = version
+        self.limit = body_limit_bytes
 
     async def _one(self, line: bytes, index: int) -> bytes:
-        app = self.app
-        pool = self.pool
+        dataplane = self.dataplane
         try:
-            if len(line) > app.settings.body_limit_bytes:
+            if len(line) > self.limit:
                 raise PayloadTooLarge(
                     f"line {index} is {len(line)} bytes, over the limit of "
-                    f"{app.settings.body_limit_bytes} bytes (serving.body_limit_bytes)"
+                    f"{self.limit} bytes (serving.body_limit_bytes)"
                 )
             t0 = time.perf_counter()
+            pool = dataplane.lookup(self.name, self.version)
             ireq = decode_request(line, None, pool.signature.input_map)
             ireq.outputs = [(name, False) for name, _ in ireq.outputs or []] or None
             ireq.binary_output = False
-            n = pool.signature.validate(ireq.inputs)
-            pool, done = await app._run(pool, ireq, n, self.version)
-            self.pool = pool
-            assert done.outputs is not None
+            result = await dataplane.infer(pool, ireq, self.version)
             payload, _ = encode_response(
-                pool.name, str(pool.version), done.outputs, pool.signature.output_names, ireq
+                result.model_name,
+                str(result.model_version),
+                result.outputs,
+                result.output_names,
+                ireq,
             )
-            app.metrics.observe(
-                pool.name, pool.version, time.perf_counter() - t0, done.queue_seconds
-            )
+            dataplane.record_success(result, time.perf_counter() - t0)
             return payload + b"\n"
         except ServingError as exc:
-            app.metrics.failure(pool.name, exc.status)
+            dataplane.record_failure(self.name, exc.status)
             doc = {"error": exc.message, "status": exc.status, "line": index}
         except Exception as exc:  # noqa: BLE001 - one bad line must not end the stream
             log.exception("infer_stream line %d failed", index)
-            app.metrics.failure(pool.name, 500)
+            dataplane.record_failure(self.name, 500)
             doc = {"error": f"internal error: {type(exc).__name__}: {exc}", "status": 500}
             doc["line"] = index
         return json.dumps(doc).encode() + b"\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         queue: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
-        limit = self.app.settings.body_limit_bytes
+        limit = self.limit
 
         async def reader() -> None:
             buffer = b""

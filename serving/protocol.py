@@ -14,7 +14,8 @@ list, when the request parameter ``binary_data_output`` is true (tritonclient's 
 response then carries the same header. Errors are :class:`~serving.errors.ServingError`
 subclasses; every message about a tensor names the input and, when known, the model's spec.
 
-Needs numpy only.
+This is the codec only: it turns bytes into an :class:`~serving.inference.InferRequest` and
+outputs into bytes; lookup, validation and dispatch are the dataplane's. Needs numpy only.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from serving.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
 from serving.errors import BadRequest, ServingError
+from serving.inference import InferRequest
 from serving.tensor_spec import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -39,17 +40,6 @@ def _spec_hint(spec: TensorSpec | None) -> str:
 
 
 # ---------------------------------------------------------------- request
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """A decoded inference request: tensors keyed by input name, in request order."""
-
-    inputs: dict[str, np.ndarray]
-    id: str | None = None
-    #: requested outputs as (name, binary) or None for "all outputs"
-    outputs: list[tuple[str, bool]] | None = None
-    binary_output: bool = False
 
 
 def _load_json(raw: bytes | str) -> Any:
@@ -215,18 +205,12 @@ def encode_response(
     request: InferRequest,
 ) -> tuple[bytes, int | None]:
     """Encode a v2 inference response; returns ``(body, header_length)`` where ``header_length`` is
-    None for a JSON-only body. Raises :class:`~serving.errors.BadRequest` for an unknown requested
-    output."""
+    None for a JSON-only body. ``request.outputs`` must name entries of ``outputs`` (the dataplane
+    checked them); without it every output of ``output_order`` is answered."""
     if request.outputs is None:
         wanted = [(name, request.binary_output) for name in output_order]
     else:
         wanted = request.outputs
-        for name, _ in wanted:
-            if name not in outputs:
-                raise BadRequest(
-                    f"unknown output '{name}'; model '{model_name}' has outputs "
-                    f"{', '.join(output_order)}"
-                )
     entries = []
     blobs = []
     for name, binary in wanted:

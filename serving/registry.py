@@ -1,8 +1,8 @@
 """The loaded models: name -> version -> :class:`~serving.pool.EnginePool`.
 
-Readers (the API, per request) take no lock: the mapping is replaced, never mutated (copy on write),
-so a lookup sees either the state before or after a swap. The default version of a model is the
-newest loaded one. A pool removed from the registry is still referenced by requests already
+Readers (the dataplane, per request) take no lock: the mapping is replaced, never mutated (copy on
+write), so a lookup sees either the state before or after a swap. The default version of a model
+is the newest loaded one. A pool removed from the registry is still referenced by requests already
 dispatched to it; :meth:`EnginePool.close` lets them finish (the watcher closes it after removal).
 """
 
@@ -70,6 +70,10 @@ class ModelRegistry:
         defaults = {name: versions[max(versions)] for name, versions in models.items()}
         self._models = models
         self._default = defaults
+
+    def __contains__(self, name: object) -> bool:
+        """True while some version of model ``name`` is loaded."""
+        return name in self._models
 
     def models(self) -> dict[str, list[int]]:
         return {name: sorted(v) for name, v in sorted(self._models.items())}

@@ -31,6 +31,7 @@ from serving_helpers import (
 from tritonclient.utils import InferenceServerException
 
 from serving.api import ApiSettings, create_app
+from serving.dataplane import DataPlane
 from serving.pool import PoolSettings
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
@@ -75,9 +76,8 @@ def serve(
     )
     watcher.start()
     app = create_app(
-        registry,
+        DataPlane(registry, ready=lambda: watcher.ready),
         settings=ApiSettings(body_limit_bytes=BODY_LIMIT, token=token),
-        ready=lambda: watcher.ready,
     )
     try:
         with running_server(app) as url:

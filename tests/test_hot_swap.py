@@ -4,7 +4,9 @@ keeps serving."""
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from serving_helpers import IN_FEATURES, classifier_weights, publish_classifier, running_server
 
 from serving.api import create_app
+from serving.dataplane import DataPlane
 from serving.pool import PoolSettings
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
@@ -36,7 +39,7 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path) -> None:
     )
     watcher.start()
     old_pool = registry.get("clf")
-    app = create_app(registry, ready=lambda: watcher.ready)
+    app = create_app(DataPlane(registry, ready=lambda: watcher.ready))
     x = np.random.default_rng(0).random((2, IN_FEATURES), dtype=np.float32)
     body = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}]
@@ -120,3 +123,57 @@ def test_unverifiable_version_is_skipped_old_keeps_serving(
     finally:
         watcher.stop()
     assert repo.leased_versions("clf") == set()
+
+
+def _chunk(doc: dict) -> bytes:
+    line = json.dumps(doc).encode() + b"\n"
+    return b"%x\r\n%s\r\n" % (len(line), line)
+
+
+def _read_until(sock: socket.socket, received: bytes, needle: bytes) -> bytes:
+    while needle not in received:
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        received += data
+    return received
+
+
+def test_open_stream_follows_the_newest_version(tmp_path: Path) -> None:
+    """A line is answered by the newest version loaded when it is read, as a single infer is: an
+    infer_stream opened before a swap answers later lines from the new version (before, a stream
+    kept the pool it started with for as long as that version stayed loaded)."""
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, seed=1)
+    registry = ModelRegistry()
+    watcher = RepositoryWatcher(  # keeps the newest two: version 1 stays loaded after the swap
+        repo, registry, PoolSettings(instances=1, providers="cpu"), poll_interval_s=0.05, versions=2
+    )
+    watcher.start()
+    app = create_app(DataPlane(registry, ready=lambda: watcher.ready))
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    try:
+        with running_server(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /v2/models/clf/infer_stream HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\nContent-Type: application/x-ndjson\r\n\r\n"
+                )
+                sock.sendall(_chunk({"id": "a", "inputs": [tensor]}))
+                received = _read_until(sock, b"", b'"id":"a"')
+                publish_classifier(repo, tmp_path, seed=2)
+                deadline = time.monotonic() + 15
+                while registry.get("clf").version != 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert registry.models() == {"clf": [1, 2]}
+                sock.sendall(_chunk({"id": "b", "inputs": [tensor]}))
+                received = _read_until(sock, received, b'"id":"b"')
+                sock.sendall(b"0\r\n\r\n")
+    finally:
+        watcher.stop()
+    docs = [
+        json.loads(line)
+        for line in received.split(b"\r\n")
+        if line.startswith(b"{") and b"model_name" in line
+    ]
+    assert [(d["id"], d["model_version"]) for d in docs] == [("a", "1"), ("b", "2")]

@@ -1,0 +1,206 @@
+"""The dataplane: what every front end (HTTP, NDJSON stream, gRPC) does, done once.
+
+A front end only turns its wire format into calls here and the answers back (KServe's python
+server has the same split: thin protocol front ends over one dataplane)::
+
+    pool = dataplane.lookup(name, version)                 # NotFound (404)
+    request = <codec>.decode(body, pool.signature.input_map)
+    result = await dataplane.infer(pool, request, version)  # InputError, Overloaded, Unavailable
+    body = <codec>.encode(result, request)
+    dataplane.record_success(result, latency_s)             # or record_failure(name, status)
+
+* **Lookup** (:meth:`DataPlane.lookup`) is the one place a model name and version become an
+  engine pool (the newest loaded version when ``version`` is None or empty).
+* **Validation**: the decoded tensors against the version's
+  :class:`~serving.signature.ModelSignature`, and the requested outputs against its outputs,
+  before anything is queued.
+* **Dispatch and retry on swap**: a pool closed by a swap raises ``PoolClosed``; the request is
+  looked up again (and validated again when the new version's signature differs) and re-sent,
+  at most three times, then 503.
+* **Documents** for the metadata routes (model metadata, readiness, Triton's model configuration,
+  the repository index, server metadata) as plain dicts each front end serialises its way.
+* **Metrics**: :meth:`record_success` / :meth:`record_failure` feed
+  :class:`~serving.metrics.ServingMetrics`; a failure for a name that is not loaded is labelled
+  ``_unknown`` so junk names cannot grow the label set.
+
+Errors are :class:`~serving.errors.ServingError` subclasses carrying both HTTP and gRPC status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from serving.datatypes import v2_to_triton
+from serving.errors import BadRequest, PoolClosed, Unavailable
+from serving.inference import InferRequest, InferResult
+from serving.metrics import ServingMetrics
+from serving.pool import EnginePool
+from serving.registry import ModelRegistry
+from serving.signature import ModelSignature
+
+SERVER_NAME = "fedserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository"]
+PLATFORM = "onnxruntime_onnx"
+#: attempts of one request across pools swapped under it
+SWAP_ATTEMPTS = 3
+
+
+class DataPlane:
+    """Lookup, validation, dispatch, retry-on-swap, documents and metrics over one registry.
+
+    ``ready`` tells server readiness (e.g. the repository watcher's first load is done);
+    ``metrics`` default to a fresh :class:`ServingMetrics` (its own CollectorRegistry).
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        metrics: ServingMetrics | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics or ServingMetrics(registry)
+        self._ready = ready or (lambda: True)
+
+    # ---- server
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    def ready(self) -> bool:
+        return bool(self._ready())
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every loaded version (Triton's repository extension, read-only)."""
+        return [
+            {"name": name, "version": str(v), "state": "READY"}
+            for name, versions in self.registry.models().items()
+            for v in versions
+        ]
+
+    # ---- models
+
+    def lookup(self, name: str, version: str | int | None = None) -> EnginePool:
+        """The pool serving ``name`` at ``version`` (None or "": the newest loaded); NotFound."""
+        return self.registry.get(name, version)
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        pool = self.lookup(name, version)
+        sig = pool.signature
+        return {
+            "name": pool.name,
+            "versions": [str(v) for v in self.registry.versions(pool.name)],
+            "platform": PLATFORM,
+            "inputs": [s.to_dict() for s in sig.inputs],
+            "outputs": [s.to_dict() for s in sig.outputs],
+        }
+
+    def model_ready(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """``{"name", "version", "ready"}``: ready while the version has a live engine."""
+        pool = self.lookup(name, version)
+        return {"name": pool.name, "version": str(pool.version), "ready": pool.ready}
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration extension, as served (engines and providers obtained)."""
+        pool = self.lookup(name, version)
+        sig = pool.signature
+        batching = sig.max_batch_size > 0
+
+        def tensors(specs: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": s.name,
+                    "data_type": v2_to_triton(s.datatype),
+                    "dims": list(s.shape[1:] if batching else s.shape),
+                }
+                for s in specs
+            ]
+
+        gpu = pool.obtained_providers[:1] == ["CUDAExecutionProvider"]
+        config: dict[str, Any] = {
+            "name": pool.name,
+            "platform": PLATFORM,
+            "backend": "onnxruntime",
+            "version": str(pool.version),
+            "max_batch_size": sig.max_batch_size,
+            "input": tensors(sig.inputs),
+            "output": tensors(sig.outputs),
+            "instance_group": [
+                {
+                    "name": pool.name,
+                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                    "count": len(pool.workers),
+                }
+            ],
+            "parameters": {
+                "providers": {"string_value": ",".join(pool.obtained_providers)},
+                "policy": {"string_value": pool.settings.policy},
+            },
+        }
+        if batching:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": int(pool.settings.max_queue_delay_ms * 1000),
+                "max_batch_size": pool.batch_limit,
+            }
+        return config
+
+    # ---- inference
+
+    async def infer(
+        self, pool: EnginePool, request: InferRequest, version: str | int | None
+    ) -> InferResult:
+        """Validate ``request`` against ``pool``'s signature, run it, and answer.
+
+        ``version`` is the one the client asked for (None: the newest), looked up again when a
+        swap closes ``pool`` under the request. Raises InputError / BadRequest (400), Overloaded
+        (429), Unavailable (503) or the error the engine finished the request with.
+        """
+        signature = pool.signature
+        n = signature.validate(request.inputs)
+        wanted = _output_names(signature, request, pool.name)
+        for _ in range(SWAP_ATTEMPTS):
+            try:
+                done = await pool.infer_async(request.inputs, n)
+            except PoolClosed:
+                fresh = self.lookup(pool.name, version)
+                if fresh is pool:
+                    raise
+                if fresh.signature != signature:
+                    signature = fresh.signature
+                    n = signature.validate(request.inputs)
+                    wanted = _output_names(signature, request, fresh.name)
+                pool = fresh
+                continue
+            if done.error is not None:
+                raise done.error
+            assert done.outputs is not None
+            return InferResult(
+                pool.name, pool.version, request.id, done.outputs, wanted, done.queue_seconds
+            )
+        raise Unavailable(f"model '{pool.name}' is being swapped; retry")
+
+    # ---- metrics
+
+    def record_success(self, result: InferResult, latency_s: float) -> None:
+        self.metrics.observe(
+            result.model_name, result.model_version, latency_s, result.queue_seconds
+        )
+
+    def record_failure(self, name: str, status: int) -> None:
+        self.metrics.failure(name if name in self.registry else "_unknown", status)
+
+
+def _output_names(signature: ModelSignature, request: InferRequest, model: str) -> list[str]:
+    """The outputs to answer: the requested ones (each must exist) or all, in the model's order."""
+    if request.outputs is None:
+        return signature.output_names
+    names = signature.output_names
+    for name, _ in request.outputs:
+        if name not in names:
+            raise BadRequest(
+                f"unknown output '{name}'; model '{model}' has outputs {', '.join(names)}"
+            )
+    return [name for name, _ in request.outputs]
