@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) -m scripts.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q
@@ -34,7 +34,7 @@ bench: install
 	nice -n 10 $(PY) benchmarks/async_vs_sync.py --slots 20 --device-factor 10
 	$(PY) benchmarks/aggregation_memory.py
 	$(PY) benchmarks/serving_bench.py
-	$(PY) benchmarks/train_to_serve.py
+	$(PY) -m benchmarks.serving.train_to_serve
 
 lint: install
 	$(VENV)/bin/ruff check .
