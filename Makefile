@@ -30,8 +30,8 @@ test-slow: install
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
-	nice -n 10 $(PY) benchmarks/strategies.py
-	nice -n 10 $(PY) benchmarks/async_vs_sync.py --slots 20 --device-factor 10
+	nice -n 10 $(PY) -m benchmarks.training.strategies
+	nice -n 10 $(PY) -m benchmarks.training.async_vs_sync --slots 20 --device-factor 10
 	$(PY) benchmarks/aggregation_memory.py
 	$(PY) benchmarks/serving_bench.py
 	$(PY) -m benchmarks.serving.train_to_serve
