@@ -32,7 +32,7 @@ bench: install
 	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
 	nice -n 10 $(PY) -m benchmarks.training.strategies
 	nice -n 10 $(PY) -m benchmarks.training.async_vs_sync --slots 20 --device-factor 10
-	$(PY) benchmarks/aggregation_memory.py
+	$(PY) -m benchmarks.aggregation.memory
 	$(PY) benchmarks/serving_bench.py
 	$(PY) -m benchmarks.serving.train_to_serve
 
