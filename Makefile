@@ -33,7 +33,7 @@ bench: install
 	nice -n 10 $(PY) -m benchmarks.training.strategies
 	nice -n 10 $(PY) -m benchmarks.training.async_vs_sync --slots 20 --device-factor 10
 	$(PY) -m benchmarks.aggregation.memory
-	$(PY) benchmarks/serving_bench.py
+	$(PY) -m benchmarks.serving.bench
 	$(PY) -m benchmarks.serving.train_to_serve
 
 lint: install

@@ -33,8 +33,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from serving.model_config import NUMPY_TO_V2, V2_TO_NUMPY
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
+from serving.protocol import HEADER_LENGTH
 
 
 class V2Error(RuntimeError):

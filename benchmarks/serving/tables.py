@@ -7,7 +7,7 @@ import argparse
 import time
 from typing import Any
 
-from bench_config import BATCHES, CONNECTIONS
+from benchmarks.serving.config import BATCHES, CONNECTIONS
 
 
 def fmt(v: float, digits: int = 0) -> str:
