@@ -59,7 +59,7 @@ def met(ok: bool) -> str:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
-    """The whole report of ``results`` (what ``serving_bench.main`` collected) as text."""
+    """The whole report of ``results`` (what ``bench.main`` collected) as text."""
     lines = [
         f"# Serving benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         f"machine: {results['machine']}",
