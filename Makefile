@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) -m scripts.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q
@@ -30,11 +30,11 @@ test-slow: install
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { echo "benchmarks need wrk: apt-get install -y wrk"; exit 1; }
-	nice -n 10 $(PY) benchmarks/strategies.py
-	nice -n 10 $(PY) benchmarks/async_vs_sync.py --slots 20 --device-factor 10
-	$(PY) benchmarks/aggregation_memory.py
-	$(PY) benchmarks/serving_bench.py
-	$(PY) benchmarks/train_to_serve.py
+	nice -n 10 $(PY) -m benchmarks.training.strategies
+	nice -n 10 $(PY) -m benchmarks.training.async_vs_sync --slots 20 --device-factor 10
+	$(PY) -m benchmarks.aggregation.memory
+	$(PY) -m benchmarks.serving.bench
+	$(PY) -m benchmarks.serving.train_to_serve
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -15,9 +15,9 @@ each other.
    served accuracy == torch accuracy (to 1e-9) for every version, the final accuracy reaches
    ``--min-accuracy`` (0.90), every round was published and served.
 
-``python scripts/demo.py --help`` lists the knobs; anything after ``--`` goes to fedserve-train
-as Hydra overrides. The reusable parts (server process, v2 client, process-tree stop, the
-pipeline run) are used by ``benchmarks/train_to_serve.py`` too.
+``python -m scripts.demo --help`` (from the repository root) lists the knobs; anything after ``--``
+goes to fedserve-train as Hydra overrides. The pipeline run (:mod:`scripts.demo_pipeline`) is
+used by ``benchmarks.serving.train_to_serve`` too.
 """
 
 from __future__ import annotations
@@ -30,58 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-if str(SCRIPTS_DIR) not in sys.path:  # the sibling modules, also when loaded by file path
-    sys.path.insert(0, str(SCRIPTS_DIR))
-
-from demo_client import MODEL_NAME, DemoFailed, V2Client  # noqa: E402
-from demo_pipeline import (  # noqa: E402
-    AGREE_TOL,
-    POLL_S,
-    PipelineResult,
-    Served,
-    VersionRecord,
-    _finish_stragglers,
-    _no_interrupts,
-    _read_json,
-    run_pipeline,
-)
-from demo_processes import (  # noqa: E402
-    BIN,
-    ENV,
-    PROJECT_DIR,
-    ProcessTree,
-    Server,
-    free_port,
-    spawn,
-    start_server,
-)
-
-__all__ = [
-    "AGREE_TOL",
-    "BIN",
-    "ENV",
-    "MODEL_NAME",
-    "POLL_S",
-    "PROJECT_DIR",
-    "DemoFailed",
-    "PipelineResult",
-    "ProcessTree",
-    "Served",
-    "Server",
-    "V2Client",
-    "VersionRecord",
-    "_finish_stragglers",
-    "_no_interrupts",
-    "_read_json",
-    "free_port",
-    "main",
-    "parse_args",
-    "report",
-    "run_pipeline",
-    "spawn",
-    "start_server",
-]
+from scripts.demo_client import DemoFailed
+from scripts.demo_pipeline import PipelineResult, VersionRecord, run_pipeline
+from scripts.demo_processes import PROJECT_DIR
 
 
 def _fmt(value: float | None, spec: str = ".4f", missing: str = "n/a") -> str:

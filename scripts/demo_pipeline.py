@@ -1,5 +1,5 @@
 """The train-while-serving pipeline: poll the server for new versions, measure each against
-the trainer's torch accuracy, and clean up everything started (see ``scripts/demo.py``)."""
+the trainer's torch accuracy, and clean up everything started (see :mod:`scripts.demo`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from demo_client import DemoFailed, V2Client
-from demo_processes import BIN, ProcessTree, Server, spawn, start_server
+
+from scripts.demo_client import DemoFailed, accuracy, ask
+from scripts.demo_processes import BIN, ProcessTree, Server, spawn, start_server
+from serving.v2_client import V2Client
 
 AGREE_TOL = 1e-9
 POLL_S = 0.02
@@ -103,7 +105,7 @@ def run_pipeline(
             f"repository={repository}",
             f"hydra.run.dir={train_dir}",
         ]
-        train = ProcessTree(spawn(command, workdir / "train.log"), "fedserve-train")
+        train = ProcessTree(spawn(command, workdir / "train.log"))
         print(f"  training: {' '.join(train_overrides)} (log {workdir / 'train.log'})", flush=True)
         probe = test_x[:1]
         deadline = time.monotonic() + train_timeout
@@ -113,13 +115,12 @@ def run_pipeline(
             done = train.process.poll() is not None
             fresh = []  # probe every server before measuring any (fair first-response times)
             for name, client in clients.items():
-                answered, _ = client.infer(probe)
+                answered, _ = ask(client, probe)
                 if answered is not None and answered not in pending[name]:
                     pending[name][answered] = Served(first_at=time.time())
                     fresh.append((name, answered))
             for name, version in fresh:
-                accuracy = clients[name].accuracy(test_x, test_y, version)
-                pending[name][version].accuracy = accuracy
+                pending[name][version].accuracy = accuracy(clients[name], test_x, test_y, version)
             history = _read_json(train_dir / "history.json") or history
             for entry in history.get("rounds", []):
                 version = entry.get("exported_version")
@@ -210,12 +211,12 @@ def _finish_stragglers(
         for name, client in clients.items():
             if name in record.served:
                 continue
-            accuracy = None
-            while accuracy is None and time.monotonic() < deadline:
-                accuracy = client.accuracy(test_x, test_y, version)
-                if accuracy is None:
+            measured = None
+            while measured is None and time.monotonic() < deadline:
+                measured = accuracy(client, test_x, test_y, version)
+                if measured is None:
                     time.sleep(0.1)
-            record.served[name] = Served(accuracy=accuracy)
+            record.served[name] = Served(accuracy=measured)
             record.served[name].timing = servers[name].timings().get(version, {})
         reported.add(version)
         if on_record is not None:

@@ -1,24 +1,30 @@
-"""Child processes of the launcher: free ports, readiness, and stopping whole process trees.
+"""Child processes: free ports, readiness, and stopping whole process trees.
+
+One home for what the launcher, the demo (``scripts/``), the benchmarks and the tests all need.
 
 Flower's SuperLink starts ``flower-superexec`` in a session of its own, which starts
-``flwr-simulation``, which starts Ray (raylet, gcs_server, one worker per actor). A SIGTERM to the
+``flwr-simulation``, which starts Ray (raylet, gcs_server, one worker per actor). A signal to the
 SuperLink's process group reaches none of those, and Ray's workers outlive a killed driver: so the
 whole tree is collected *before* anything is signalled, and whatever of it outlives the grace
-period is SIGKILLed.
+period is SIGKILLed. A zombie counts as stopped (on a machine whose PID 1 does not reap, a
+re-parented one stays a zombie forever).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import psutil
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -36,33 +42,105 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """Stop ``process``, its process group and every descendant (see the module docstring)."""
-    stop_process_groups([process], grace)
+def stop_process_group(
+    process: subprocess.Popen[bytes],
+    grace: float = 10.0,
+    first: int = signal.SIGTERM,
+    known: Iterable[psutil.Process] = (),
+) -> None:
+    """Stop ``process``, its group and every descendant; see :func:`stop_process_groups`."""
+    stop_process_groups([process], grace, first, known)
 
 
-def stop_process_groups(processes: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    """SIGTERM each group at once, wait up to ``grace`` s, then SIGKILL every straggler."""
-    tree = [child for process in processes for child in descendants(process.pid)]
+def stop_process_groups(
+    processes: Sequence[subprocess.Popen[bytes]],
+    grace: float = 10.0,
+    first: int = signal.SIGTERM,
+    known: Iterable[psutil.Process] = (),
+) -> None:
+    """Send ``first`` to each of ``processes`` at once, wait up to ``grace`` s, then SIGKILL every
+    straggler.
+
+    ``first`` goes to the process group of a process that leads one (started with
+    ``start_new_session=True``), else to the process alone (one that shares our session). The
+    stragglers are the groups, every descendant found before the signal, and ``known``: processes
+    seen below them earlier (see ``scripts/demo_processes.ProcessTree``), which may have been
+    re-parented since.
+    """
+    leaders = {p.pid for p in processes if _leads_group(p.pid)}
+    ours = {p.pid for p in processes}
+    tree = {child.pid: child for p in processes for child in descendants(p.pid)}
+    for proc in known:
+        if proc.pid not in ours:
+            tree.setdefault(proc.pid, proc)
     for process in processes:
         if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
+            _signal(process, first, process.pid in leaders)
     deadline = time.monotonic() + grace
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    _, alive = psutil.wait_procs(tree, timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:  # the leader may be gone while its group lingers
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+    alive = _wait_gone(list(tree.values()), deadline - time.monotonic())
+    for process in processes:
+        if process.poll() is None:
+            logger.warning(
+                "%s (pid %d) did not stop within %g s of signal %d: killing it",
+                _name(process),
+                process.pid,
+                grace,
+                first,
+            )
+        # the leader may be gone while its group lingers
+        _signal(process, signal.SIGKILL, process.pid in leaders)
     for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             child.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    _wait_gone(alive, grace)
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
+
+
+def _leads_group(pid: int) -> bool:
+    """Whether ``pid`` leads its process group; True for a reaped process, whose group may
+    linger (as before, a signal to a group that no longer exists is a no-op)."""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return True
+
+
+def _signal(process: subprocess.Popen[bytes], signum: int, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(process.pid, signum)
+        elif process.poll() is None:
+            process.send_signal(signum)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Poll until every process of ``procs`` has exited or is a zombie, or ``timeout`` passes;
+    returns those still running."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _name(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    if isinstance(args, list | tuple) and args:
+        args = args[0]
+    return Path(os.fsdecode(args)).name  # type: ignore[arg-type]
 
 
 def wait_for_port(

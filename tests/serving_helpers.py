@@ -5,7 +5,6 @@ publishing through :class:`serving.repository.ModelRepository`, and a real uvico
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from server.processes import free_port
 
 IN_FEATURES = 4
 CLASSES = 3
@@ -118,12 +119,6 @@ def publish_classifier(
         metadata={"round": seed, "metrics": {"accuracy": 0.5 + seed / 100}, "seed": seed},
         max_batch_size=max_batch_size,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -24,12 +24,12 @@ from serving_helpers import (
     CLASSES,
     IN_FEATURES,
     classifier_weights,
-    free_port,
     publish_classifier,
     running_server,
 )
 from tritonclient.utils import InferenceServerException
 
+from server.processes import free_port
 from serving.api import ApiSettings, create_app
 from serving.dataplane import DataPlane
 from serving.pool import PoolSettings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
 import subprocess
@@ -11,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from process_marker import marked_env, new_marker, wait_until_marked_gone
+
+from scripts.demo import parse_args, report
+from scripts.demo_pipeline import PipelineResult, Served, VersionRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(
@@ -25,7 +27,8 @@ def test_reduced_demo_serves_every_round_with_torch_accuracy(tmp_path: Path) -> 
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "demo.py"),
+            "-m",
+            "scripts.demo",
             "--rounds=2",
             "--clients=4",
             "--min-accuracy=0.5",
@@ -33,7 +36,7 @@ def test_reduced_demo_serves_every_round_with_torch_accuracy(tmp_path: Path) -> 
             "--",
             "train.local_epochs=2",
         ],
-        cwd=tmp_path,
+        cwd=ROOT,
         env=marked_env(marker),
         capture_output=True,
         text=True,
@@ -53,39 +56,29 @@ def test_reduced_demo_serves_every_round_with_torch_accuracy(tmp_path: Path) -> 
     assert wait_until_marked_gone(marker) == []
 
 
-def _demo_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("fedserve_demo", ROOT / "scripts" / "demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_failed_check_exits_1_and_names_it(capsys) -> None:  # type: ignore[no-untyped-def]
-    demo = _demo_module()
-    agree = demo.VersionRecord(1, 1, 1, 0.5, {"params_at": 10.0})
-    agree.served["demo"] = demo.Served(first_at=10.4, accuracy=0.5)
-    flipped = demo.VersionRecord(2, 2, 2, 0.75, {"params_at": 20.0})
-    flipped.served["demo"] = demo.Served(first_at=20.3, accuracy=0.75 - 1 / 360)
+    agree = VersionRecord(1, 1, 1, 0.5, {"params_at": 10.0})
+    agree.served["demo"] = Served(first_at=10.4, accuracy=0.5)
+    flipped = VersionRecord(2, 2, 2, 0.75, {"params_at": 20.0})
+    flipped.served["demo"] = Served(first_at=20.3, accuracy=0.75 - 1 / 360)
     history = {
         "rounds": [{"version": 1, "exported_version": 1}, {"version": 2, "exported_version": 2}],
         "final_test_acc": 0.75,
     }
-    result = demo.PipelineResult([agree, flipped], 0, {"demo": True}, 12.0, history)
-    args = demo.parse_args(["--rounds=2", "--min-accuracy=0.9"])
-    assert demo.report(result, args, ROOT) == 1
+    result = PipelineResult([agree, flipped], 0, {"demo": True}, 12.0, history)
+    args = parse_args(["--rounds=2", "--min-accuracy=0.9"])
+    assert report(result, args, ROOT) == 1
     out = capsys.readouterr().out
     assert "CHECK FAILED: version 2: served accuracy 0.747222 != torch accuracy 0.750000" in out
     assert "CHECK FAILED: final test accuracy 0.75 is below --min-accuracy=0.9" in out
     assert "median 0.350 s" in out  # latencies 0.4 and 0.3 s
     assert "all checks passed" not in out
 
-    agree_only = demo.PipelineResult(
+    agree_only = PipelineResult(
         [agree], 0, {"demo": True}, 5.0, {**history, "rounds": history["rounds"][:1]}
     )
-    args = demo.parse_args(["--rounds=1", "--min-accuracy=0.5"])
-    assert demo.report(agree_only, args, ROOT) == 0
+    args = parse_args(["--rounds=1", "--min-accuracy=0.5"])
+    assert report(agree_only, args, ROOT) == 0
     assert "all checks passed" in capsys.readouterr().out
 
 
@@ -96,13 +89,14 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "scripts" / "demo.py"),
+            "-m",
+            "scripts.demo",
             "--rounds=20",
             "--clients=2",
             "--model=mlp",
             f"--workdir={tmp_path}",
         ],
-        cwd=tmp_path,
+        cwd=ROOT,
         env=marked_env(marker),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.py runs in one go: without a GPU it says so and exits 0; every section's
-code runs with the CPU standing in for the GPU (``--cpu-stand-in``, slow). The same for
-benchmarks/gpu_conv_search.py (cnn only)."""
+"""``python -m benchmarks.gpu.check`` runs in one go: without a GPU it says so and exits 0; every
+section's code runs with the CPU standing in for the GPU (``--cpu-stand-in``, slow). The same for
+``benchmarks.gpu.conv_search`` (cnn only)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def _run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, module: str = "benchmarks.gpu.check") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(script), *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -51,8 +50,7 @@ def test_every_section_runs_with_the_cpu_standing_in() -> None:
 
 
 def test_conv_search_script_runs_every_mode_with_the_cpu_standing_in() -> None:
-    script = ROOT / "benchmarks" / "gpu_conv_search.py"
-    result = _run("--cpu-stand-in", "--models", "cnn", script=script)
+    result = _run("--cpu-stand-in", "--models", "cnn", module="benchmarks.gpu.conv_search")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("cnn ")]
     assert [(r[1], r[2]) for r in rows] == [

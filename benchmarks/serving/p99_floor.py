@@ -7,9 +7,11 @@ collector's generations); ``nogc`` (``gc.disable()``: no collection at all); ``s
 (``sys.setswitchinterval``: how long a thread waits for the GIL). Prints req/s, p50/p99 and the
 server's and wrk's CPU in cores per variant and round.
 
-    .venv/bin/python benchmarks/p99_floor.py                                     # ~2 min
-    .venv/bin/python benchmarks/p99_floor.py --variants default,switch200 \
+    .venv/bin/python -m benchmarks.serving.p99_floor                             # ~2 min
+    .venv/bin/python -m benchmarks.serving.p99_floor --variants default,switch200 \
         --server serving.inline_max_ms=0
+
+The variants run as :mod:`benchmarks.serving.serve_variant`.
 """
 
 from __future__ import annotations
@@ -19,28 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
-
-from bench_models import bodies_for, export_models  # noqa: E402
-from bench_servers import free_port, server_process  # noqa: E402
-from load import wrk_load  # noqa: E402
+from benchmarks.serving.load import wrk_available, wrk_load
+from benchmarks.serving.models import bodies_for, export_models
+from benchmarks.serving.servers import server_process
+from server.processes import free_port
 
 VARIANTS = ("default", "freeze", "nogc")  # and switch<us>: sys.setswitchinterval(<us> / 1e6)
-
-WRAPPER = """
-import gc, sys
-mode = sys.argv.pop(1)
-if mode == "freeze":
-    gc.freeze()
-elif mode == "nogc":
-    gc.disable()
-elif mode.startswith("switch"):
-    sys.setswitchinterval(float(mode[len("switch"):]) / 1e6)
-sys.argv[0] = "fedserve-serve"
-from serving.cli import main
-main()
-"""
 
 
 def main() -> None:
@@ -55,13 +41,13 @@ def main() -> None:
         "serving.inline_max_ms=0 (engine threads instead of inline runs in the event loop)",
     )
     args = parser.parse_args()
+    if not wrk_available():
+        parser.error("wrk is needed for the load: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="fedserve-p99-") as tmp:
         repo = Path(tmp, "repo")
         repo.mkdir()
         info = export_models(repo, ["cnn"])["cnn"]
         body, header_length = bodies_for(info)[1]
-        wrapper = Path(tmp, "serve_variant.py")
-        wrapper.write_text(WRAPPER)
         print("variant    round    req/s  p50 ms  p99 ms  server cores  wrk cores")
         for round_index in range(1, args.rounds + 1):
             for variant in args.variants.split(","):
@@ -69,7 +55,8 @@ def main() -> None:
                 base = f"http://127.0.0.1:{port}"
                 cmd = [
                     sys.executable,
-                    str(wrapper),
+                    "-m",
+                    "benchmarks.serving.serve_variant",
                     variant,
                     f"repository={repo}",
                     f"port={port}",
@@ -77,7 +64,7 @@ def main() -> None:
                     "models=[cnn]",
                     *args.server,
                 ]
-                with server_process(cmd, f"{base}/v2/models/cnn/ready", variant) as proc:
+                with server_process(cmd, base, variant, "cnn") as proc:
                     r = wrk_load(
                         f"{base}/v2/models/cnn/infer",
                         body,

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of one session, in one go, on a machine with an NVIDIA GPU:
 #
-#   SHIP=/tmp/ship OUT=/tmp/gpu-out [STEPS="check conv cuda cpu"] bash benchmarks/gpu_session.sh
+#   SHIP=/tmp/ship OUT=/tmp/gpu-out [STEPS="check conv cuda cpu"] bash benchmarks/gpu/session.sh
 #
-# 1. benchmarks/gpu_check.py: versions, ORT CUDA EP vs torch inference, client training and the
+# from the repository root (every step runs `python -m benchmarks...`):
+# 1. benchmarks.gpu.check: versions, ORT CUDA EP vs torch inference, client training and the
 #    ClientApp's train handler on CUDA vs CPU, the providers the serving pool's engines obtain;
-#    benchmarks/gpu_conv_search.py: cuDNN's algorithm search modes vs dynamic batch shapes;
-# 2. benchmarks/serving_bench.py --providers cuda: our KServe v2 server with its engines on the CUDA
+#    benchmarks.gpu.conv_search: cuDNN's algorithm search modes vs dynamic batch shapes;
+# 2. benchmarks.serving.bench --providers cuda: our KServe v2 server with its engines on the CUDA
 #    EP vs raw onnxruntime CUDA sessions vs a no-op endpoint, least-loaded vs round-robin, the
 #    dispatcher's overhead;
-# 3. benchmarks/serving_bench.py --providers cpu on this machine's cores (the 2-core CI machine
+# 3. benchmarks.serving.bench --providers cpu on this machine's cores (the 2-core CI machine
 #    cannot show what a bigger CPU does with the batch-1 and policy loads).
 #
 # Written for machines with no package index whose python3 already holds torch: what else the
@@ -18,6 +19,7 @@
 # /tmp/site. Where pip works, `pip install -e .` replaces all that. Each step has its own time
 # limit and a failure does not stop the next one; logs and results go to $OUT.
 set -u
+cd "$(dirname "$0")/../.."  # the repository root: python -m benchmarks..., PYTHONPATH=$PWD
 SHIP=${SHIP:-/tmp/ship}
 OUT=${OUT:-/tmp/gpu-out}
 SITE=/tmp/site
@@ -57,23 +59,23 @@ wrk --version 2>&1 | head -1
 
 STEPS=" ${STEPS:-check conv cuda cpu} "
 if [[ $STEPS == *" check "* ]]; then
-    step "gpu_check.py"
-    timeout 200 $PY benchmarks/gpu_check.py --seconds 1 2>&1 | tee "$OUT/gpu_check.log"
+    step "benchmarks.gpu.check"
+    timeout 200 $PY -m benchmarks.gpu.check --seconds 1 2>&1 | tee "$OUT/gpu_check.log"
 fi
 if [[ $STEPS == *" conv "* ]]; then
-    step "gpu_conv_search.py"
-    timeout 120 $PY benchmarks/gpu_conv_search.py 2>&1 | grep -v "^\[" | tee "$OUT/conv_search.log"
+    step "benchmarks.gpu.conv_search"
+    timeout 120 $PY -m benchmarks.gpu.conv_search 2>&1 | grep -v "^\[" | tee "$OUT/conv_search.log"
 fi
 if [[ $STEPS == *" cuda "* ]]; then
-    step "serving_bench.py --providers cuda"
-    timeout "${CUDA_BENCH_S:-260}" $PY benchmarks/serving_bench.py --providers cuda --skip-ray \
+    step "benchmarks.serving.bench --providers cuda"
+    timeout "${CUDA_BENCH_S:-260}" $PY -m benchmarks.serving.bench --providers cuda --skip-ray \
         --models cnn,resnet18 --rounds 2 --window 2 --out "$OUT/serving-cuda.json" \
         >"$OUT/serving-cuda.log" 2>&1
     tail -n 60 "$OUT/serving-cuda.log"
 fi
 if [[ $STEPS == *" cpu "* ]]; then
-    step "serving_bench.py --providers cpu ($(nproc) cores)"
-    timeout "${CPU_BENCH_S:-110}" $PY benchmarks/serving_bench.py --providers cpu --skip-ray \
+    step "benchmarks.serving.bench --providers cpu ($(nproc) cores)"
+    timeout "${CPU_BENCH_S:-110}" $PY -m benchmarks.serving.bench --providers cpu --skip-ray \
         --models cnn --sections http,policy --rounds 1 --window 2 \
         --out "$OUT/serving-cpu.json" >"$OUT/serving-cpu.log" 2>&1
     tail -n 40 "$OUT/serving-cpu.log"

@@ -1,6 +1,6 @@
 """Time to a test accuracy with a quarter of the clients 5x slower: FedBuff (async) vs sync FedAdam.
 
-The MNIST setup of ``strategies.py`` (``common.IDX_SETUP``) plus ``heterogeneity.slow_fraction=0.25
+The MNIST setup of ``strategies.py`` (``jobs.IDX_SETUP``) plus ``heterogeneity.slow_fraction=0.25
 slow_factor=5``: a seeded quarter of the 20 clients takes 5x its work (CPU seconds of training),
 sleeping the difference (``client/heterogeneity.py``). Both jobs stop at ``--target`` test
 accuracy (``stop_at_accuracy``).
@@ -59,10 +59,11 @@ over them runs sync once.
 medians, and the verdict is on the median of the per-pair ratios (the machine is shared and noisy,
 and the arrival order differs from run to run).
 
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10  # ~20 min
-    nice -n 10 .venv/bin/python benchmarks/async_vs_sync.py --slots 20 --device-factor 10 \
-        --selection uniform --only async       # FedBuff's uniform picking vs the same syncs
-    .venv/bin/python benchmarks/async_vs_sync.py --quick               # 2 versions each (smoke)
+    nice -n 10 .venv/bin/python -m benchmarks.training.async_vs_sync --slots 20 \
+        --device-factor 10                                       # ~20 min
+    nice -n 10 .venv/bin/python -m benchmarks.training.async_vs_sync --slots 20 \
+        --device-factor 10 --selection uniform --only async     # uniform picking vs the same syncs
+    .venv/bin/python -m benchmarks.training.async_vs_sync --quick  # 2 versions each (smoke)
 """
 
 from __future__ import annotations
@@ -70,25 +71,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from async_vs_sync_report import report  # noqa: E402
-from common import (  # noqa: E402
-    IDX_SETUP,
-    RESULTS,
-    RUNS,
-    JobResult,
-    exit_on_sigterm,
-    machine,
-    median,
-    run_job,
-    write_json,
-)
+from benchmarks.common import RESULTS, machine, median, write_json
+from benchmarks.training.async_vs_sync_report import report
+from benchmarks.training.jobs import IDX_SETUP, RUNS, JobResult, exit_on_sigterm, run_job
 
 HETEROGENEITY = ["heterogeneity.slow_fraction=0.25", "heterogeneity.slow_factor=5"]
 

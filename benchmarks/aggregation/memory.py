@@ -22,8 +22,8 @@ ours (validate + fold into the float64 sum), ours fold-only (pre-validated), Flo
 ``aggregate_train``, and a plain numpy weighted sum ``acc[k] += w * d[k]`` of the same arrays with
 a float32 and a float64 accumulator.
 
-    .venv/bin/python benchmarks/aggregation_memory.py           # 100 replies, 3 repeats (~3 min)
-    .venv/bin/python benchmarks/aggregation_memory.py --quick   # 10 replies, 1 repeat
+    .venv/bin/python -m benchmarks.aggregation.memory           # 100 replies, 3 repeats (~3 min)
+    .venv/bin/python -m benchmarks.aggregation.memory --quick   # 10 replies, 1 repeat
 """
 
 from __future__ import annotations
@@ -33,22 +33,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.aggregation.worker import Spec
+from benchmarks.common import RESULTS, ROOT, machine, median, table, write_json
 
-from aggregation_worker import Spec  # noqa: E402
-from common import RESULTS, ROOT, machine, median, table, write_json  # noqa: E402
-
-WORKER = Path(__file__).with_name("aggregation_worker.py")  # runs each measurement, no torch
+WORKER = "benchmarks.aggregation.worker"  # runs each measurement, never imports torch
 # Memory does not depend on BLAS threads; one keeps the memory runs short on a loaded machine.
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------- parent side
 def resnet18_spec() -> Spec:
-    sys.path.insert(0, str(ROOT))
     from task.models import build_model
 
     model = build_model("resnet18", (3, 32, 32), 10)
@@ -60,7 +56,7 @@ def run_worker(
 ) -> dict[str, Any]:
     payload = json.dumps({"mode": mode, "spec": spec, **kwargs})
     out = subprocess.run(
-        [sys.executable, str(WORKER)],
+        [sys.executable, "-m", WORKER],
         input=payload,
         capture_output=True,
         text=True,

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import JobResult, load_job
-from strategy_grid import Cell, grid
+from benchmarks.training.jobs import JobResult, load_job
+from benchmarks.training.strategy_grid import Cell, grid
 
 
 def resumable(out: Path, runs: Path, cap: int, momentum: float) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Serving benchmark: our KServe v2 server vs the hardware, a no-op endpoint and Ray Serve.
 
-    .venv/bin/python benchmarks/serving_bench.py                        # everything, both models
-    .venv/bin/python benchmarks/serving_bench.py --models cnn --sections http,policy
-    .venv/bin/python benchmarks/serving_bench.py --skip-ray
+    .venv/bin/python -m benchmarks.serving.bench                        # everything, both models
+    .venv/bin/python -m benchmarks.serving.bench --models cnn --sections http,policy
+    .venv/bin/python -m benchmarks.serving.bench --skip-ray
 
 For the MNIST ``cnn`` (FedAvg paper CNN, 1x28x28, 10 classes) and ``resnet18`` (3x32x32), random
 weights, exported through ``server/export.py`` into a temporary model repository, it prints:
@@ -26,16 +26,16 @@ round-robin) for one window after its own warm-up, and the tables give medians o
 (``--rounds``, default 3) and the median of the per-round ratios. A load whose steady-state latency
 is seconds (ResNet-18 with 32 x 64-row requests: ~2,000 queued images, ~15 s) gets a warm-up of 1.5x
 that latency and a window of up to 8 s, so its rounds take ~30 s each. Load comes from wrk
-(``benchmarks/load.py``); latency is per request, send to last byte. Client, server and machine CPU
+(``load``); latency is per request, send to last byte. Client, server and machine CPU
 are reported in cores so the reader can see who was the bottleneck, and "images per server
 core-second" is given next to images/s because it does not depend on how much of the shared machine
 the run got. Results also go to ``--out`` (default ``benchmarks/results/serving.json``).
 
-This file is the CLI (options, orchestration, output); the work is in its neighbours:
-``bench_config`` (constants), ``bench_models`` (export, request bodies), ``bench_servers``
-(the server subprocesses), ``bench_paired`` (interleaved measurement, medians, ratios),
-``bench_ceiling``, ``bench_http``, ``bench_ray``, ``bench_policy``, ``bench_overhead`` (one
-section each) and ``bench_tables`` (the report).
+This module is the CLI (options, orchestration, output); the work is in its neighbours in
+``benchmarks.serving``: ``config`` (constants), ``models`` (export, request bodies), ``servers``
+(the server subprocesses: ``noop_app``, ``slow_server``), ``load`` (wrk), ``paired`` (interleaved
+measurement, medians, ratios), ``ceiling``, ``section_http``, ``section_ray``, ``section_policy``,
+``section_dispatch`` (one section each) and ``tables`` (the report).
 """
 
 from __future__ import annotations
@@ -52,20 +52,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# the repository root first, so `serving` is the package whatever the working directory
-sys.path[:0] = [str(ROOT), str(HERE)]
-
-from bench_ceiling import ceiling_once  # noqa: E402
-from bench_config import BATCHES, MODELS, SECTIONS  # noqa: E402
-from bench_http import http_section  # noqa: E402
-from bench_models import export_models  # noqa: E402
-from bench_overhead import dispatch_section  # noqa: E402
-from bench_policy import policy_section  # noqa: E402
-from bench_ray import ray_section  # noqa: E402
-from bench_tables import report  # noqa: E402
-from load import wrk_available  # noqa: E402
+from benchmarks.common import RESULTS
+from benchmarks.serving.ceiling import ceiling_once
+from benchmarks.serving.config import BATCHES, MODELS, SECTIONS
+from benchmarks.serving.load import wrk_available
+from benchmarks.serving.models import export_models
+from benchmarks.serving.section_dispatch import dispatch_section
+from benchmarks.serving.section_http import http_section
+from benchmarks.serving.section_policy import policy_section
+from benchmarks.serving.section_ray import ray_section
+from benchmarks.serving.tables import report
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ceiling_s, args.dispatch_n = 0.5, 2000
     if args.out is None:
         name = "serving-quick.json" if args.quick else "serving.json"
-        args.out = str(HERE / "results" / name)
+        args.out = str(RESULTS / name)
     logging.basicConfig(level=logging.WARNING)
     names = [m for m in args.models.split(",") if m]
     sections = set(args.sections.split(","))
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {
         "machine": machine(args.providers),
-        "command": " ".join([".venv/bin/python benchmarks/serving_bench.py", *given]),
+        "command": " ".join([".venv/bin/python -m benchmarks.serving.bench", *given]),
         "models": {},
     }
     tmp = Path(tempfile.mkdtemp(prefix="fedserve-bench-"))

@@ -12,32 +12,46 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_config import BATCHES, HEADER, ROOT
-from bench_models import bodies_for
-from bench_paired import Load, paired, paired_ratio, summary
-from bench_servers import free_port, our_server, post
+
+from benchmarks.common import ROOT
+from benchmarks.serving.config import BATCHES
+from benchmarks.serving.models import bodies_for
+from benchmarks.serving.paired import Load, paired, paired_ratio, summary
+from benchmarks.serving.servers import our_server
+from server.processes import free_port
+from serving.protocol import HEADER_LENGTH
+from serving.v2_client import V2Client
 
 
-def _ray_deployment(root: str) -> Any:
-    """The Ray Serve deployment class (imports ray); its replicas put ``root`` on ``sys.path``."""
+def _replica_env() -> dict[str, Any]:
+    """The replicas' runtime env: the repository root on ``PYTHONPATH``, so that they import
+    this checkout's ``serving`` whatever directory the benchmark was started from (Ray itself
+    only adds the driver's working directory to its workers' path)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+def _ray_deployment() -> Any:
+    """The Ray Serve deployment class (imports ray)."""
     from ray import serve
     from starlette.requests import Request as StarletteRequest
     from starlette.responses import Response
 
-    @serve.deployment(num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+    @serve.deployment(
+        num_replicas=2,
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 1, "runtime_env": _replica_env()},
+    )
     class OrtModel:
         """One onnxruntime session (1 intra-op thread) per replica; requests are the same binary
         KServe v2 bodies, decoded with serving.protocol, batched by @serve.batch up to 64 rows."""
 
         def __init__(self, path: str, input_name: str, output_name: str) -> None:
-            if root not in sys.path:
-                sys.path.insert(0, root)
             import onnxruntime as ort
 
             from serving.protocol import decode_request, encode_response
@@ -66,13 +80,15 @@ def _ray_deployment(root: str) -> Any:
 
         async def __call__(self, request: StarletteRequest) -> Response:
             body = await request.body()
-            ireq = self.decode(body, request.headers.get(HEADER))
+            ireq = self.decode(body, request.headers.get(HEADER_LENGTH))
             y = await self.predict(ireq.inputs[self.input_name])
             payload, hlen = self.encode(
                 "model", "1", {self.output_name: y}, [self.output_name], ireq
             )
             return Response(
-                payload, media_type="application/octet-stream", headers={HEADER: str(hlen)}
+                payload,
+                media_type="application/octet-stream",
+                headers={HEADER_LENGTH: str(hlen)},
             )
 
     return OrtModel
@@ -143,7 +159,7 @@ def ray_section(
         )
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deployment = _ray_deployment(str(ROOT))
+        deployment = _ray_deployment()
         for name, info in infos.items():
             bodies = bodies_for(info)
             serve.run(
@@ -152,10 +168,11 @@ def ray_section(
                 route_prefix=f"/v2/models/{name}/infer",
             )
             ray_url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
-            for rows in BATCHES:
-                body, hlen = bodies[rows]
-                status, _, resp = post(ray_url, body, hlen)
-                assert status == 200, (status, resp[:200])
+            with V2Client(f"127.0.0.1:{port}", timeout=120.0) as client:
+                for rows in BATCHES:
+                    body, hlen = bodies[rows]
+                    answer = client.post(f"/v2/models/{name}/infer", body, hlen)
+                    assert answer.status == 200, (answer.status, answer.body[:200])
             if "startup_s" not in out:
                 out["startup_s"] = time.perf_counter() - started
                 ray_pids = sorted(set(_descendants()) - before)

@@ -7,7 +7,7 @@ import argparse
 import time
 from typing import Any
 
-from bench_config import BATCHES, CONNECTIONS
+from benchmarks.serving.config import BATCHES, CONNECTIONS
 
 
 def fmt(v: float, digits: int = 0) -> str:
@@ -59,7 +59,7 @@ def met(ok: bool) -> str:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
-    """The whole report of ``results`` (what ``serving_bench.main`` collected) as text."""
+    """The whole report of ``results`` (what ``bench.main`` collected) as text."""
     lines = [
         f"# Serving benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         f"machine: {results['machine']}",

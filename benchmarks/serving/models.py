@@ -3,12 +3,13 @@ and the binary KServe v2 request bodies sent to them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_config import BATCHES, MODELS
+
+from benchmarks.serving.config import BATCHES, MODELS
+from serving.v2_client import encode_request
 
 
 def export_models(repo_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -48,30 +49,16 @@ def export_models(repo_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]
     return info
 
 
-def binary_body(x: np.ndarray, input_name: str, output_name: str) -> tuple[bytes, int]:
-    """A binary-tensor KServe v2 request (what tritonclient sends) and its JSON header length."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": input_name,
-                    "datatype": "FP32",
-                    "shape": list(x.shape),
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
-        },
-        separators=(",", ":"),
-    ).encode()
-    return header + x.tobytes(), len(header)
-
-
 def bodies_for(info: dict[str, Any]) -> dict[int, tuple[bytes, int]]:
-    """Per batch size of ``BATCHES``: a request body of random rows (seeded by the batch size)
-    for the model ``info`` describes, and its header length."""
+    """Per batch size of ``BATCHES``: a binary-tensor request body (what tritonclient sends) of
+    random rows (seeded by the batch size) for the model ``info`` describes, and its JSON header
+    length."""
     out = {}
     for rows in BATCHES:
         x = np.random.default_rng(rows).standard_normal((rows, *info["shape"]))
-        out[rows] = binary_body(x.astype(np.float32), info["input"], info["output"])
+        body, header_length = encode_request(
+            {info["input"]: x.astype(np.float32)}, [info["output"]]
+        )
+        assert header_length is not None  # binary
+        out[rows] = (body, header_length)
     return out

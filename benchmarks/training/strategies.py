@@ -1,6 +1,6 @@
 """Rounds to 97% test accuracy: Flower's FedAvg vs our FedAvg, FedAvgM, FedAdam and FedYogi.
 
-The issue's setup (``common.IDX_SETUP``): MNIST as idx files (8,000 train / 2,000 test), 20
+The issue's setup (``jobs.IDX_SETUP``): MNIST as idx files (8,000 train / 2,000 test), 20
 clients, Dirichlet(α=0.3) label skew, the FedAvg CNN, 1 local epoch of batch 32. Every strategy
 runs a small grid of client lr × server lr, each cell one ``fedserve-train`` job with
 ``stop_at_accuracy=<target>`` and a cap of ``--rounds`` rounds; a strategy is compared at its best
@@ -28,8 +28,8 @@ Two rules keep the grid affordable without changing any strategy's best cell:
 
 Run from the repository root::
 
-    nice -n 10 .venv/bin/python benchmarks/strategies.py    # the full grid (~1 h on 2 cores)
-    .venv/bin/python benchmarks/strategies.py --quick        # 2 cells x 2 rounds: a smoke run
+    nice -n 10 .venv/bin/python -m benchmarks.training.strategies  # the full grid (~1 h, 2 cores)
+    .venv/bin/python -m benchmarks.training.strategies --quick     # 2 cells x 2 rounds (smoke run)
 
 Results: ``benchmarks/results/strategies.json`` (updated after every cell; ``--resume`` skips the
 cells already in it), job directories under ``outputs/benchmarks/strategies/``.
@@ -39,33 +39,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    IDX_SETUP,
-    RESULTS,
-    RUNS,
-    JobResult,
-    exit_on_sigterm,
-    machine,
-    median,
-    run_job,
-    table,
-    write_json,
-)
-from strategy_grid import (  # noqa: E402
-    GRIDS,
-    SERVER_OPTIMIZERS,
-    STRATEGIES,
-    Cell,
-    grid,
-)
-from strategy_results import entry_of, resumable, reusable, with_pending  # noqa: E402
+from benchmarks.common import RESULTS, machine, median, table, write_json
+from benchmarks.training.jobs import IDX_SETUP, RUNS, JobResult, exit_on_sigterm, run_job
+from benchmarks.training.strategy_grid import GRIDS, SERVER_OPTIMIZERS, STRATEGIES, Cell, grid
+from benchmarks.training.strategy_results import entry_of, resumable, reusable, with_pending
 
 DIVERGED_AFTER = 10  # rounds
 DIVERGED_BELOW = 0.2  # best test accuracy

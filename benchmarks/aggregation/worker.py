@@ -1,7 +1,9 @@
-"""The measuring side of ``aggregation_memory.py``: one job per fresh subprocess, never torch.
+"""The measuring side of :mod:`benchmarks.aggregation.memory`: one job per fresh subprocess,
+never torch.
 
 Reads a JSON job on stdin (``mode`` memory or throughput, the model ``spec`` and the mode's
-knobs), prints one JSON result line. Started by ``aggregation_memory.run_worker``.
+knobs), prints one JSON result line. Started as ``python -m benchmarks.aggregation.worker`` from
+the repository root by ``memory.run_worker``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,9 @@ import os
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, median  # noqa: E402
+from benchmarks.common import median
 
 Spec = list[tuple[str, list[int], str]]  # (key, shape, dtype) in state_dict order
 
@@ -26,7 +25,6 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from flwr.supercore.task_identity import TaskIdentity
 
-    sys.path.insert(0, str(ROOT))
     # Flower 1.42 stamps run/node ids on every Message it builds; set them outside a runtime.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 11, 1
     spec: Spec = [(k, list(s), d) for k, s, d in job["spec"]]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import JobResult, median, table  # noqa: E402
+from benchmarks.common import median, table
+from benchmarks.training.jobs import JobResult
 
 
 def report(results: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""What runs where on this machine, and how fast: run ``python benchmarks/gpu_check.py`` in one go.
+"""What runs where on this machine, and how fast: ``python -m benchmarks.gpu.check``, in one go.
 
 Prints
 
@@ -37,17 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-from serving.engine import Engine  # noqa: E402
-from serving.providers import CPU, CUDA, cuda_usable  # noqa: E402
+from serving.engine import Engine
+from serving.providers import CPU, CUDA, cuda_usable
 
 SHAPES = {"cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 BATCHES = (1, 64)

@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench_config import BATCHES
-from bench_models import bodies_for
-from bench_paired import Load, paired, paired_ratio, summary
-from bench_servers import slow_servers
+from benchmarks.serving.config import BATCHES
+from benchmarks.serving.models import bodies_for
+from benchmarks.serving.paired import Load, paired, paired_ratio, summary
+from benchmarks.serving.servers import slow_servers
 
 
 def policy_section(

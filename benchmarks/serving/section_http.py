@@ -7,11 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench_ceiling import ceiling_once
-from bench_config import BATCHES, HEADER
-from bench_models import bodies_for
-from bench_paired import Load, paired, paired_ratio, summary
-from bench_servers import noop_server, our_server, post
+from benchmarks.serving.ceiling import ceiling_once
+from benchmarks.serving.config import BATCHES
+from benchmarks.serving.models import bodies_for
+from benchmarks.serving.paired import Load, paired, paired_ratio, summary
+from benchmarks.serving.servers import noop_server, our_server
+from serving.protocol import HEADER_LENGTH
+from serving.v2_client import V2Client
 
 
 def http_section(
@@ -23,13 +25,13 @@ def http_section(
     bodies = bodies_for(info)
     raw: dict[str, Any] = {}
     ctx, base = our_server(repo, name, [f"serving.providers={args.providers}"])
-    with ctx as ours:
+    with ctx as ours, V2Client(base, timeout=120.0) as client:
         url = f"{base}/v2/models/{name}/infer"
         answers = {}
         for body, hlen in bodies.values():
-            status, headers, resp = post(url, body, hlen)
-            assert status == 200, (status, resp[:200])
-            answers[len(body)] = (resp.hex(), headers.get(HEADER) or headers.get(HEADER.lower()))
+            answer = client.post(f"/v2/models/{name}/infer", body, hlen)
+            assert answer.status == 200, (answer.status, answer.body[:200])
+            answers[len(body)] = (answer.body.hex(), answer.headers[HEADER_LENGTH.lower()])
         with noop_server(answers) as (noop, nbase):
             for rows in BATCHES:
                 body, hlen = bodies[rows]

@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 
-from bench_config import CONNECTIONS
-from load import wrk_load
-
-
-def median(values: Sequence[float]) -> float:
-    """Median of the values that are not NaN (NaN if none is)."""
-    vals = [v for v in values if v == v]
-    return float(statistics.median(vals)) if vals else float("nan")
+from benchmarks.common import median
+from benchmarks.serving.config import CONNECTIONS
+from benchmarks.serving.load import wrk_load
 
 
 def progress(label: str, r: dict) -> None:

@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 import numpy as np
-from bench_config import CONNECTIONS
+
+from benchmarks.serving.config import CONNECTIONS
 
 
 class NullEngine:

@@ -24,36 +24,27 @@ total                 params_at -> first response (medians do not add up exactly
 ====================  ================================================================
 
 Prints the table of medians over the run's versions (the two columns share the trainer's
-stages: same run). Usage: ``python benchmarks/train_to_serve.py [--rounds 5] [--clients 10]
-[--model cnn] [--no-reference] [-- extra fedserve-train overrides]``.
+stages: same run). Usage: ``python -m benchmarks.serving.train_to_serve [--rounds 5]
+[--clients 10] [--model cnn] [--no-reference] [-- extra fedserve-train overrides]``. The run is
+the demo's pipeline (:func:`scripts.demo_pipeline.run_pipeline`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts.demo_pipeline import VersionRecord, run_pipeline
 
-
-def _load_demo() -> Any:
-    spec = importlib.util.spec_from_file_location("fedserve_demo", ROOT / "scripts" / "demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+Stage = Callable[[VersionRecord, str], float | None]  # (record, server name) -> seconds
 
 
-demo = _load_demo()
-
-Stage = Callable[[Any, str], float | None]  # (VersionRecord, server name) -> seconds
+def _seconds(value: float | None) -> str:
+    return "n/a s" if value is None else f"{value:.3f} s"
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -68,11 +59,11 @@ def _watcher(key: str) -> Stage:
     return lambda record, name: record.served[name].timing.get(key)
 
 
-def _evaluate(record: Any, name: str) -> float | None:
+def _evaluate(record: VersionRecord, name: str) -> float | None:
     return _diff(record.trainer.get("evaluated_at"), record.trainer.get("params_at"))
 
 
-def _write(record: Any, name: str) -> float | None:
+def _write(record: VersionRecord, name: str) -> float | None:
     t = record.trainer
     if not {"evaluated_at", "export_s", "check_s"} <= set(t):
         return None
@@ -80,12 +71,12 @@ def _write(record: Any, name: str) -> float | None:
     return _diff(record.served[name].timing.get("published_at"), checked)
 
 
-def _detect(record: Any, name: str) -> float | None:
+def _detect(record: VersionRecord, name: str) -> float | None:
     timing = record.served[name].timing
     return _diff(timing.get("detected_at"), timing.get("published_at"))
 
 
-def _first_response(record: Any, name: str) -> float | None:
+def _first_response(record: VersionRecord, name: str) -> float | None:
     served = record.served[name]
     return _diff(served.first_at, served.timing.get("serving_at"))
 
@@ -105,7 +96,7 @@ STAGES: list[tuple[str, Stage]] = [
 ]
 
 
-def breakdown(records: list[Any], servers: list[str]) -> str:
+def breakdown(records: list[VersionRecord], servers: list[str]) -> str:
     """The table: one row per stage, one column per server, medians in seconds."""
     head = f"| {'stage (median s)':<18} |" + "".join(f" {name:>10} |" for name in servers)
     lines = [head, "|" + "-" * 20 + "|" + "".join("-" * 12 + "|" for _ in servers)]
@@ -148,13 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"train->serve latency, {' '.join(train)}; outputs in {workdir}", flush=True)
 
-    def show(record: Any) -> None:
-        latencies = ", ".join(
-            f"{name} {demo._fmt(record.latency(name), '.3f')} s" for name in servers
-        )
+    def show(record: VersionRecord) -> None:
+        latencies = ", ".join(f"{name} {_seconds(record.latency(name))}" for name in servers)
         print(f"  version {record.version}: {latencies}", flush=True)
 
-    result = demo.run_pipeline(workdir, train, servers, on_record=show)
+    result = run_pipeline(workdir, train, servers, on_record=show)
     if result.train_returncode != 0:
         print(f"fedserve-train exited with {result.train_returncode}; see {workdir}/train.log")
         return 1

@@ -1,6 +1,6 @@
 """cuDNN's convolution algorithm search vs dynamic batching, on the serving engine's CUDA path.
 
-    python benchmarks/gpu_conv_search.py [--models cnn resnet18] [--cpu-stand-in]
+    python -m benchmarks.gpu.conv_search [--models cnn resnet18] [--cpu-stand-in]
 
 Dynamic batching hands an engine batches of any size from 1 to ``max_batch_size`` (64). With the
 CUDA provider's default ``cudnn_conv_algo_search=EXHAUSTIVE`` every new input shape triggers a
@@ -31,12 +31,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from serving.engine import Engine  # noqa: E402
-from serving.providers import CONV_ALGO_SEARCHES  # noqa: E402
+from serving.engine import Engine
+from serving.providers import CONV_ALGO_SEARCHES
 
 SHAPES = {"cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 MAX_BATCH = 64

@@ -1,0 +1,115 @@
+"""server/processes.py: the one free-port helper and the one process-tree stopper (the launcher,
+the demo, the benchmarks and the tests all use them)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from process_marker import marked_processes
+
+from server.processes import _wait_gone, free_port, stop_process_group
+
+# Starts a grandchild in a session of its own (as the SuperLink starts flower-superexec), prints
+# its pid, then waits; ``IGNORE_TERM`` makes the leader ignore SIGTERM.
+TREE = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    if "ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "report-int" in sys.argv:
+        def on_int(signum, frame):
+            print("got SIGINT", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGINT, on_int)
+    grandchild = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+    )
+    print(grandchild.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _start(*flags: str, new_session: bool = True) -> tuple[subprocess.Popen[bytes], int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", TREE, *flags],
+        stdout=subprocess.PIPE,
+        start_new_session=new_session,
+    )
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_free_port_is_bindable_on_localhost() -> None:
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_a_group_and_a_descendant_in_another_session_are_stopped(process_marker: str) -> None:
+    process, grandchild = _start()
+    stop_process_group(process, grace=2.0)
+    assert process.returncode == -signal.SIGTERM
+    assert _gone(grandchild)
+    assert marked_processes(process_marker) == []
+
+
+def test_a_leader_ignoring_the_first_signal_is_killed_after_grace(
+    process_marker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    process, grandchild = _start("ignore-term")
+    with caplog.at_level(logging.WARNING, logger="server.processes"):
+        stop_process_group(process, grace=0.5)
+    assert process.returncode == -signal.SIGKILL
+    assert _gone(grandchild)
+    assert f"(pid {process.pid}) did not stop within 0.5 s of signal 15: killing it" in caplog.text
+    assert marked_processes(process_marker) == []
+
+
+def test_a_process_in_our_session_gets_the_signal_itself(process_marker: str) -> None:
+    """Not a group leader (the benchmarks keep their servers in their own session): ``first``
+    goes to the process, not to a group (killpg of our own group would hit pytest)."""
+    process, grandchild = _start("report-int", new_session=False)
+    stop_process_group(process, grace=2.0, first=signal.SIGINT)
+    assert process.returncode == 3
+    assert process.stdout is not None and process.stdout.read() == b"got SIGINT\n"
+    assert _gone(grandchild)
+    assert marked_processes(process_marker) == []
+
+
+def test_known_processes_are_stopped_after_their_parent_is_gone(process_marker: str) -> None:
+    """A descendant seen earlier whose parent has exited is no longer below the process."""
+    process, grandchild = _start()
+    known = [psutil.Process(grandchild)]
+    subprocess.run(["kill", "-KILL", str(process.pid)], check=True)
+    process.wait(10)
+    stop_process_group(process, grace=2.0, known=known)
+    assert _gone(grandchild)
+    assert marked_processes(process_marker) == []
+
+
+def test_a_zombie_counts_as_stopped() -> None:
+    zombie = subprocess.Popen(["true"])
+    proc = psutil.Process(zombie.pid)
+    deadline = time.monotonic() + 10
+    while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert _wait_gone([proc], timeout=0.0) == []
+    finally:
+        zombie.wait()
