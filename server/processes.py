@@ -1,10 +1,15 @@
 """Child processes of the launcher: free ports, readiness, and stopping whole process trees.
 
 Flower's SuperLink starts ``flower-superexec`` in a session of its own, which starts
-``flwr-simulation``, which starts Ray (raylet, gcs_server, one worker per actor). A SIGTERM to the
-SuperLink's process group reaches none of those, and Ray's workers outlive a killed driver: so the
-whole tree is collected *before* anything is signalled, and whatever of it outlives the grace
-period is SIGKILLed.
+``flwr-simulation`` (it runs the ServerApp), which starts Ray (raylet, gcs_server, one worker per
+actor). A SIGTERM to the SuperLink's process group reaches none of those, and Ray's workers outlive
+a killed driver: so the whole tree is collected *before* anything is signalled, every process of it
+gets SIGTERM at once (the ServerApp must not go on training and publishing while its parents
+wait), and whatever outlives the grace period is SIGKILLed.
+
+Processes that left the tree (re-parented to init when a parent died) are found by their
+environment instead: everything a launcher starts carries ``FEDSERVE_RUN_MARKER``
+(:mod:`server.orphan_watch`), and :func:`stop_marked` stops every process carrying a given one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
+
+#: environment variable naming the launcher whose run a process belongs to
+RUN_MARKER = "FEDSERVE_RUN_MARKER"
+#: seconds between SIGTERM and SIGKILL: a stop of the whole run must take ~3 s at most
+STOP_GRACE_S = 2.0
 
 
 def free_port() -> int:
@@ -36,18 +46,24 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> None:
     """Stop ``process``, its process group and every descendant (see the module docstring)."""
     stop_process_groups([process], grace)
 
 
-def stop_process_groups(processes: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    """SIGTERM each group at once, wait up to ``grace`` s, then SIGKILL every straggler."""
+def stop_process_groups(
+    processes: Sequence[subprocess.Popen[bytes]], grace: float = STOP_GRACE_S
+) -> None:
+    """SIGTERM each group and every descendant at once, wait up to ``grace`` s, then SIGKILL
+    every straggler."""
     tree = [child for process in processes for child in descendants(process.pid)]
     for process in processes:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGTERM)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
     deadline = time.monotonic() + grace
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -80,3 +96,40 @@ def wait_for_port(
     raise RuntimeError(
         f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}"
     )
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Live processes (not this one, not zombies) whose environment has ``RUN_MARKER=marker``.
+
+    ``/proc/<pid>/environ`` is the environment a process started with, so this finds a run's
+    processes however they were re-parented or whatever session they moved to.
+    """
+    needle = f"{RUN_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            process = psutil.Process(int(entry.name))
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def stop_marked(marker: str, grace: float = STOP_GRACE_S) -> int:
+    """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace`` s;
+    returns how many there were."""
+    processes = marked_processes(marker)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    return len(processes)
