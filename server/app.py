@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config_loader import compose_experiment, parse_overrides
 from server.experiment import run_experiment
+from server.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def main(grid: Grid, context: Context) -> None:
         output_dir = str(Path("outputs") / f"flwr-{context.run_id}")
     cfg.output_dir = str(Path(output_dir).resolve())
     log.info("composed conf/ with overrides %s; outputs in %s", overrides, cfg.output_dir)
-    run_experiment(grid, cfg)
+    with run_lock(cfg.output_dir):
+        run_experiment(grid, cfg)
 
 
 def _enable_info_logging() -> None:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from server.config_loader import CONF_DIR, experiment_from_hydra
 from server.launcher import local_superlink
+from server.run_lock import RunDirectoryLocked, run_lock
 from task.config import ConfigError, ExperimentConfig
 from task.federated import check_partitions
 
@@ -60,7 +61,7 @@ def train_job(cfg: DictConfig) -> float:
     (output_dir / "overrides.txt").write_text(" ".join(task_overrides))
     overrides = absolute_overrides(task_overrides, experiment)
     log.info("job overrides %s -> outputs in %s", task_overrides, output_dir)
-    with local_superlink() as link:
+    with run_lock(output_dir), local_superlink() as link:
         link.run(
             {"overrides": json.dumps(overrides), "output-dir": str(output_dir)},
             num_supernodes=experiment.num_clients,
@@ -86,12 +87,40 @@ def _hydra_main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)
+    except RunDirectoryLocked as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every process of the run is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def main() -> None:
-    # SIGTERM (a scheduler, `timeout`, CI) must unwind like Ctrl-C so the SuperLink tree is stopped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    _hydra_main()
+    """Console script entry point. SIGINT/SIGTERM stop the run's processes (the checkpoint of the
+    last completed version stays) and exit 130/143 with one line, not a traceback."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        _hydra_main()
+    except Interrupted as stop:
+        # further signals while the last line is written must not print a traceback either
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(
+            f"fedserve-train: stopped by {stop} (the last completed version's checkpoint is kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

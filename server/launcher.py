@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.processes import free_port, stop_process_group, wait_for_port
+from server.orphan_watch import OrphanWatch
+from server.processes import RUN_MARKER, free_port, stop_marked, stop_process_group, wait_for_port
 from server.simulation_runtime import write_wrapper
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,16 @@ def flwr_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for Flower's processes: our venv first on PATH, a private FLWR_HOME, and
-    no forced colours (Jupyter sets FORCE_COLOR, and the CLI's coloured JSON would not parse)."""
+def flwr_env(flwr_home: Path, marker: str | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: our venv first on PATH, a private FLWR_HOME, no
+    forced colours (Jupyter sets FORCE_COLOR, and the CLI's coloured JSON would not parse), and
+    the run ``marker`` of the :class:`~server.orphan_watch.OrphanWatch` they die with."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
-    return {**env, **FLWR_ENV, "NO_COLOR": "1", "FLWR_HOME": str(flwr_home), "PATH": path}
+    env = {**env, **FLWR_ENV, "NO_COLOR": "1", "FLWR_HOME": str(flwr_home), "PATH": path}
+    if marker is not None:
+        env[RUN_MARKER] = marker
+    return env
 
 
 class RunFailedError(RuntimeError):
@@ -77,6 +82,8 @@ class SuperLink:
     log_file: Path
     connection: str = "fedserve"
     root_certificates: Path | None = None
+    #: the run marker of the orphan watch guarding everything started for this SuperLink
+    marker: str | None = None
 
     def run(
         self,
@@ -108,13 +115,42 @@ class SuperLink:
                 resources += f" client-resources-num-gpus={client_gpus}"
             command += ["--federation-config", resources]
         log.info("running: %s", " ".join(command))
-        returncode, run_ids = _run_and_tee(command, flwr_env(self.flwr_home), timeout)
+        started = time.monotonic()
+        returncode, run_ids = _run_and_tee(command, flwr_env(self.flwr_home, self.marker), timeout)
+        run_id = run_ids[-1] if run_ids else None
         if returncode != 0:
-            raise RuntimeError(f"`flwr run` exited with {returncode}; see {self.log_file}")
-        if not run_ids:
+            if run_id is None:
+                raise RuntimeError(f"`flwr run` exited with {returncode}; see {self.log_file}")
+            # The run was submitted; only the CLI's log stream ended (it does when the SuperLink
+            # is slow to answer under load). The run goes on: follow it by its status instead.
+            log.warning(
+                "`flwr run` exited with %d while streaming the logs of run %d; waiting for the "
+                "run to finish (logs: %s)",
+                returncode,
+                run_id,
+                self.log_file,
+            )
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            self.wait_for_run(run_id, left)
+        if run_id is None:
             log.warning("`flwr run` printed no run id; checking every run on this SuperLink")
-        self.raise_if_run_failed(run_ids[-1] if run_ids else None)
-        return run_ids[-1] if run_ids else -1
+        self.raise_if_run_failed(run_id)
+        return run_id if run_id is not None else -1
+
+    def wait_for_run(self, run_id: int, timeout: float | None = None, poll: float = 1.0) -> str:
+        """Poll ``flwr ls`` until run ``run_id`` finished; return its status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            runs = self.runs(run_id)
+            status = str(runs[0].get("status", "")) if runs else ""
+            if status.startswith("finished"):
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"run {run_id} did not finish in {timeout:.0f} s (status {status!r}); "
+                    f"see {self.log_file}"
+                )
+            time.sleep(poll)
 
     def runs(self, run_id: int | None = None) -> list[dict]:
         """``flwr ls --format json``: this SuperLink's runs (or one), as dicts with ``status``."""
@@ -163,7 +199,7 @@ class SuperLink:
         # cwd: not a project directory, else the CLI tries to migrate pyproject.toml settings
         out = subprocess.run(
             [flwr_bin("flwr"), *args],
-            env=flwr_env(self.flwr_home),
+            env=flwr_env(self.flwr_home, self.marker),
             capture_output=True,
             text=True,
             cwd=self.flwr_home,
@@ -217,24 +253,31 @@ def local_superlink(
         command += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
         command += ["--ssl-keyfile", str(key)]
     _write_connection(home, f"127.0.0.1:{port}", certificates[0] if certificates else None)
-    env = flwr_env(home)
+    watch = OrphanWatch()
+    env = flwr_env(home, watch.marker)
     if simulation:  # our flwr-simulation first: every simulated client can run at once
         wrapper = write_wrapper(home / "bin")
         env["PATH"] = f"{wrapper.parent}{os.pathsep}{env['PATH']}"
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: stopping it stops its children too
-    )
-    ca = certificates[0] if certificates else None
-    link = SuperLink(process, home, f"127.0.0.1:{port}", log_file, root_certificates=ca)
     try:
-        wait_for_port(port, process, log_file, "flower-superlink")
-        yield link
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stopping it stops its children too
+        )
+        ca = certificates[0] if certificates else None
+        link = SuperLink(
+            process, home, f"127.0.0.1:{port}", log_file, root_certificates=ca, marker=watch.marker
+        )
+        try:
+            wait_for_port(port, process, log_file, "flower-superlink")
+            yield link
+        finally:
+            stop_process_group(process)
+            stop_marked(watch.marker)  # what left the tree: SuperNodes, re-parented Ray workers
     finally:
-        stop_process_group(process)
+        watch.close()
         if owned_home:
             shutil.rmtree(home, ignore_errors=True)
 
@@ -261,10 +304,12 @@ def _run_and_tee(
     try:
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
         raise RuntimeError(f"`flwr run` did not finish in {timeout} s") from None
     finally:
+        # also on SIGINT/SIGTERM of the launcher: the CLI only streams logs, stop it at once
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         thread.join(timeout=10)
     return returncode, run_ids
 

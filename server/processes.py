@@ -3,11 +3,16 @@
 One home for what the launcher, the demo (``scripts/``), the benchmarks and the tests all need.
 
 Flower's SuperLink starts ``flower-superexec`` in a session of its own, which starts
-``flwr-simulation``, which starts Ray (raylet, gcs_server, one worker per actor). A signal to the
-SuperLink's process group reaches none of those, and Ray's workers outlive a killed driver: so the
-whole tree is collected *before* anything is signalled, and whatever of it outlives the grace
-period is SIGKILLed. A zombie counts as stopped (on a machine whose PID 1 does not reap, a
-re-parented one stays a zombie forever).
+``flwr-simulation`` (it runs the ServerApp), which starts Ray (raylet, gcs_server, one worker per
+actor). A signal to the SuperLink's process group reaches none of those, and Ray's workers outlive
+a killed driver: so the whole tree is collected *before* anything is signalled, every process of it
+gets the signal at once (the ServerApp must not go on training and publishing while its parents
+wait), and whatever outlives the grace period is SIGKILLed. A zombie counts as stopped (on a
+machine whose PID 1 does not reap, a re-parented one stays a zombie forever).
+
+Processes that left the tree (re-parented to init when a parent died) are found by their
+environment instead: everything a launcher starts carries ``FEDSERVE_RUN_MARKER``
+(:mod:`server.orphan_watch`), and :func:`stop_marked` stops every process carrying a given one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from pathlib import Path
 import psutil
 
 logger = logging.getLogger(__name__)
+
+#: environment variable naming the launcher whose run a process belongs to
+RUN_MARKER = "FEDSERVE_RUN_MARKER"
+#: seconds between the first signal and SIGKILL: stopping a whole run must take ~3 s at most
+STOP_GRACE_S = 2.0
 
 
 def free_port() -> int:
@@ -44,7 +54,7 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 def stop_process_group(
     process: subprocess.Popen[bytes],
-    grace: float = 10.0,
+    grace: float = STOP_GRACE_S,
     first: int = signal.SIGTERM,
     known: Iterable[psutil.Process] = (),
 ) -> None:
@@ -54,12 +64,12 @@ def stop_process_group(
 
 def stop_process_groups(
     processes: Sequence[subprocess.Popen[bytes]],
-    grace: float = 10.0,
+    grace: float = STOP_GRACE_S,
     first: int = signal.SIGTERM,
     known: Iterable[psutil.Process] = (),
 ) -> None:
-    """Send ``first`` to each of ``processes`` at once, wait up to ``grace`` s, then SIGKILL every
-    straggler.
+    """Send ``first`` to each of ``processes`` and to everything below them at once, wait up to
+    ``grace`` s, then SIGKILL every straggler.
 
     ``first`` goes to the process group of a process that leads one (started with
     ``start_new_session=True``), else to the process alone (one that shares our session). The
@@ -76,6 +86,9 @@ def stop_process_groups(
     for process in processes:
         if process.poll() is None:
             _signal(process, first, process.pid in leaders)
+    for child in tree.values():
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(first)
     deadline = time.monotonic() + grace
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -158,3 +171,40 @@ def wait_for_port(
     raise RuntimeError(
         f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}"
     )
+
+
+def marked_processes(marker: str, variable: str = RUN_MARKER) -> list[psutil.Process]:
+    """Live processes (not this one, not zombies) whose environment has ``variable=marker``.
+
+    ``/proc/<pid>/environ`` is the environment a process started with, so this finds a run's
+    processes however they were re-parented or whatever session they moved to.
+    """
+    needle = f"{variable}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            proc = psutil.Process(int(entry.name))
+        except (OSError, psutil.Error):
+            continue
+        if _running(proc):
+            found.append(proc)
+    return found
+
+
+def stop_marked(marker: str, grace: float = STOP_GRACE_S) -> int:
+    """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace`` s;
+    returns how many there were."""
+    procs = marked_processes(marker)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    alive = _wait_gone(procs, grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _wait_gone(alive, grace)
+    return len(procs)

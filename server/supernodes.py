@@ -57,7 +57,9 @@ def local_supernodes(
         for partition_id in range(num_nodes):
             config = {"partition-id": partition_id, "num-partitions": num_nodes}
             config.update(node_config or {})
-            nodes.append(_start_supernode(link.address, partition_id, config, ca, base))
+            nodes.append(
+                _start_supernode(link.address, partition_id, config, ca, base, link.marker)
+            )
         for node in nodes:
             wait_for_port(node.runtime_port, node.process, node.log_file, "flower-supernode")
         if wait:
@@ -94,6 +96,7 @@ def _start_supernode(
     node_config: dict[str, str | int | float],
     root_certificates: Path | None,
     base: Path,
+    marker: str | None,
 ) -> SuperNode:
     home = base / f"supernode-{partition_id}"
     home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def _start_supernode(
     with log_file.open("wb") as out:
         process = subprocess.Popen(
             command,
-            env=flwr_env(home),
+            env=flwr_env(home, marker),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -8,10 +8,14 @@ tells which processes are the test's, however they were re-parented. (Name patte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
-from pathlib import Path
+
+import psutil
+
+from server import processes as server_processes
 
 VARIABLE = "FEDSERVE_TEST_MARKER"
 
@@ -26,20 +30,10 @@ def marked_env(marker: str, base: dict[str, str] | None = None) -> dict[str, str
 
 def marked_processes(marker: str) -> list[str]:
     """Command lines of live, non-zombie processes whose initial environment has the marker."""
-    needle = f"{VARIABLE}={marker}".encode()
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-            if ") Z " in (proc / "stat").read_text():
-                continue
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found.append(cmdline.strip()[:200])
+    for proc in server_processes.marked_processes(marker, VARIABLE):
+        with contextlib.suppress(psutil.Error):
+            found.append(" ".join(proc.cmdline()).strip()[:200])
     return found
 
 

@@ -14,6 +14,7 @@ import pytest
 from process_marker import wait_until_marked_gone
 from runs import run_train
 
+from server.checkpoint import load_checkpoint
 from server.launcher import FLWR_ENV, local_superlink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,29 +84,47 @@ def test_bad_config_stops_before_anything_starts(
     assert wait_until_marked_gone(process_marker) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_leaves_no_process_behind(
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_run_leaves_no_process_behind_and_keeps_its_checkpoint(
     tmp_path: Path, signum: int, process_marker: str
 ) -> None:
+    command = [
+        *TRAIN,
+        "rounds=50",
+        "num_clients=2",
+        "model=mlp",
+        "repository=null",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, **FLWR_ENV}
     process = subprocess.Popen(
-        [
-            *TRAIN,
-            "rounds=50",
-            "num_clients=2",
-            "model=mlp",
-            "repository=null",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, **FLWR_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    history = tmp_path / "history.json"
+    checkpoint = tmp_path / "checkpoint.pt"
     deadline = time.monotonic() + 240
-    while not history.exists() and time.monotonic() < deadline:  # mid-run: Ray and clients up
+    while not checkpoint.exists() and time.monotonic() < deadline:  # mid-run: Ray, clients up
         time.sleep(0.5)
-    assert history.exists(), "the run never produced a version"
+    assert checkpoint.exists(), "the run never checkpointed a version"
+
+    if signum == signal.SIGKILL:
+        # while it runs, a second trainer (here: a resume) on its directory is refused at once
+        second = subprocess.run(
+            [*command, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert second.returncode == 2
+        assert f"is in use by pid {process.pid}" in second.stdout + second.stderr
+
     process.send_signal(signum)
-    assert process.wait(timeout=60) != 0
-    assert wait_until_marked_gone(process_marker) == []
+    sent = time.monotonic()
+    process.wait(timeout=60)
+    stopped_after = time.monotonic() - sent
+    stderr = process.stderr.read() if process.stderr else ""
+    # SIGKILL: the orphan watch stops what the trainer started; otherwise the trainer does
+    assert wait_until_marked_gone(process_marker, timeout=30) == []
+    if signum != signal.SIGKILL:
+        assert process.returncode == 128 + signum
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert f"stopped by {signal.Signals(signum).name}" in stderr
+        assert stopped_after < 20, stopped_after  # a bound against hangs, not a speed check
+    state = load_checkpoint(checkpoint)  # intact: written atomically, never half
+    assert state is not None and state["version"] >= 1

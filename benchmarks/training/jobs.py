@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, write_json
-from server.processes import stop_process_group
+from server.processes import marked_processes, stop_process_group
 
 RUNS = ROOT / "outputs" / "benchmarks"  # gitignored: per-job Hydra dirs and logs
 TRAIN = Path(sys.executable).parent / "fedserve-train"
@@ -204,23 +204,12 @@ def read_history(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Processes whose environment holds ``FEDSERVE_BENCH_JOB=<marker>``."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-    return pids
-
-
 def reap_marked(marker: str, settle_s: float = 15.0) -> int:
     """Wait up to ``settle_s`` for a job's processes to exit; kill and count any that remain."""
     deadline = time.monotonic() + settle_s
-    while (pids := marked_pids(marker)) and time.monotonic() < deadline:
+    while (
+        pids := [p.pid for p in marked_processes(marker, MARKER)]
+    ) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
