@@ -231,22 +231,26 @@ def _run_parameter_server(
 ) -> dict[str, np.ndarray]:
     strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
     if restored is not None:
-        strategy.load_state_dict(restored)
+        strategy.state.load_state_dict(restored)
     # The query carries the task: every client loads its data (and warms up) before it answers,
     # and version 1's seconds count from start(), as later versions' do from the one before.
     strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
 
-    def hook(event: VersionEvent) -> bool:
-        return on_version(
-            event.version,
-            event.round,
-            event.arrays,
-            dict(event.train_metrics),
-            dict(event.counts),
-            event.state_dict(),
-            seconds=event.seconds,
-            made_at=event.made_at,
-        )
+    class Hook:
+        def accept(self, event: VersionEvent) -> bool:
+            return on_version(
+                event.version,
+                event.round,
+                event.arrays,
+                dict(event.train_metrics),
+                dict(event.counts),
+                event.state,
+                seconds=event.seconds,
+                made_at=event.made_at,
+            )
+
+        def close(self) -> None:
+            pass
 
     strategy.start(
         grid,
@@ -255,9 +259,9 @@ def _run_parameter_server(
         timeout=cfg.strategy.round_timeout_s,
         train_config=train_config,
         evaluate_config=evaluate_config,
-        on_version=hook,
+        sink=Hook(),
     )
-    return strategy.published_arrays()
+    return strategy.state.published_arrays()
 
 
 def _run_flower_fedavg(
