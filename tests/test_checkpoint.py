@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_grid import received
+from test_early_stop import _scripted_experiment
 
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from server.strategy.optimizers import ServerAdam
 from server.strategy.sampling import PartitionSampler
 from server.strategy.state import ServerState
@@ -106,3 +108,39 @@ def test_the_app_keys_of_a_checkpoint_are_ignored_and_another_format_is_refused(
         with pytest.raises(ValueError, match="written by another fedserve version") as refused:
             ServerState(StrategyConfig(optimizer="adam")).load_state_dict(old)
         assert "\n" not in str(refused.value)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_run_experiment_resumes_from_its_checkpoint_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's checkpoint (state snapshot + the one history + config) resumes the run: same
+    arrays as a straight run, the history continued, not duplicated."""
+    strategy = {"name": "fedadam", "optimizer": "adam", "server_lr": 0.05}
+    _scripted_experiment(tmp_path / "resumed", monkeypatch, rounds=2, strategy=strategy)
+    grid, resumed = _scripted_experiment(
+        tmp_path / "resumed", monkeypatch, rounds=4, strategy=strategy, resume=True
+    )
+    _, straight = _scripted_experiment(
+        tmp_path / "straight", monkeypatch, rounds=4, strategy=strategy
+    )
+    assert [e.version for e in resumed.history.entries] == [1, 2, 3, 4]
+    # versions 1-2 come from the first run's history (its scripted accuracies); the resumed run
+    # evaluated no initial model and sent only versions 2 and 3
+    assert [e.test_acc for e in resumed.history.entries] == [0.5, 0.8, 0.1, 0.5]
+    assert {received(s.message)[1] for s in grid.log} == {2, 3}
+    saved = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
+    assert saved is not None and saved["version"] == 4
+    assert [e["version"] for e in saved["history"]["rounds"]] == [1, 2, 3, 4]
+    assert saved["config"]["rounds"] == 4
+    for key, value in straight.final_arrays.items():
+        assert resumed.final_arrays[key].tobytes() == value.tobytes(), key
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_run_experiment_refuses_a_checkpoint_of_another_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"format": 1, "version": 2, "history": []})
+    with pytest.raises(ValueError, match="server state format 1 is not 2"):
+        _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={}, resume=True)

@@ -26,6 +26,8 @@ from flwr.app import Message
 from recorder import Recorder
 
 import server.experiment as experiment
+from server import version_sink
+from server.central_evaluation import CentralEvaluator
 from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
 from server.strategy.parameter_server import ParameterServer
@@ -127,10 +129,11 @@ def _scripted_experiment(
     rounds: int,
     strategy: dict,
     stop_at_accuracy: float | None = None,
+    resume: bool = False,
 ) -> tuple[FakeGrid, experiment.ExperimentResult]:
     """``run_experiment`` on the fake grid, central evaluation scripted to ``ACCURACIES``."""
     calls = iter(ACCURACIES)
-    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
+    monkeypatch.setattr(CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
     cfg = ExperimentConfig.from_dict(
         {
             "rounds": rounds,
@@ -139,6 +142,7 @@ def _scripted_experiment(
             "repository": None,
             "device": "cpu",
             "stop_at_accuracy": stop_at_accuracy,
+            "resume": resume,
             "dataset": {"name": "synthetic", "num_samples": 200},
             "model": {"name": "mlp"},
             "strategy": {**strategy, "round_timeout_s": 30.0},
@@ -180,7 +184,7 @@ def test_history_png_is_redrawn_at_most_every_plot_interval(
     monkeypatch.setattr(
         server.history, "plot_history", lambda runs, path: drawn.append(len(runs["run"].entries))
     )
-    monkeypatch.setattr(experiment, "PLOT_EVERY_S", 1e9)
+    monkeypatch.setattr(version_sink, "PLOT_EVERY_S", 1e9)
     _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={"name": "fedavg"})
     assert drawn == [1, 4]  # version 1, then only the final write
     history = json.loads((tmp_path / "history.json").read_text())
