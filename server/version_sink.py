@@ -65,30 +65,12 @@ class ExperimentSink:
         self._last_plot = -math.inf
 
     def accept(self, event: VersionEvent) -> bool:
-        loss, acc = self.evaluate(event.arrays)
-        entry = HistoryEntry(
-            version=event.version,
-            round=event.round,
-            test_loss=loss,
-            test_acc=acc,
-            seconds=event.seconds,
-            client_metrics=dict(event.train_metrics),
-            counts=event.counts,
-            timing={"params_at": event.made_at, "evaluated_at": time.time()},
-            client_eval=None
-            if event.client_eval_metrics is None
-            else dict(event.client_eval_metrics),
-            update_norm=event.update_norm,
-        )
-        is_best = acc > self.best
-        self.best = max(self.best, acc)
+        entry = self._evaluate(event)
+        is_best = entry.test_acc > self.best
+        self.best = max(self.best, entry.test_acc)
         if self.publisher is not None and self.publisher.due(event.version, is_best):
             entry.exported_version = self.publisher.publish(event.arrays, entry)
-        self.history.add(entry, self.cfg.rounds)
-        plot = time.perf_counter() - self._last_plot >= PLOT_EVERY_S
-        self.history.write(self.output_dir, plot=plot)
-        if plot:
-            self._last_plot = time.perf_counter()
+        self._record(entry)
         if event.state is not None:
             checkpoint = {
                 **event.state,
@@ -97,15 +79,40 @@ class ExperimentSink:
             }
             save_checkpoint(self.checkpoint_path, checkpoint)
         target = self.cfg.stop_at_accuracy
-        if target is not None and acc >= target:
+        if target is not None and entry.test_acc >= target:
             log.info(
                 "version %d reached test acc %.4f >= stop_at_accuracy=%g: stopping",
                 event.version,
-                acc,
+                entry.test_acc,
                 target,
             )
             return True
         return False
+
+    def _evaluate(self, event: VersionEvent) -> HistoryEntry:
+        """The version's history entry, with its central test loss and accuracy."""
+        loss, acc = self.evaluate(event.arrays)
+        client_eval = event.client_eval_metrics
+        return HistoryEntry(
+            version=event.version,
+            round=event.round,
+            test_loss=loss,
+            test_acc=acc,
+            seconds=event.seconds,
+            client_metrics=dict(event.train_metrics),
+            counts=event.counts,
+            timing={"params_at": event.made_at, "evaluated_at": time.time()},
+            client_eval=None if client_eval is None else dict(client_eval),
+            update_norm=event.update_norm,
+        )
+
+    def _record(self, entry: HistoryEntry) -> None:
+        """Append to the history and rewrite history.json (the PNG every PLOT_EVERY_S at most)."""
+        self.history.add(entry, self.cfg.rounds)
+        plot = time.perf_counter() - self._last_plot >= PLOT_EVERY_S
+        self.history.write(self.output_dir, plot=plot)
+        if plot:
+            self._last_plot = time.perf_counter()
 
     def close(self) -> None:
         """The final ``history.json`` and ``history.png``."""
