@@ -6,9 +6,12 @@ target's directory, fsyncs it, ``os.replace``-s it over the target and fsyncs th
 reader (or a crash) sees the old checkpoint or the new one, never half of one.
 ``load_checkpoint`` is ``torch.load(path, weights_only=False)``: only load checkpoints you wrote.
 
-The state is :meth:`ParameterServer.state_dict`'s: ``arrays`` (name → ndarray), ``optimizer``,
-``version``, ``round``, ``sampler`` / ``eval_sampler`` (RNG states), ``history``, ``counters``,
-``config``, ``seed``; the app may add keys of its own.
+A training checkpoint (``<output_dir>/checkpoint.pt``) is a version's server state
+(:meth:`server.strategy.state.ServerState.state_dict`: ``format``, ``arrays`` (name → ndarray),
+``optimizer``, ``version``, ``round``, ``sampler`` / ``eval_sampler`` (RNG states), ``counters``,
+``strategy``, ``seed``, ``average``) plus the run's ``history``
+(:meth:`server.history.History.to_dict`) and ``config`` (``ExperimentConfig.to_dict()``), written
+by :mod:`server.version_sink`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:

@@ -1,66 +1,47 @@
-"""One federated experiment on a Grid: strategy, central evaluation, history, checkpoints, export.
+"""One federated experiment on a Grid: the wiring of data, model, strategy and version sink.
 
-Versions drive everything: after each new global version the server evaluates it on the held-out
-test set, appends to the history, checkpoints (atomically) and, when due, exports it to ONNX into
-the model repository. The same function runs under ``flwr run .``, ``fedserve-train`` and a real
-deployment.
+The run builds the task (data, model, central evaluator), the publisher (export into the model
+repository), the history (restored from the checkpoint when resuming) and the app's version sink
+(:class:`ExperimentSink`: evaluate → export → history → checkpoint), then runs the configured
+strategy, which feeds every new global version to that sink. The same function runs under
+``flwr run .``, ``fedserve-train`` and a real deployment.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.history import History, HistoryEntry
+from server.central_evaluation import CentralEvaluator
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.flower_fedavg import run_flower_fedavg
+from server.history import History
 from server.publisher import Publisher
-from server.strategy import ParameterServer, VersionEvent
-from server.strategy.messaging import from_array_record, to_array_record
+from server.strategy.messaging import to_array_record
+from server.strategy.parameter_server import ParameterServer
+from server.version_sink import ExperimentSink
 from task.config import ConfigError, ExperimentConfig
 from task.federated import check_partitions, dataset_key, shared_dataset
 from task.models import build_model
-from task.params import get_arrays, set_arrays
-from task.training import evaluate, get_device, make_loader, set_seed
+from task.params import get_arrays
+from task.training import get_device, set_seed
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-PLOT_EVERY_S = 10.0  # history.png redraws during a run; the last write always draws
 TASK_SECTIONS = ("dataset", "partition", "model", "train", "heterogeneity", "seed", "device")
-
-
-@dataclass
-class CentralEvaluator:
-    """Evaluates global parameters on the held-out test set (one model, reused)."""
-
-    model: torch.nn.Module
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    device: torch.device
-    batch_size: int = 512
-
-    def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[float, float]:
-        set_arrays(self.model, arrays)
-        loader = make_loader(self.test_x, self.test_y, self.batch_size, shuffle=False, seed=0)
-        return evaluate(self.model, loader, self.device)
 
 
 @dataclass
 class ExperimentResult:
     history: History
     final_arrays: dict[str, np.ndarray]
-    exported_versions: list[int] = field(default_factory=list)
 
 
 def task_config(cfg: ExperimentConfig) -> str:
@@ -90,111 +71,55 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     model = build_model(cfg.model.name, data.input_shape, data.num_classes).to(device)
     evaluator = CentralEvaluator(model, data.test_x, data.test_y, device)
     initial = get_arrays(model)
-    publisher = Publisher.create(cfg, data.test_x[:64], model) if cfg.repository else None
+    publisher = Publisher.create(cfg, data.test_x[:64], model)
 
-    history = History()
     checkpoint_path = output_dir / CHECKPOINT_NAME
     restored = load_checkpoint(checkpoint_path) if cfg.resume else None
     if cfg.resume and restored is None:
         log.warning("resume=true but no checkpoint at %s: starting from scratch", checkpoint_path)
-    if restored is not None:
+    strategy = None
+    if cfg.strategy.implementation == "parameter_server":
+        strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
+    if strategy is not None and restored is not None:  # flower_fedavg never resumes (above)
+        strategy.state.load_state_dict(restored)  # refuses another format or strategy first
         history = History.from_dict(restored["history"])
         log.info("resuming from %s at version %d", checkpoint_path, restored["version"])
     else:
+        history = History()
         loss, acc = evaluator(initial)
         history.initial = {"test_loss": loss, "test_acc": acc}
         log.info("initial model: test acc %.4f | test loss %.4f", acc, loss)
+    sink = ExperimentSink(cfg, evaluator, history, output_dir, checkpoint_path, publisher)
 
     train_config = ConfigRecord({"task": task_config(cfg), "reply": "delta"})
     evaluate_config = ConfigRecord({"task": task_config(cfg)})
-    best = max((e.test_acc for e in history.entries), default=-1.0)
-    started = time.perf_counter()
-    last_plot = -math.inf
-    exported: list[int] = []
-
-    def on_version(
-        version: int,
-        server_round: int,
-        arrays: dict[str, np.ndarray],
-        client_metrics: dict[str, float],
-        counts: dict[str, int],
-        server_state: dict[str, Any] | None,
-        seconds: float | None = None,
-        made_at: float | None = None,
-    ) -> bool:
-        """Evaluate, record, export, checkpoint; True when ``stop_at_accuracy`` is reached.
-
-        ``seconds`` / ``made_at``: the strategy's own wall time since the previous version and
-        when this one was made (the ParameterServer: exact also when versions are announced in
-        background, after the clients moved on); without them both are taken here.
-        """
-        nonlocal best, started, last_plot
-        # train->serve latency starts when the new global params exist
-        params_at = time.time() if made_at is None else made_at
-        loss, acc = evaluator(arrays)
-        entry = HistoryEntry(
-            version=version,
-            round=server_round,
-            test_loss=loss,
-            test_acc=acc,
-            seconds=time.perf_counter() - started if seconds is None else seconds,
-            client_metrics=client_metrics,
-            counts=counts,
-            timing={"params_at": params_at, "evaluated_at": time.time()},
-        )
-        is_best = acc > best
-        best = max(best, acc)
-        if publisher is not None and publisher.due(cfg, version, is_best):
-            entry.exported_version = publisher.publish(model, arrays, entry, cfg)
-            exported.append(entry.exported_version)
-        history.add(entry, cfg.rounds)
-        # matplotlib takes ~0.2 s of the server loop per version: redraw every PLOT_EVERY_S at most
-        plot = time.perf_counter() - last_plot >= PLOT_EVERY_S
-        history.write(output_dir, plot=plot)
-        if plot:
-            last_plot = time.perf_counter()
-        if server_state is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    **server_state,
-                    "history": history.to_dict(),
-                    "config": cfg.to_dict(),
-                },
-            )
-        started = time.perf_counter()
-        if cfg.stop_at_accuracy is not None and acc >= cfg.stop_at_accuracy:
-            log.info(
-                "version %d reached test acc %.4f >= stop_at_accuracy=%g: stopping",
-                version,
-                acc,
-                cfg.stop_at_accuracy,
-            )
-            return True
-        return False
-
     check_partitions(cfg)
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
-    if cfg.strategy.implementation == "flower_fedavg":
-        final = _run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, on_version)
+    if strategy is None:
+        final = run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, sink)
     else:
-        final = _run_parameter_server(
+        # The query carries the task: every client loads its data (and warms up) before it
+        # answers, and version 1's seconds count from start(), as later versions' do from the
+        # one before.
+        strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
+        strategy.start(
             grid,
-            cfg,
-            initial,
-            restored,
-            train_config,
-            evaluate_config,
-            on_version,
+            to_array_record(initial),
+            num_rounds=cfg.rounds,
+            timeout=cfg.strategy.round_timeout_s,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            sink=sink,
         )
-    history.write(output_dir)
+        final = strategy.state.published_arrays()
+    sink.close()
     log.info(
         "done: final test acc %.4f, best %.4f; history in %s",
         history.final_acc,
         history.best_acc,
         output_dir / "history.json",
     )
-    return ExperimentResult(history=history, final_arrays=final, exported_versions=exported)
+    return ExperimentResult(history=history, final_arrays=final)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, stall: float = 60.0) -> None:
@@ -218,107 +143,3 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, stall: float = 60.
             )
         time.sleep(0.2)
     log.info("%d nodes connected", connected)
-
-
-def _run_parameter_server(
-    grid: Grid,
-    cfg: ExperimentConfig,
-    initial: dict[str, np.ndarray],
-    restored: dict[str, Any] | None,
-    train_config: ConfigRecord,
-    evaluate_config: ConfigRecord,
-    on_version: Any,
-) -> dict[str, np.ndarray]:
-    strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
-    if restored is not None:
-        strategy.load_state_dict(restored)
-    # The query carries the task: every client loads its data (and warms up) before it answers,
-    # and version 1's seconds count from start(), as later versions' do from the one before.
-    strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
-
-    def hook(event: VersionEvent) -> bool:
-        return on_version(
-            event.version,
-            event.round,
-            event.arrays,
-            dict(event.train_metrics),
-            dict(event.counts),
-            event.state_dict(),
-            seconds=event.seconds,
-            made_at=event.made_at,
-        )
-
-    strategy.start(
-        grid,
-        to_array_record(initial),
-        num_rounds=cfg.rounds,
-        timeout=cfg.strategy.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=evaluate_config,
-        on_version=hook,
-    )
-    return strategy.published_arrays()
-
-
-def _run_flower_fedavg(
-    grid: Grid,
-    cfg: ExperimentConfig,
-    initial: dict[str, np.ndarray],
-    train_config: ConfigRecord,
-    evaluate_config: ConfigRecord,
-    on_version: Any,
-) -> dict[str, np.ndarray]:
-    """Flower's built-in FedAvg on full weights: the reference for benchmarks and parity tests."""
-    nodes = max(1, min(cfg.num_clients, round(cfg.strategy.fraction_train * cfg.num_clients)))
-    strategy = _RecordingFedAvg(
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_train_nodes=nodes,
-        min_evaluate_nodes=0,
-        min_available_nodes=cfg.num_clients,
-    )
-    train_config = ConfigRecord({**dict(train_config), "reply": "weights"})
-    last: dict[str, np.ndarray] = dict(initial)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal last
-        if server_round > 0:
-            last = from_array_record(arrays)
-            if on_version(server_round, server_round, last, strategy.last_train_metrics, {}, None):
-                raise _StopRun(server_round)
-        return None
-
-    try:
-        strategy.start(
-            grid,
-            to_array_record(initial),
-            num_rounds=cfg.rounds,
-            timeout=cfg.strategy.round_timeout_s,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
-    except _StopRun as stop:
-        # Flower's Strategy.start has no stop hook. Central evaluation is the last step of a
-        # round, after every train/evaluate reply was received: nothing is in flight here.
-        log.info("flower_fedavg stopped after round %d (stop_at_accuracy)", stop.round)
-    return last
-
-
-class _StopRun(Exception):
-    """Raised from Flower FedAvg's ``evaluate_fn`` to end ``start`` after a round."""
-
-    def __init__(self, server_round: int) -> None:
-        super().__init__(f"stop after round {server_round}")
-        self.round = server_round
-
-
-class _RecordingFedAvg(FedAvg):
-    """Flower's FedAvg, keeping the last round's aggregated client metrics for the history."""
-
-    last_train_metrics: dict[str, float] = {}
-
-    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        self.last_train_metrics = dict(metrics) if metrics is not None else {}
-        return arrays, metrics

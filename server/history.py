@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 class HistoryEntry:
     """One global version: central test metrics, aggregated client metrics, seconds.
 
+    ``client_metrics`` are the train replies' metrics, ``client_eval`` the federated evaluation's
+    (sync mode with ``strategy.fraction_evaluate > 0``), ``counts`` the replies by outcome,
+    ``update_norm`` the server update's L2 norm.
+
     ``timing`` (train->serve latency, see benchmarks/train_to_serve.py): ``params_at`` (the new
     global parameters exist), ``evaluated_at`` and, when exported, ``published_at`` are wall-clock
     ``time.time()`` stamps; ``export_s``, ``check_s``, ``publish_s`` are the exporter's seconds.
@@ -31,6 +35,8 @@ class HistoryEntry:
     counts: dict[str, int] = field(default_factory=dict)
     exported_version: int | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    client_eval: dict[str, float] | None = None
+    update_norm: float | None = None
 
 
 @dataclass

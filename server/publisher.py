@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Publisher:
-    """Exports global versions to ONNX into ``repository`` per ``export.*`` of the config.
+    """Exports global versions of ``model`` to ONNX into ``repository`` per ``cfg.export``.
 
     ``export_and_publish`` also applies retention (``export.keep_last``, and the best ``test_acc``
-    when ``export.keep_best``).
+    when ``export.keep_best``). :meth:`publish` loads the version's arrays into ``model`` (the
+    app's one torch model, shared with the central evaluation on the same thread).
 
     Latency (train->serve): export and parity check run with one torch thread (measured on the
     2-core machine under load, cnn on digits: export 0.061 -> 0.031 s, check 0.135 -> 0.023 s,
@@ -37,50 +38,49 @@ class Publisher:
 
     repository: ModelRepository
     sample: torch.Tensor  # a real test batch: the parity check runs on it
+    model: torch.nn.Module
+    cfg: ExperimentConfig
 
     @classmethod
     def create(
-        cls, cfg: ExperimentConfig, sample: torch.Tensor, model: torch.nn.Module | None = None
+        cls, cfg: ExperimentConfig, sample: torch.Tensor, model: torch.nn.Module
     ) -> Publisher | None:
+        """A warmed-up publisher, or None when ``export.enabled`` is off or no repository is set."""
         if not cfg.export.enabled or not cfg.repository:
             return None
-        publisher = cls(ModelRepository(Path(cfg.repository)), sample)
-        if model is not None:
-            publisher.warm_up(model, cfg)
+        publisher = cls(ModelRepository(Path(cfg.repository)), sample, model, cfg)
+        publisher.warm_up()
         return publisher
 
-    def warm_up(self, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
-        """Export and check ``model`` once into a scratch file (nothing is published)."""
+    def warm_up(self) -> None:
+        """Export and check the model once into a scratch file (nothing is published)."""
         started = time.perf_counter()
         try:
             with one_torch_thread(), tempfile.TemporaryDirectory(prefix="fedserve-warm-") as tmp:
                 path = Path(tmp) / "model.onnx"
-                info = export_onnx(model, self.sample, path, opset=cfg.export.opset)
-                check_parity(model, info.path, self.sample, atol=cfg.export.atol)
+                info = export_onnx(self.model, self.sample, path, opset=self.cfg.export.opset)
+                check_parity(self.model, info.path, self.sample, atol=self.cfg.export.atol)
         except Exception as exc:  # noqa: BLE001 - the real export reports failures
             log.debug("exporter warm-up failed: %s", exc)
             return
         log.info("exporter warmed up in %.2f s", time.perf_counter() - started)
 
-    @staticmethod
-    def due(cfg: ExperimentConfig, version: int, is_best: bool) -> bool:
-        every = cfg.export.every
+    def due(self, version: int, is_best: bool) -> bool:
+        """``export.every``-th version, the last one (``export.at_end``), or a new best
+        (``export.on_best``)."""
+        every = self.cfg.export.every
         return (
             (every > 0 and version % every == 0)
-            or (cfg.export.at_end and version == cfg.rounds)
-            or (cfg.export.on_best and is_best)
+            or (self.cfg.export.at_end and version == self.cfg.rounds)
+            or (self.cfg.export.on_best and is_best)
         )
 
-    def publish(
-        self,
-        model: torch.nn.Module,
-        arrays: dict[str, np.ndarray],
-        entry: HistoryEntry,
-        cfg: ExperimentConfig,
-    ) -> int | None:
-        """Export ``arrays`` as the next repository version; a failure is logged, not raised."""
+    def publish(self, arrays: dict[str, np.ndarray], entry: HistoryEntry) -> int | None:
+        """Export ``arrays`` as the next repository version and add the export's timing to
+        ``entry``; returns that version, or None after a failure (logged, never raised)."""
         started = time.perf_counter()
-        set_arrays(model, arrays)
+        cfg = self.cfg
+        set_arrays(self.model, arrays)
         metadata = {
             "global_version": entry.version,
             "round": entry.round,
@@ -91,7 +91,12 @@ class Publisher:
         try:
             with one_torch_thread():
                 result = export_and_publish(
-                    model, self.sample, self.repository, cfg.export.model_name, metadata, cfg.export
+                    self.model,
+                    self.sample,
+                    self.repository,
+                    cfg.export.model_name,
+                    metadata,
+                    cfg.export,
                 )
         except Exception:  # noqa: BLE001 - an export failure must never stop training
             log.exception("export of global version %d failed; training goes on", entry.version)

@@ -146,7 +146,7 @@ class StrategyConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.1
     # evaluate / record / checkpoint / export each version on a worker thread while the clients
-    # already train on it (server/strategy/announcer.py); off: the loop waits for them
+    # already train on it (server/strategy/sink.py); off: the loop waits for them
     publish_in_background: bool = False
     # publish (evaluate, checkpoint, export) an exponential moving average of the versions with
     # this decay instead of the last version; clients still train from the last (0 = off)

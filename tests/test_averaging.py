@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_grid import received, small_model
+from recorder import Recorder
 from test_parameter_server import make
 
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategy import VersionEvent
 from server.strategy.averaging import ParameterAverage
+from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
 from task.config import ConfigError, StrategyConfig
 
@@ -65,10 +66,11 @@ def test_server_publishes_the_average_and_sends_clients_the_last_version() -> No
     published: list[dict[str, np.ndarray]] = []
 
     def on_version(event: VersionEvent) -> None:
-        raw.append(event.state_dict()["arrays"])
+        assert event.state is not None
+        raw.append(event.state["arrays"])
         published.append(event.arrays)
 
-    server.start(grid, to_array_record(small_model()), num_rounds=4, on_version=on_version)
+    server.start(grid, to_array_record(small_model()), num_rounds=4, sink=Recorder(on_version))
     for t in range(1, 5):
         for key, value in hand_average(raw[:t], 0.5).items():
             np.testing.assert_allclose(published[t - 1][key], value, rtol=1e-6)
@@ -91,21 +93,22 @@ def test_resume_with_an_average_is_bit_identical(tmp_path: Path, background: boo
 
     first, grid1 = make(6, seed=7, publish_in_background=background, **cfg)
     path = tmp_path / "ckpt.pt"
-    first.start(grid1, x0, num_rounds=2, on_version=lambda e: save_checkpoint(path, e.state_dict()))
+    first.start(grid1, x0, num_rounds=2, sink=Recorder(lambda e: save_checkpoint(path, e.state)))
     state = load_checkpoint(path)
     assert state is not None and state["average"]["steps"] == 2
     second, grid2 = make(6, seed=123, node_offset=50_000, publish_in_background=background, **cfg)
-    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, resume_state=state)
-    for key, value in whole.published_arrays().items():
-        np.testing.assert_array_equal(second.published_arrays()[key], value)
-    for key, value in whole.global_arrays.items():
-        np.testing.assert_array_equal(second.global_arrays[key], value)
+    second.state.load_state_dict(state)
+    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5)
+    for key, value in whole.state.published_arrays().items():
+        np.testing.assert_array_equal(second.state.published_arrays()[key], value)
+    for key, value in whole.state.global_arrays.items():
+        np.testing.assert_array_equal(second.state.global_arrays[key], value)
 
     plain, _ = make(6, seed=7, **{**cfg, "ema_decay": 0.0})
-    plain.load_state_dict(state)  # an averaged run's checkpoint resumes without averaging
+    plain.state.load_state_dict(state)  # an averaged run's checkpoint resumes without averaging
     state.pop("average")
     with pytest.raises(ValueError, match="no parameter average but strategy.ema_decay=0.8"):
-        make(6, seed=7, **cfg)[0].load_state_dict(state)
+        make(6, seed=7, **cfg)[0].state.load_state_dict(state)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""``strategy.publish_in_background``: versions are announced (evaluated, checkpointed) on a worker
-thread while the loop already sends the next model, in version order, with bounded memory, and
-with the same training as inline announcing."""
+"""``strategy.publish_in_background``: versions are handed to the sink (evaluated, checkpointed) on
+a worker thread while the loop already sends the next model, in version order, with bounded memory,
+and with the same training as inline."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_grid import FakeGrid, received, small_model
+from recorder import Recorder
 from test_early_stop import ACCURACIES, _scripted_experiment
 from test_parameter_server import make
 
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategy import VersionEvent
-from server.strategy.announcer import VersionAnnouncer
+from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
+from server.strategy.sink import BackgroundRunner
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -30,8 +31,8 @@ def _sent_versions(grid: FakeGrid) -> list[int]:
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
-def test_the_loop_sends_the_new_model_while_the_version_is_announced(background: bool) -> None:
-    """on_version(1) waits for a client to be sent version 1: only in background can it be."""
+def test_the_loop_sends_the_new_model_while_the_sink_takes_the_version(background: bool) -> None:
+    """The sink's accept(1) waits for a client to be sent version 1: only in background can it."""
     server, grid = make(4, publish_in_background=background, **ASYNC)
     seen: dict[str, object] = {}
 
@@ -43,12 +44,13 @@ def test_the_loop_sends_the_new_model_while_the_version_is_announced(background:
             time.sleep(0.01)
         seen["sent_v1_meanwhile"] = max(_sent_versions(grid)) >= 1
         time.sleep(0.2)  # the loop runs on until the queue is full, then waits
-        seen["made_meanwhile"] = server.version
+        seen["made_meanwhile"] = server.state.version
 
-    server.start(grid, to_array_record(small_model()), num_rounds=8, on_version=on_version)
-    assert server.version == 8 and [h["version"] for h in server.history] == list(range(1, 9))
+    sink = Recorder(on_version)
+    server.start(grid, to_array_record(small_model()), num_rounds=8, sink=sink)
+    assert server.state.version == 8 and sink.versions == list(range(1, 9))
     assert seen["sent_v1_meanwhile"] is background
-    # bounded: version 1 being announced, 2 queued, 3 made and waiting to be queued
+    # bounded: version 1 in the sink, 2 queued, 3 made and waiting to be queued
     assert seen["made_meanwhile"] == (3 if background else 1)
 
 
@@ -59,7 +61,8 @@ def test_background_sync_run_equals_inline_and_resumes_bit_identically(
     cfg = dict(optimizer=optimizer, server_lr=0.05, fraction_train=0.5, momentum=0.0)
     x0 = to_array_record(small_model())
     inline, grid = make(6, seed=7, **cfg)
-    inline.start(grid, x0, num_rounds=5)
+    whole = Recorder()
+    inline.start(grid, x0, num_rounds=5, sink=whole)
 
     first, grid1 = make(6, seed=7, publish_in_background=True, **cfg)
     path = tmp_path / "ckpt.pt"
@@ -67,97 +70,122 @@ def test_background_sync_run_equals_inline_and_resumes_bit_identically(
 
     def checkpoint(event: VersionEvent) -> None:
         time.sleep(0.05)  # the loop is a round ahead by the time this version is saved
-        state = event.state_dict()
-        states.append(state["version"])
-        save_checkpoint(path, state)
+        assert event.state is not None
+        states.append(event.state["version"])
+        save_checkpoint(path, event.state)
 
-    first.start(grid1, x0, num_rounds=2, on_version=checkpoint)
+    before = Recorder(checkpoint)
+    first.start(grid1, x0, num_rounds=2, sink=before)
     assert states == [1, 2]
     state = load_checkpoint(path)
-    assert state is not None and [h["version"] for h in state["history"]] == [1, 2]
+    assert state is not None and state["version"] == 2
     second, grid2 = make(6, seed=123, node_offset=50_000, publish_in_background=True, **cfg)
-    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, resume_state=state)
-    assert second.version == 5 and [h["version"] for h in second.history] == [1, 2, 3, 4, 5]
-    for key, value in inline.global_arrays.items():
-        np.testing.assert_array_equal(second.global_arrays[key], value)
+    second.state.load_state_dict(state)
+    after = Recorder()
+    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, sink=after)
+    assert second.state.version == 5 and before.versions + after.versions == [1, 2, 3, 4, 5]
+    for key, value in inline.state.global_arrays.items():
+        np.testing.assert_array_equal(second.state.global_arrays[key], value)
     assert [s.partition for s in grid1.log + grid2.log] == [s.partition for s in grid.log]
-    assert [h["train"] for h in second.history] == [h["train"] for h in inline.history]
+    train = [dict(e.train_metrics) for e in before.events + after.events]
+    assert train == [dict(e.train_metrics) for e in whole.events]
 
 
-def test_snapshot_state_is_the_version_announced_not_the_live_server() -> None:
+def test_snapshot_state_is_the_version_handed_over_not_the_live_server() -> None:
     server, grid = make(4, publish_in_background=True, **ASYNC)
     snapshots: list[tuple[int, int, dict[str, np.ndarray]]] = []
 
     def on_version(event: VersionEvent) -> None:
         time.sleep(0.02)
-        state = event.state_dict()
+        state = event.state
+        assert state is not None
         snapshots.append((event.version, state["version"], state["arrays"]))
         for key, value in event.arrays.items():
             np.testing.assert_array_equal(state["arrays"][key], value)
 
-    server.start(grid, to_array_record(small_model()), num_rounds=6, on_version=on_version)
+    server.start(grid, to_array_record(small_model()), num_rounds=6, sink=Recorder(on_version))
     assert [(v, s) for v, s, _ in snapshots] == [(v, v) for v in range(1, 7)]
+    live = server.state.global_arrays
     assert any(  # the server had moved on: the live state would have been another version
-        not np.array_equal(snapshots[0][2][k], server.global_arrays[k]) for k in snapshots[0][2]
+        not np.array_equal(snapshots[0][2][k], live[k]) for k in snapshots[0][2]
     )
 
 
 def test_async_early_stop_in_background_keeps_every_made_version() -> None:
     server, grid = make(4, publish_in_background=True, **ASYNC)
-    events: list[VersionEvent] = []
 
     def stop_at_3(event: VersionEvent) -> bool:
         time.sleep(0.05)
-        events.append(event)
         return event.version >= 3
 
-    server.start(grid, to_array_record(small_model()), num_rounds=50, on_version=stop_at_3)
-    assert 3 <= server.version <= 5  # at most two versions made while 3 was announced
-    assert [e.version for e in events] == list(range(1, server.version + 1))
+    sink = Recorder(stop_at_3)
+    server.start(grid, to_array_record(small_model()), num_rounds=50, sink=sink)
+    assert 3 <= server.state.version <= 5  # at most two versions made while 3 was in the sink
+    assert sink.versions == list(range(1, server.state.version + 1))
     assert not grid.pending
 
 
-def test_a_failing_announcement_stops_the_run_with_its_error() -> None:
+def test_a_failing_sink_stops_the_run_with_its_error() -> None:
     server, grid = make(4, publish_in_background=True, **ASYNC)
-    announced: list[int] = []
+    accepted: list[int] = []
 
     def on_version(event: VersionEvent) -> None:
         if event.version == 2:
             raise OSError("disk full")
-        announced.append(event.version)
+        accepted.append(event.version)
 
-    with pytest.raises(RuntimeError, match="announcing a version failed") as failure:
-        server.start(grid, to_array_record(small_model()), num_rounds=50, on_version=on_version)
+    with pytest.raises(RuntimeError, match="the version sink failed") as failure:
+        server.start(grid, to_array_record(small_model()), num_rounds=50, sink=Recorder(on_version))
     assert isinstance(failure.value.__cause__, OSError)
-    assert announced == [1]  # nothing after the failed version is announced
-    assert server.version < 50  # the loop stopped at its next submit
+    assert accepted == [1]  # nothing after the failed version is handed over
+    assert server.state.version < 50  # the loop stopped at its next submit
 
 
-def test_announcer_keeps_order_and_bounds_the_queue() -> None:
-    announcer = VersionAnnouncer(max_pending=1)
+def test_background_runner_keeps_order_bounds_the_queue_and_relays_a_stop() -> None:
     release = threading.Event()
-    done: list[int] = []
 
-    def job(i: int):  # type: ignore[no-untyped-def]
-        def run() -> None:
-            if i == 0:
-                release.wait(5)
-            done.append(i)
+    def hold_the_first(event: VersionEvent) -> bool:
+        if event.version == 1:
+            release.wait(5)
+        return event.version == 2
 
-        return run
-
-    announcer.submit(job(0))  # running, blocked
-    announcer.submit(job(1))  # queued
-    blocked = threading.Thread(target=announcer.submit, args=(job(2),))
+    sink = Recorder(hold_the_first)
+    runner = BackgroundRunner(sink, max_pending=1)
+    events = [_event(v) for v in (1, 2, 3)]
+    runner.submit(events[0])  # in the sink, blocked
+    runner.submit(events[1])  # queued
+    blocked = threading.Thread(target=runner.submit, args=(events[2],))
     blocked.start()
     blocked.join(0.2)
     assert blocked.is_alive()  # the third waits for room
+    assert not runner.stop_requested
     release.set()
     blocked.join(5)
-    announcer.close()
-    assert done == [0, 1, 2]
+    runner.close()
+    assert sink.versions == [1, 2, 3]  # version 3 was made before the stop: still handed over
+    assert runner.stop_requested and not sink.closed  # the sink's owner closes it
     with pytest.raises(ValueError, match="max_pending"):
-        VersionAnnouncer(max_pending=0)
+        BackgroundRunner(sink, max_pending=0)
+
+
+def _event(version: int) -> VersionEvent:
+    from flwr.app import MetricRecord
+
+    return VersionEvent(
+        version=version,
+        round=version,
+        arrays={},
+        train_metrics=MetricRecord(),
+        client_eval_metrics=None,
+        num_accepted=1,
+        rejected_by_reason={},
+        num_dropped=0,
+        num_timed_out=0,
+        update_norm=0.0,
+        seconds=0.0,
+        made_at=0.0,
+        state=None,
+    )
 
 
 def test_run_experiment_in_background_stops_at_accuracy_and_records_strategy_seconds(

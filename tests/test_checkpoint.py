@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fake_grid import received
+from test_early_stop import _scripted_experiment
 
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategy import ParameterServer
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from server.strategy.optimizers import ServerAdam
 from server.strategy.sampling import PartitionSampler
+from server.strategy.state import ServerState
 from task.config import StrategyConfig
 
 
@@ -71,34 +74,73 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_temp_file(tmp_path) -> Non
 
 def test_server_state_dict_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cfg = StrategyConfig(optimizer="yogi", server_lr=0.1)
-    server = ParameterServer(cfg, seed=3)
-    server.set_arrays({"w": np.ones(4, np.float32)})
-    server.sampler.set_nodes({0: 1, 1: 2, 2: 3})
-    server.sampler.sample(2)
-    server.optimizer.step(server.arrays, {"w": np.full(4, 0.5)})  # type: ignore[arg-type]
-    server.version = server.round = 1
-    path = save_checkpoint(tmp_path / "s.pt", server.state_dict())
-    other = ParameterServer(cfg, seed=99)
+    state = ServerState(cfg, seed=3)
+    state.set_arrays({"w": np.ones(4, np.float32)})
+    state.sampler.set_nodes({0: 1, 1: 2, 2: 3})
+    state.sampler.sample(2)
+    state.optimizer.step(state.global_arrays, {"w": np.full(4, 0.5)})
+    state.version = state.round = 1
+    path = save_checkpoint(tmp_path / "s.pt", state.state_dict())
+    other = ServerState(cfg, seed=99)
     other.load_state_dict(load_checkpoint(path))  # type: ignore[arg-type]
     assert other.state_dict()["optimizer"]["step"] == 1 and other.version == 1 and other.seed == 3
-    other.sampler.set_nodes(server.sampler.node_of)
-    assert other.sampler.sample(2) == server.sampler.sample(2)
+    other.sampler.set_nodes(state.sampler.node_of)
+    assert other.sampler.sample(2) == state.sampler.sample(2)
     with pytest.raises(ValueError, match="strategy.optimizer"):
-        ParameterServer(StrategyConfig(optimizer="adam")).load_state_dict(server.state_dict())
+        ServerState(StrategyConfig(optimizer="adam")).load_state_dict(state.state_dict())
 
 
-def test_server_state_survives_the_app_replacing_history_and_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The app saves ``{**server.state_dict(), "history": its own, "config": the whole cfg}``."""
-    server = ParameterServer(StrategyConfig(optimizer="adam"), seed=1)
-    server.set_arrays({"w": np.ones(2, np.float32)})
-    state = {
-        **server.state_dict(),
-        "history": {"entries": [], "initial": {}},
-        "config": {"seed": 1, "strategy": {"optimizer": "adam", "mode": "sync"}},
-    }
-    save_checkpoint(tmp_path / "c.pt", state)
-    other = ParameterServer(StrategyConfig(optimizer="adam"), seed=1)
+def test_the_app_keys_of_a_checkpoint_are_ignored_and_another_format_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint is ``{**state.state_dict(), "history": ..., "config": ...}``; the state loads
+    from it as it is, and a checkpoint of another format fails with one line saying so."""
+    state = ServerState(StrategyConfig(optimizer="adam"), seed=1)
+    state.set_arrays({"w": np.ones(2, np.float32)})
+    checkpoint = {**state.state_dict(), "history": {"rounds": []}, "config": {"seed": 1}}
+    save_checkpoint(tmp_path / "c.pt", checkpoint)
+    other = ServerState(StrategyConfig(optimizer="adam"), seed=1)
     other.load_state_dict(load_checkpoint(tmp_path / "c.pt"))  # type: ignore[arg-type]
-    assert other.history == [] and other.global_arrays["w"].tolist() == [1.0, 1.0]
+    assert other.global_arrays["w"].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="strategy.optimizer"):
-        ParameterServer(StrategyConfig(optimizer="sgd")).load_state_dict(state)
+        ServerState(StrategyConfig(optimizer="sgd")).load_state_dict(checkpoint)
+    for old in ({**checkpoint, "format": 1}, {"arrays": {}, "version": 3}):
+        with pytest.raises(ValueError, match="written by another fedserve version") as refused:
+            ServerState(StrategyConfig(optimizer="adam")).load_state_dict(old)
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_run_experiment_resumes_from_its_checkpoint_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's checkpoint (state snapshot + the one history + config) resumes the run: same
+    arrays as a straight run, the history continued, not duplicated."""
+    strategy = {"name": "fedadam", "optimizer": "adam", "server_lr": 0.05}
+    _scripted_experiment(tmp_path / "resumed", monkeypatch, rounds=2, strategy=strategy)
+    grid, resumed = _scripted_experiment(
+        tmp_path / "resumed", monkeypatch, rounds=4, strategy=strategy, resume=True
+    )
+    _, straight = _scripted_experiment(
+        tmp_path / "straight", monkeypatch, rounds=4, strategy=strategy
+    )
+    assert [e.version for e in resumed.history.entries] == [1, 2, 3, 4]
+    # versions 1-2 come from the first run's history (its scripted accuracies); the resumed run
+    # evaluated no initial model and sent only versions 2 and 3
+    assert [e.test_acc for e in resumed.history.entries] == [0.5, 0.8, 0.1, 0.5]
+    assert {received(s.message)[1] for s in grid.log} == {2, 3}
+    saved = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
+    assert saved is not None and saved["version"] == 4
+    assert [e["version"] for e in saved["history"]["rounds"]] == [1, 2, 3, 4]
+    assert saved["config"]["rounds"] == 4
+    for key, value in straight.final_arrays.items():
+        assert resumed.final_arrays[key].tobytes() == value.tobytes(), key
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_run_experiment_refuses_a_checkpoint_of_another_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"format": 1, "version": 2, "history": []})
+    with pytest.raises(ValueError, match="server state format 1 is not 2"):
+        _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={}, resume=True)

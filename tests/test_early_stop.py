@@ -1,6 +1,6 @@
 """``stop_at_accuracy``: the run ends after the first version whose test accuracy reaches it.
 
-Strategy level (ParameterServer on the scripted grid: ``on_version`` returning True stops sync
+Strategy level (ParameterServer on the scripted grid: the version sink returning True stops sync
 and async runs, async drains what is in flight) and experiment level (``run_experiment`` with a
 scripted central accuracy, for the ParameterServer in both modes and for Flower's FedAvg).
 """
@@ -23,10 +23,14 @@ from fake_grid import (
     small_model,
 )
 from flwr.app import Message
+from recorder import Recorder
 
 import server.experiment as experiment
-from server.strategy import ParameterServer, VersionEvent
+from server import version_sink
+from server.central_evaluation import CentralEvaluator
+from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
+from server.strategy.parameter_server import ParameterServer
 from task.config import ConfigError, ExperimentConfig, StrategyConfig
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -43,22 +47,21 @@ def _server(**cfg) -> tuple[ParameterServer, FakeGrid]:  # type: ignore[no-untyp
     return server, grid
 
 
-def _stop_at(version: int, events: list[VersionEvent]):  # type: ignore[no-untyped-def]
-    def on_version(event: VersionEvent) -> bool:
-        events.append(event)
+def _stop_at(version: int) -> Recorder:
+    def stop(event: VersionEvent) -> bool:
         return event.version >= version
 
-    return on_version
+    return Recorder(stop)
 
 
-def test_sync_stops_after_the_version_on_version_accepts() -> None:
+def test_sync_stops_after_the_version_the_sink_accepts() -> None:
     server, grid = _server()
     reference, _ = _server()
-    events: list[VersionEvent] = []
+    sink = _stop_at(2)
     x0 = small_model()
-    server.start(grid, to_array_record(x0), num_rounds=10, on_version=_stop_at(2, events))
-    assert [e.version for e in events] == [1, 2]
-    assert server.version == 2 and server.round == 2
+    server.start(grid, to_array_record(x0), num_rounds=10, sink=sink)
+    assert sink.versions == [1, 2]
+    assert server.state.version == 2 and server.state.round == 2
     assert len(grid.log) == 2 * len(NODES)  # no third round was sent
     assert not grid.pending
     reference.start(
@@ -67,33 +70,32 @@ def test_sync_stops_after_the_version_on_version_accepts() -> None:
         num_rounds=2,
     )
     for key in x0:  # stopping early = the same parameters as a run of that many rounds
-        np.testing.assert_array_equal(server.global_arrays[key], reference.global_arrays[key])
+        np.testing.assert_array_equal(
+            server.state.global_arrays[key], reference.state.global_arrays[key]
+        )
 
 
 def test_async_stops_and_drains_in_flight_replies() -> None:
     server, grid = _server(mode="async", buffer_size=2, concurrency=4, max_staleness=10)
-    events: list[VersionEvent] = []
+    sink = _stop_at(3)
     x0 = to_array_record(small_model())
-    server.start(grid, x0, num_rounds=50, on_version=_stop_at(3, events))
-    assert [e.version for e in events] == [1, 2, 3]
-    assert server.version == 3
+    server.start(grid, x0, num_rounds=50, sink=sink)
+    assert sink.versions == [1, 2, 3]
+    assert server.state.version == 3
     sent_versions = [received(s.message)[1] for s in grid.log]
     assert max(sent_versions) <= 2  # nobody was sent version 3: the run had ended
     assert not grid.pending  # every reply still in flight was pulled (and discarded)
-    assert server.counters["discarded"] == len(grid.log) - sum(e.num_accepted for e in events)
-    assert server.counters["discarded"] > 0
+    discarded = server.state.counters["discarded"]
+    assert discarded == len(grid.log) - sum(e.num_accepted for e in sink.events)
+    assert discarded > 0
 
 
 def test_only_a_true_return_stops_the_run() -> None:
     server, grid = _server()
-    events: list[VersionEvent] = []
-
-    def on_version(event: VersionEvent) -> object:
-        events.append(event)
-        return Path("checkpoint.pt")  # e.g. what a save function returns: not a stop request
-
-    server.start(grid, to_array_record(small_model()), num_rounds=3, on_version=on_version)
-    assert [e.version for e in events] == [1, 2, 3]
+    # e.g. what a save function returns: not a stop request
+    sink = Recorder(lambda event: Path("checkpoint.pt"))
+    server.start(grid, to_array_record(small_model()), num_rounds=3, sink=sink)
+    assert sink.versions == [1, 2, 3]
 
 
 @pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
@@ -127,10 +129,11 @@ def _scripted_experiment(
     rounds: int,
     strategy: dict,
     stop_at_accuracy: float | None = None,
+    resume: bool = False,
 ) -> tuple[FakeGrid, experiment.ExperimentResult]:
     """``run_experiment`` on the fake grid, central evaluation scripted to ``ACCURACIES``."""
     calls = iter(ACCURACIES)
-    monkeypatch.setattr(experiment.CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
+    monkeypatch.setattr(CentralEvaluator, "__call__", lambda self, a: (1.0, next(calls)))
     cfg = ExperimentConfig.from_dict(
         {
             "rounds": rounds,
@@ -139,6 +142,7 @@ def _scripted_experiment(
             "repository": None,
             "device": "cpu",
             "stop_at_accuracy": stop_at_accuracy,
+            "resume": resume,
             "dataset": {"name": "synthetic", "num_samples": 200},
             "model": {"name": "mlp"},
             "strategy": {**strategy, "round_timeout_s": 30.0},
@@ -180,7 +184,7 @@ def test_history_png_is_redrawn_at_most_every_plot_interval(
     monkeypatch.setattr(
         server.history, "plot_history", lambda runs, path: drawn.append(len(runs["run"].entries))
     )
-    monkeypatch.setattr(experiment, "PLOT_EVERY_S", 1e9)
+    monkeypatch.setattr(version_sink, "PLOT_EVERY_S", 1e9)
     _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={"name": "fedavg"})
     assert drawn == [1, 4]  # version 1, then only the final write
     history = json.loads((tmp_path / "history.json").read_text())
@@ -197,7 +201,7 @@ def test_version_seconds_start_once_the_federation_answered(
     def slow_discovery(
         self: ParameterServer, grid: object, timeout: float | None = None, config: object = None
     ) -> None:
-        if not self.sampler.node_of:  # the query round trip, not the later no-op calls
+        if not self.state.sampler.node_of:  # the query round trip, not the later no-op calls
             time.sleep(1.0)
         discover(self, grid, timeout, config)  # type: ignore[arg-type]
 

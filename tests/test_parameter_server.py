@@ -18,11 +18,13 @@ from fake_grid import (
 )
 from flwr.app import Error, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
+from recorder import Recorder
 
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategy import ParameterServer, RoundFailedError, VersionEvent
 from server.strategy.messaging import to_array_record
+from server.strategy.parameter_server import ParameterServer
 from server.strategy.sampling import PartitionSampler
+from server.strategy.sync_loop import RoundFailedError
 from task.config import StrategyConfig
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -64,18 +66,19 @@ def fedavg_reference(x, partitions, rounds, counts=lambda p: 10 + 3 * p):  # typ
 
 def test_sync_fedavg_matches_hand_computation_and_contract() -> None:
     server, grid = make(4)
-    events: list[VersionEvent] = []
+    sink = Recorder()
     x0 = small_model()
     result = server.start(
         grid,
         to_array_record(x0),
         num_rounds=3,
         train_config=_config(task='{"seed": 0}'),
-        on_version=events.append,
+        sink=sink,
     )
+    events = sink.events
     expected = fedavg_reference(x0, range(4), 3)
     for key in x0:
-        np.testing.assert_array_equal(server.arrays[key], expected[key])  # type: ignore[index]
+        np.testing.assert_array_equal(server.state.global_arrays[key], expected[key])
         np.testing.assert_array_equal(result.arrays[key].numpy(), expected[key])
     assert [e.version for e in events] == [1, 2, 3] and [e.round for e in events] == [1, 2, 3]
     assert all(e.num_accepted == 4 and e.num_rejected == 0 for e in events)
@@ -89,7 +92,8 @@ def test_sync_fedavg_matches_hand_computation_and_contract() -> None:
     assert config["task"] == '{"seed": 0}'
     assert message.metadata.message_type == "train"
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
-    assert len(server.history) == 3
+    assert [e.state["version"] for e in events] == [1, 2, 3]  # type: ignore[index]
+    assert not sink.closed  # the sink belongs to the caller, who closes it
 
 
 def _config(**items):  # type: ignore[no-untyped-def]
@@ -117,9 +121,10 @@ def bad_client(message: Message, partition: int):  # type: ignore[no-untyped-def
 
 def test_bad_replies_are_rejected_and_the_run_goes_on() -> None:
     server, grid = make(7, client_fn=bad_client, max_update_norm=100.0, min_replies=1)
-    events: list[VersionEvent] = []
+    sink = Recorder()
     x0 = small_model()
-    server.start(grid, to_array_record(x0), num_rounds=2, on_version=events.append)
+    server.start(grid, to_array_record(x0), num_rounds=2, sink=sink)
+    events = sink.events
     assert len(events) == 2
     for event in events:
         assert event.num_accepted == 2
@@ -132,8 +137,8 @@ def test_bad_replies_are_rejected_and_the_run_goes_on() -> None:
         }
     expected = fedavg_reference(x0, [0, 6], 2)
     for key in x0:
-        np.testing.assert_array_equal(server.arrays[key], expected[key])  # type: ignore[index]
-    assert server.counters["rejected_non_finite"] == 2
+        np.testing.assert_array_equal(server.state.global_arrays[key], expected[key])
+    assert server.state.counters["rejected_non_finite"] == 2
     assert events[0].counts["rejected_shape"] == 1 and events[0].counts["rejected"] == 5
 
 
@@ -145,9 +150,9 @@ def test_sync_round_proceeds_after_timeout_with_min_replies() -> None:
         round_timeout_s=5.0,
         min_replies=3,
     )
-    events: list[VersionEvent] = []
-    server.start(grid, to_array_record(small_model()), num_rounds=2, on_version=events.append)
-    assert [(e.num_accepted, e.num_timed_out) for e in events] == [(3, 1), (3, 1)]
+    sink = Recorder()
+    server.start(grid, to_array_record(small_model()), num_rounds=2, sink=sink)
+    assert [(e.num_accepted, e.num_timed_out) for e in sink.events] == [(3, 1), (3, 1)]
     assert grid.clock.now == pytest.approx(10.0, abs=0.2)  # two rounds of 5 s timeouts
 
 
@@ -162,7 +167,7 @@ def test_sync_retries_a_round_with_too_few_replies() -> None:
         seed=3,
     )
     server.start(grid, to_array_record(small_model()), num_rounds=4)
-    assert server.version == 4
+    assert server.state.version == 4
     replay = PartitionSampler(3)
     replay.set_nodes({p: p for p in range(4)})
     failures = 0
@@ -170,7 +175,7 @@ def test_sync_retries_a_round_with_too_few_replies() -> None:
         while 0 in replay.sample(2):
             failures += 1
     assert failures > 0
-    assert server.counters["failed_rounds"] == failures
+    assert server.state.counters["failed_rounds"] == failures
     assert len(grid.log) == 2 * (4 + failures)
 
 
@@ -182,7 +187,7 @@ def test_sync_gives_up_after_max_round_retries() -> None:
         server.start(grid, to_array_record(small_model()), num_rounds=2)
     assert len(grid.log) == 3 * 3
     assert grid.clock.now == pytest.approx(6.0, abs=0.2)
-    assert server.version == 0
+    assert server.state.version == 0
 
 
 def constant_client(message: Message, partition: int):  # type: ignore[no-untyped-def]
@@ -210,24 +215,25 @@ def test_async_staleness_weights_on_a_scripted_arrival_order() -> None:
         max_staleness=1,
     )
     server.drain_timeout = 60.0
-    events: list[VersionEvent] = []
+    sink = Recorder()
     x0 = {"w": np.zeros(3, np.float32)}
-    server.start(grid, to_array_record(x0), num_rounds=2, on_version=events.append)
+    server.start(grid, to_array_record(x0), num_rounds=2, sink=sink)
+    events = sink.events
     c = {p: 0.25 * (p + 1) for p in range(3)}
     n = {p: 10 * (p + 1) for p in range(3)}
     s1 = 1 / math.sqrt(2)
     x1 = np.float32(0.0 + (n[0] * c[0] + n[1] * c[1]) / (n[0] + n[1]))
     x2 = np.float32(np.float64(x1) + (n[0] * s1 * c[0] + n[2] * s1 * c[2]) / (n[0] + n[2]))
     assert [e.version for e in events] == [1, 2]
-    np.testing.assert_array_equal(events[0].arrays["w"], np.full(3, x1)) if False else None
-    np.testing.assert_array_equal(server.arrays["w"], np.full(3, x2))  # type: ignore[index]
+    np.testing.assert_array_equal(events[0].arrays["w"], np.full(3, x1))
+    np.testing.assert_array_equal(server.state.global_arrays["w"], np.full(3, x2))
     assert [e.num_accepted for e in events] == [2, 2]
     # the replying client was sent the newest model at once
     starts = [(s.partition, received(s.message)[1]) for s in grid.log]
     assert sorted(starts[:3]) == [(0, 0), (1, 0), (2, 0)]
     assert starts[3:] == [(0, 0), (1, 1), (0, 1)]
     # in flight at the end: p0 (due t=22.5) is drained and discarded, p1 (t=102) is left
-    assert server.counters["discarded"] == 1 and len(grid.pending) == 1
+    assert server.state.counters["discarded"] == 1 and len(grid.pending) == 1
 
 
 def test_async_drops_replies_staler_than_max_staleness() -> None:
@@ -241,10 +247,10 @@ def test_async_drops_replies_staler_than_max_staleness() -> None:
         max_staleness=0,
         round_timeout_s=30.0,
     )
-    events: list[VersionEvent] = []
-    server.start(grid, to_array_record({"w": np.zeros(2, np.float32)}), 2, on_version=events.append)
-    assert [(e.version, e.num_dropped) for e in events] == [(1, 0), (2, 1)]
-    np.testing.assert_array_equal(server.arrays["w"], np.full(2, 0.5, np.float32))  # type: ignore[index]
+    sink = Recorder()
+    server.start(grid, to_array_record({"w": np.zeros(2, np.float32)}), 2, sink=sink)
+    assert [(e.version, e.num_dropped) for e in sink.events] == [(1, 0), (2, 1)]
+    np.testing.assert_array_equal(server.state.global_arrays["w"], np.full(2, 0.5, np.float32))
 
 
 def test_async_survives_bad_clients() -> None:
@@ -259,8 +265,9 @@ def test_async_survives_bad_clients() -> None:
         max_update_norm=100.0,
     )
     server.start(grid, to_array_record(small_model()), num_rounds=3)
-    assert server.version == 3
-    assert server.counters["rejected_non_finite"] >= 1 and server.counters["rejected_error"] >= 1
+    counters = server.state.counters
+    assert server.state.version == 3
+    assert counters["rejected_non_finite"] >= 1 and counters["rejected_error"] >= 1
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -274,20 +281,17 @@ def test_resume_is_bit_identical(tmp_path, optimizer: str) -> None:  # type: ign
 
     first, grid1 = make(6, seed=7, **cfg)
     path = tmp_path / "ckpt.pt"
-    first.start(
-        grid1,
-        x0,
-        num_rounds=2,
-        on_version=lambda e: save_checkpoint(path, first.state_dict()),
-    )
+    first.start(grid1, x0, num_rounds=2, sink=Recorder(lambda e: save_checkpoint(path, e.state)))
     state = load_checkpoint(path)
     assert state is not None and state["version"] == 2
     second, grid2 = make(6, seed=123, node_offset=50_000, **cfg)  # other node ids, other seed
-    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, resume_state=state)
-    assert second.version == 5 and len(second.history) == 5
-    for key, value in full.arrays.items():  # type: ignore[union-attr]
-        np.testing.assert_array_equal(second.arrays[key], value)  # type: ignore[index]
-        assert second.arrays[key].dtype == value.dtype  # type: ignore[index]
+    second.state.load_state_dict(state)
+    resumed = Recorder()
+    second.start(grid2, to_array_record({"junk": np.zeros(1)}), num_rounds=5, sink=resumed)
+    assert second.state.version == 5 and resumed.versions == [3, 4, 5]
+    for key, value in full.state.global_arrays.items():
+        np.testing.assert_array_equal(second.state.global_arrays[key], value)
+        assert second.state.global_arrays[key].dtype == value.dtype
     assert [s.partition for s in grid1.log + grid2.log] == full_cohorts
 
 
@@ -299,13 +303,16 @@ def test_evaluate_fn_is_called_for_version_zero_and_each_version() -> None:
         calls.append(version)
         return MetricRecord({"acc": float(version)})
 
-    events: list[VersionEvent] = []
+    sink = Recorder()
     result = server.start(
-        grid, to_array_record(small_model()), 2, evaluate_fn=evaluate_fn, on_version=events.append
+        grid, to_array_record(small_model()), 2, evaluate_fn=evaluate_fn, sink=sink
     )
-    assert calls == [0, 1, 2]
-    assert [e.eval_metrics["acc"] for e in events] == [1.0, 2.0]  # type: ignore[index]
-    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+    assert calls == [0, 1, 2] and sink.versions == [1, 2]
+    assert {v: m["acc"] for v, m in result.evaluate_metrics_serverapp.items()} == {
+        0: 0.0,
+        1: 1.0,
+        2: 2.0,
+    }
 
 
 def test_base_strategy_start_gives_the_same_run() -> None:
@@ -315,7 +322,7 @@ def test_base_strategy_start_gives_the_same_run() -> None:
     streaming.start(grid, x0, num_rounds=3)
     batch, grid2 = make(5, seed=2, fraction_train=0.6, optimizer="yogi", server_lr=0.1)
     result = Strategy.start(batch, grid2, x0, num_rounds=3, timeout=100)
-    for key, value in streaming.arrays.items():  # type: ignore[union-attr]
+    for key, value in streaming.state.global_arrays.items():
         np.testing.assert_array_equal(result.arrays[key].numpy(), value)
 
 
@@ -326,7 +333,7 @@ def test_evaluate_replies_are_averaged_by_examples_and_errors_counted() -> None:
 
     from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-    from server.strategy.sync_loop import average_evaluate_replies
+    from server.strategy.evaluation import average_evaluate_replies
 
     sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="evaluate")
 
@@ -378,7 +385,7 @@ def test_async_selection_spreads_updates_over_fast_clients(selection: str) -> No
     server.start(grid, to_array_record(small_model()), num_rounds=30)
     sent = Counter(s.partition for s in grid.log)
     fast = [sent[p] for p in (1, 2, 3)]
-    assert sent == server.sampler.picked
+    assert sent == server.state.sampler.picked
     if selection == "balanced":
         assert max(fast) - min(fast) <= 1 and sent[0] == 5
     else:  # the same seed, uniform: the spread balanced picking removes

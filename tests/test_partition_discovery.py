@@ -18,7 +18,7 @@ def test_a_node_that_fails_the_query_once_is_asked_again() -> None:
     server, grid = make(4)
     grid.query_errors = {2002: 1}
     server.ensure_partitions(grid, timeout=10)
-    assert server.sampler.node_of == {0: 1001, 1: 2002, 2: 3003, 3: 4004}
+    assert server.state.sampler.node_of == {0: 1001, 1: 2002, 2: 3003, 3: 4004}
     assert grid.query_errors == {2002: 0}
 
 
@@ -29,8 +29,8 @@ def test_a_node_that_fails_twice_is_left_out_and_the_run_goes_on(
     grid.query_errors = {3003: 2}
     with caplog.at_level(logging.WARNING):
         server.start(grid, to_array_record(small_model()), num_rounds=2)
-    assert server.sampler.node_of == {0: 1001, 1: 2002, 3: 4004}
-    assert server.version == 2 and {s.partition for s in grid.log} == {0, 1, 3}
+    assert server.state.sampler.node_of == {0: 1001, 1: 2002, 3: 4004}
+    assert server.state.version == 2 and {s.partition for s in grid.log} == {0, 1, 3}
     assert "node 3003 failed the partition query twice" in caplog.text
 
 
@@ -38,4 +38,4 @@ def test_two_nodes_claiming_one_partition_the_lower_id_keeps_it() -> None:
     server, grid = make(3)
     grid.partition_of[9009] = 1  # a second node with partition 1
     server.ensure_partitions(grid, timeout=10)
-    assert server.sampler.node_of == {0: 1001, 1: 2002, 2: 3003}
+    assert server.state.sampler.node_of == {0: 1001, 1: 2002, 2: 3003}

@@ -87,12 +87,12 @@ def _reset_peak() -> bool:
 def _memory(job: dict[str, Any], spec: Spec, reference: dict[str, Any]) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
 
-    from server.strategy import ParameterServer
+    from server.strategy import ServerState
     from task.config import StrategyConfig
 
     side, n, seed = job["side"], int(job["replies"]), int(job["seed"])
     if side == "ours":
-        server = ParameterServer(StrategyConfig(name="fedavg"), seed=0)
+        server = ServerState(StrategyConfig(name="fedavg"), seed=0)  # the ParameterServer's state
         server.set_arrays(reference)
     else:
         strategy = FedAvg()
@@ -108,7 +108,7 @@ def _memory(job: dict[str, Any], spec: Spec, reference: dict[str, Any]) -> dict[
     if side == "ours":
         for i in range(n):
             reply = make_reply(i, spec, seed)  # arrives ...
-            accepted = server.fold_reply(reply, start_version=0, staleness=0)  # ... is folded
+            accepted = server.fold(reply, start_version=0, staleness=0)  # ... is folded
             del reply  # ... and dropped
             assert accepted, "a generated reply was rejected"
     else:
@@ -117,7 +117,7 @@ def _memory(job: dict[str, Any], spec: Spec, reference: dict[str, Any]) -> dict[
     tracemalloc.reset_peak()
     _reset_peak()
     if side == "ours":
-        server.apply_update()
+        server.apply()
         result_arrays = server.global_arrays
     else:
         record, _ = strategy.aggregate_train(1, replies)

@@ -1,6 +1,7 @@
-"""The ParameterServer strategy and its parts (optimizers, aggregation, validation, sampling)."""
+"""The ParameterServer strategy and its parts (state, loops, optimizers, aggregation, sinks)."""
 
 from server.strategy.aggregator import StreamingAggregator, aggregate_metric_records
+from server.strategy.events import VersionEvent
 from server.strategy.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -9,9 +10,12 @@ from server.strategy.optimizers import (
     ServerYogi,
     build_optimizer,
 )
-from server.strategy.parameter_server import ParameterServer, RoundFailedError, VersionEvent
+from server.strategy.parameter_server import ParameterServer
 from server.strategy.sampling import PartitionSampler
+from server.strategy.sink import VersionSink
 from server.strategy.staleness import StalenessPolicy, staleness_weight
+from server.strategy.state import ServerState
+from server.strategy.sync_loop import RoundFailedError
 from server.strategy.validation import InvalidReply, validate_reply
 
 __all__ = [
@@ -23,10 +27,12 @@ __all__ = [
     "ServerAdam",
     "ServerOptimizer",
     "ServerSGD",
+    "ServerState",
     "ServerYogi",
     "StalenessPolicy",
     "StreamingAggregator",
     "VersionEvent",
+    "VersionSink",
     "aggregate_metric_records",
     "build_optimizer",
     "staleness_weight",

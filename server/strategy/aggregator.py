@@ -12,7 +12,7 @@ a stale buffer in absolute terms (a buffer of replies that are all one version o
 by ``1/√2`` of its mean delta) instead of only re-weighting replies against each other. In sync
 mode every ``s_i = 1`` and ``Δ`` is the ``num-examples``-weighted mean, i.e. FedAvg's.
 
-``aggregation="mean"`` keeps only ``S`` and ``W``: memory is O(model) (the float64 sum is twice a
+``aggregation="mean"`` keeps only ``S`` and ``N``: memory is O(model) (the float64 sum is twice a
 float32 model) however many replies arrive, and each reply's arrays are folded chunk by chunk from
 zero-copy views of the message, so no model-sized temporary is made. Summing float32 deltas in
 float64 makes the float32 result independent of the arrival order in practice: each w_i·d_i with
@@ -82,7 +82,6 @@ class StreamingAggregator:
         if self.aggregation == "mean":
             self._sum = {k: np.zeros(s.shape, dtype=np.float64) for k, s in self.specs.items()}
         self._kept = []
-        self.total_staleness_weight = 0.0
         self.num_accepted = 0
         self.num_examples = 0.0
         self.rejected = Counter()
@@ -117,7 +116,6 @@ class StreamingAggregator:
     def fold(self, reply: ValidReply, staleness_weight: float = 1.0) -> None:
         """Add an already validated reply with weight ``num-examples · staleness_weight``."""
         weight = reply.num_examples * float(staleness_weight)
-        self.total_staleness_weight += weight
         if self.aggregation == "mean":
             for key, delta in reply.arrays.items():
                 self._accumulate(self._sum[key], delta, weight)

@@ -8,8 +8,8 @@ version. Whenever a client replies (or times out) a slot frees up and the next i
 drawn by the seeded sampler (``selection``: uniform, or balanced: among the idle partitions sent
 the fewest models), is sent the newest model at once.
 
-The loop ends when the version reaches ``num_rounds`` (versions, not rounds) or ``on_version``
-returned True (early stop, e.g. a target accuracy). The replies still in flight are then pulled
+The loop ends when the version reaches ``num_rounds`` (versions, not rounds) or the version sink
+asked to stop (early stop, e.g. a target accuracy). The replies still in flight are then pulled
 and discarded for at most ``drain_timeout`` seconds (bounded by their own
 deadlines); the rest expire by their TTL. A partially filled buffer is discarded.
 
@@ -23,11 +23,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from server.strategy.events import RunContext
-    from server.strategy.parameter_server import ParameterServer
+from server.strategy.cohort import train_messages
+from server.strategy.run import RunContext
+from server.strategy.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,13 @@ class Dispatch:
     deadline: float
 
 
-def run_async(server: ParameterServer, ctx: RunContext) -> None:
-    cfg = server.cfg
+def run_async(state: ServerState, ctx: RunContext, drain_timeout: float) -> None:
+    """Make versions from buffers of ``buffer_size`` accepted replies until ``ctx`` says the run
+    is finished; then drain the replies in flight for at most ``drain_timeout`` seconds."""
+    cfg = state.cfg
     if cfg.fraction_evaluate > 0:
         log.warning("strategy.fraction_evaluate is ignored in async mode (clients stay busy)")
-    num_partitions = len(server.sampler.node_of)
+    num_partitions = len(state.sampler.node_of)
     concurrency = min(cfg.concurrency, num_partitions)
     if concurrency < cfg.concurrency:
         log.info(
@@ -54,12 +55,12 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
             concurrency,
         )
     messenger = ctx.messenger
-    agg = server.aggregator
+    agg = state.aggregator
     agg.reset()
     in_flight: dict[str, Dispatch] = {}
-    window: Counter[str] = Counter()
-    while not ctx.finished(server.version):
-        refused = _fill(server, ctx, in_flight, concurrency)
+    window: Counter[str] = Counter()  # dropped / timed out since the last version
+    while not ctx.finished(state.version):
+        refused = _fill(state, ctx, in_flight, concurrency)
         if not in_flight:
             raise RuntimeError(
                 "async mode: no client could be sent work (every push was refused by the grid)"
@@ -70,11 +71,11 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
         replies.sort(key=lambda m: in_flight[m.metadata.reply_to_message_id].partition)
         for reply in replies:
             dispatch = in_flight.pop(reply.metadata.reply_to_message_id)
-            if ctx.finished(server.version):
-                server.counters["discarded"] += 1
+            if ctx.finished(state.version):
+                state.counters["discarded"] += 1
                 continue
-            staleness = server.staleness.staleness(server.version, dispatch.start_version)
-            if not reply.has_error() and not server.staleness.accepts(staleness):
+            staleness = state.staleness.staleness(state.version, dispatch.start_version)
+            if not reply.has_error() and not state.staleness.accepts(staleness):
                 window["dropped"] += 1
                 log.info(
                     "dropped reply from node %d (partition %d): staleness %d > max_staleness %d",
@@ -84,10 +85,10 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
                     cfg.max_staleness,
                 )
                 continue
-            server.fold_reply(reply, start_version=dispatch.start_version, staleness=staleness)
+            state.fold(reply, start_version=dispatch.start_version, staleness=staleness)
             if agg.num_accepted >= cfg.buffer_size:
-                server.round = server.version + 1
-                server.publish(ctx, dropped=window["dropped"], timed_out=window["timed_out"])
+                state.round = state.version + 1
+                ctx.make_version(state, dropped=window["dropped"], timed_out=window["timed_out"])
                 window.clear()
         now = messenger.clock()
         for message_id in [i for i, d in in_flight.items() if now >= d.deadline]:
@@ -99,52 +100,54 @@ def run_async(server: ParameterServer, ctx: RunContext) -> None:
                 dispatch.partition,
                 ctx.timeout,
             )
-        if not replies and not ctx.finished(server.version) or refused:
+        if not replies and not ctx.finished(state.version) or refused:
             messenger.wait()
-    _drain(server, ctx, in_flight)
+    _drain(state, ctx, in_flight, drain_timeout)
 
 
 def _fill(
-    server: ParameterServer, ctx: RunContext, in_flight: dict[str, Dispatch], concurrency: int
+    state: ServerState, ctx: RunContext, in_flight: dict[str, Dispatch], concurrency: int
 ) -> int:
     """Send the newest model to idle partitions until ``concurrency`` are busy; # refused."""
     busy = {d.partition for d in in_flight.values()}
     chosen: list[int] = []
     while len(busy) < concurrency:
-        partition = server.sampler.pick(busy, balanced=server.cfg.selection == "balanced")
+        partition = state.sampler.pick(busy, balanced=state.cfg.selection == "balanced")
         if partition is None:
             break
         busy.add(partition)
         chosen.append(partition)
     if not chosen:
         return 0
-    server_round = server.version + 1
-    messages = server.train_messages(chosen, server_round, ctx.train_config, ctx.timeout)
+    server_round = state.version + 1
+    messages = train_messages(state, chosen, server_round, ctx.train_config, ctx.timeout)
     ids = ctx.messenger.push(messages)
     deadline = ctx.messenger.clock() + ctx.timeout
     refused = 0
     for message_id, partition in zip(ids, chosen, strict=True):
-        node_id = server.sampler.node_of[partition]
+        node_id = state.sampler.node_of[partition]
         if message_id is None:
             refused += 1
-            server.aggregator.reject("error", node_id, "push refused")
+            state.aggregator.reject("error", node_id, "push refused")
             continue
-        in_flight[message_id] = Dispatch(partition, node_id, server.version, deadline)
+        in_flight[message_id] = Dispatch(partition, node_id, state.version, deadline)
     return refused
 
 
-def _drain(server: ParameterServer, ctx: RunContext, in_flight: dict[str, Dispatch]) -> None:
+def _drain(
+    state: ServerState, ctx: RunContext, in_flight: dict[str, Dispatch], drain_timeout: float
+) -> None:
     if not in_flight:
         return
     messenger = ctx.messenger
     latest = max(d.deadline for d in in_flight.values())
-    deadline = min(messenger.clock() + server.drain_timeout, latest)
+    deadline = min(messenger.clock() + drain_timeout, latest)
     waiting = len(in_flight)
     discarded = 0
     for reply in messenger.collect(in_flight, deadline):  # type: ignore[arg-type]
         in_flight.pop(reply.metadata.reply_to_message_id)
         discarded += 1
-    server.counters["discarded"] += discarded
+    state.counters["discarded"] += discarded
     log.info(
         "after the last version: discarded %d of %d in-flight replies; %d left to expire",
         discarded,

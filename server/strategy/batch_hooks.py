@@ -1,7 +1,7 @@
-"""The base ``Strategy.start``'s four hooks, for :class:`~server.strategy.ParameterServer`.
+"""Flower's batch ``Strategy.start`` hooks over the server state.
 
 ``ParameterServer.start`` streams the replies (``sync_loop`` / ``async_loop``). These hooks let
-Flower's own batch ``Strategy.start`` drive the same server: ``configure_*`` draws a cohort from
+Flower's own batch ``Strategy.start`` drive the same state: ``configure_*`` draws a cohort from
 the seeded samplers, ``aggregate_train`` folds the collected replies through the same validation
 and optimizer step, ``aggregate_evaluate`` averages the clients' metrics.
 """
@@ -9,98 +9,73 @@ and optimizer step, ``aggregate_evaluate`` averages the clients' metrics.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from server.strategy.aggregator import StreamingAggregator
-from server.strategy.sync_loop import average_evaluate_replies
-
-if TYPE_CHECKING:
-    from server.strategy.sampling import PartitionSampler
-    from task.config import StrategyConfig
+from server.strategy.cohort import evaluate_messages, train_messages
+from server.strategy.evaluation import average_evaluate_replies
+from server.strategy.state import ServerState
 
 log = logging.getLogger(__name__)
 
-# (partitions, server_round, config, ttl) -> one message per partition
-MessagesFor = Callable[[Iterable[int], int, ConfigRecord | None, float], list[Message]]
 
+class BatchHooks:
+    """``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``.
 
-class BatchStrategyHooks:
-    """Mixin of ``configure_train``, ``aggregate_train``, ``configure_evaluate`` and
-    ``aggregate_evaluate`` over the ParameterServer's state (declared below for type checking)."""
+    ``ensure_partitions(grid)`` discovers the partitions on the grid unless they are known.
+    """
 
-    if TYPE_CHECKING:
-        cfg: StrategyConfig
-        arrays: dict[str, np.ndarray] | None
-        round: int
-        version: int
-        sampler: PartitionSampler
-        eval_sampler: PartitionSampler
-        counters: Counter[str]
-
-        @property
-        def aggregator(self) -> StreamingAggregator: ...
-        def set_arrays(self, arrays: dict[str, np.ndarray] | ArrayRecord) -> None: ...
-        def ensure_partitions(
-            self, grid: Grid, timeout: float | None = None, config: ConfigRecord | None = None
-        ) -> None: ...
-
-        train_messages: MessagesFor
-        evaluate_messages: MessagesFor
-
-        def fold_reply(self, reply: Message, *, start_version: int, staleness: int) -> bool: ...
-        def apply_update(self) -> float: ...
-        def array_record(self) -> ArrayRecord: ...
-        def published_record(self) -> ArrayRecord: ...
+    def __init__(self, state: ServerState, ensure_partitions: Callable[[Grid], None]) -> None:
+        self.state = state
+        self.ensure_partitions = ensure_partitions
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.arrays is None:
-            self.set_arrays(arrays)
+        state = self.state
+        if state.arrays is None:
+            state.set_arrays(arrays)
         self.ensure_partitions(grid)
-        cohort = self.sampler.sample(self.sampler.cohort_size(self.cfg.fraction_train))
-        return self.train_messages(cohort, server_round, config, self.cfg.round_timeout_s)
+        cohort = state.sampler.sample(state.sampler.cohort_size(state.cfg.fraction_train))
+        return train_messages(state, cohort, server_round, config, state.cfg.round_timeout_s)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        agg = self.aggregator
+        state = self.state
+        agg = state.aggregator
         agg.reset()
         for reply in replies:
-            self.fold_reply(reply, start_version=self.version, staleness=0)
-        if agg.num_accepted < self.cfg.min_replies:
+            state.fold(reply, start_version=state.version, staleness=0)
+        if agg.num_accepted < state.cfg.min_replies:
             log.warning(
                 "round %d: %d accepted replies < min_replies=%d; model unchanged",
                 server_round,
                 agg.num_accepted,
-                self.cfg.min_replies,
+                state.cfg.min_replies,
             )
             return None, None
         metrics = agg.metrics()
-        self.apply_update()
-        self.round = server_round
+        state.apply()
+        state.round = server_round
         # Flower evaluates what this returns; the clients get the server's own arrays anyway
         # (configure_train ignores the arrays Flower passes back once the server has its own)
-        return self.published_record(), metrics
+        return state.published_record(), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.cfg.fraction_evaluate == 0:
+        state = self.state
+        if state.cfg.fraction_evaluate == 0:
             return []
         self.ensure_partitions(grid)
-        size = self.eval_sampler.cohort_size(self.cfg.fraction_evaluate)
-        return self.evaluate_messages(
-            self.eval_sampler.sample(size), server_round, config, self.cfg.round_timeout_s
-        )
+        size = state.eval_sampler.cohort_size(state.cfg.fraction_evaluate)
+        cohort = state.eval_sampler.sample(size)
+        return evaluate_messages(state, cohort, server_round, config, state.cfg.round_timeout_s)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return average_evaluate_replies(self.counters, replies)
+        return average_evaluate_replies(self.state.counters, replies)

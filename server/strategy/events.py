@@ -1,56 +1,46 @@
-"""What the ParameterServer hands out per version, and the per-``start`` context of its loops."""
+"""The one description of a global version: what a loop hands to the version sink."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.serverapp.strategy import Result
-
-from server.strategy.announcer import VersionAnnouncer
-from server.strategy.messaging import Messenger, to_array_record
+from flwr.app import MetricRecord
 
 
-class RoundFailedError(RuntimeError):
-    """A sync round got fewer than ``min_replies`` accepted replies in every retry."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class VersionEvent:
-    """What ``on_version`` receives after each new global version.
+    """One global version, fixed when it was made.
 
-    ``arrays`` are the server's own global arrays: read them, copy them, never modify them.
-    ``eval_metrics`` is ``evaluate_fn``'s result for this version; ``client_eval_metrics`` the
-    federated evaluation (sync mode, ``fraction_evaluate > 0``). ``seconds`` is the wall time from
-    the previous version to this one's update, ``elapsed`` from ``start`` to it; ``made_at`` is that
-    moment as a ``time.time()`` stamp. ``state_dict()`` is the server's state at this version (what
-    a checkpoint holds): the live state when versions are announced inline, a snapshot taken when
-    the version was made with ``publish_in_background`` (the server has moved on by then).
+    ``arrays`` are the published arrays (the global ones, or their average with
+    ``strategy.ema_decay``): read them, copy them, never modify them. ``train_metrics`` are the
+    accepted replies' metrics averaged by ``num-examples``; ``client_eval_metrics`` the federated
+    evaluation (sync mode, ``fraction_evaluate > 0``). ``update_norm`` is the server update's L2
+    norm. ``seconds`` is the wall time from the previous version (or the start) to this one's
+    update; ``made_at`` is that moment as a ``time.time()`` stamp (train->serve latency starts
+    there).
+    ``state`` is the server state at this version, a snapshot a checkpoint can hold as it is
+    (``ServerState.state_dict``), or None where there is no state to resume (Flower's FedAvg).
     """
 
     version: int
     round: int
     arrays: dict[str, np.ndarray]
     train_metrics: MetricRecord
-    eval_metrics: MetricRecord | None
     client_eval_metrics: MetricRecord | None
     num_accepted: int
-    num_rejected: int
+    rejected_by_reason: dict[str, int]
     num_dropped: int
     num_timed_out: int
-    rejected_by_reason: dict[str, int]
-    seconds: float
-    elapsed: float
     update_norm: float
-    made_at: float = 0.0
-    state_dict: Callable[[], dict[str, Any]] = field(default=dict, repr=False, compare=False)
+    seconds: float
+    made_at: float
+    state: dict[str, Any] | None
 
-    def array_record(self) -> ArrayRecord:
-        return to_array_record(self.arrays)
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
 
     @property
     def counts(self) -> dict[str, int]:
@@ -63,26 +53,3 @@ class VersionEvent:
         }
         counts.update({f"rejected_{k}": v for k, v in self.rejected_by_reason.items()})
         return counts
-
-
-@dataclass
-class RunContext:
-    """Per-``start`` arguments shared by the loops."""
-
-    messenger: Messenger
-    num_rounds: int
-    timeout: float
-    train_config: ConfigRecord
-    evaluate_config: ConfigRecord
-    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None
-    on_version: Callable[[VersionEvent], bool | None] | None
-    result: Result
-    started: float
-    last_version_at: float
-    window: Counter[str] = field(default_factory=Counter)
-    announcer: VersionAnnouncer | None = None  # ``publish_in_background``: announces off the loop
-    stop_requested: bool = False  # ``on_version`` returned True: no further version is made
-
-    def finished(self, version: int) -> bool:
-        """The run makes no more versions: ``num_rounds`` reached or a stop was requested."""
-        return self.stop_requested or version >= self.num_rounds

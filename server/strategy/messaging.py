@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -57,7 +57,6 @@ class Messenger:
     poll_interval: float = 0.1
     clock: Clock = time.monotonic
     sleep: Sleep = time.sleep
-    push_failures: int = field(default=0)
 
     def push(self, messages: list[Message]) -> list[str | None]:
         """Message ids in the order of ``messages``; None where the runtime refused one."""
@@ -69,7 +68,6 @@ class Messenger:
             ids = ids + [None] * (len(messages) - len(ids))
         refused = sum(1 for i in ids if not i)
         if refused:
-            self.push_failures += refused
             log.warning("the grid refused %d of %d messages", refused, len(messages))
         return [str(i) if i else None for i in ids]
 

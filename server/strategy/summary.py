@@ -6,11 +6,10 @@ import logging
 
 from task.config import StrategyConfig
 
-log = logging.getLogger("server.strategy.parameter_server")
+log = logging.getLogger(__name__)
 
 
 def log_summary(cfg: StrategyConfig, seed: int) -> None:
-
     log.info(
         "ParameterServer: mode=%s optimizer=%s lr=%g momentum=%g nesterov=%s betas=(%g, %g) "
         "tau=%g aggregation=%s",

@@ -102,7 +102,7 @@ def sum_of_squares(array: np.ndarray, scratch: np.ndarray | None = None) -> floa
     return total
 
 
-def _pick(records: dict, key: str, kind: str) -> object | None:
+def _pick(records: dict, key: str) -> object | None:
     if key in records:
         return records[key]
     if len(records) == 1:
@@ -116,12 +116,12 @@ def validate_reply(
     max_update_norm: float | None = None,
 ) -> ValidReply:
     """Check one train reply against the global arrays' specs; raise :class:`InvalidReply`."""
-    record = _pick(content.array_records, "arrays", "ArrayRecord")
+    record = _pick(content.array_records, "arrays")
     if not isinstance(record, ArrayRecord):
         raise InvalidReply(
             "no_arrays", f"no ArrayRecord 'arrays' in reply (has {list(content.keys())})"
         )
-    metrics = _pick(content.metric_records, "metrics", "MetricRecord")
+    metrics = _pick(content.metric_records, "metrics")
     if not isinstance(metrics, MetricRecord):
         raise InvalidReply(
             "num_examples", f"no MetricRecord 'metrics' in reply (has {list(content.keys())})"
