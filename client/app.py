@@ -29,7 +29,7 @@ from client.heterogeneity import (
     slow_partitions,
     warm_up_once,
 )
-from task.config import ExperimentConfig
+from task.config import TaskConfig
 from task.federated import ClientData, client_data
 from task.models import build_model
 from task.training import evaluate as evaluate_model
@@ -51,16 +51,14 @@ def _node_partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
-def _task_config(msg: Message) -> ExperimentConfig:
+def _task_config(msg: Message) -> TaskConfig:
     raw = msg.content["config"].get("task")
     if not isinstance(raw, str):
         raise ValueError("message config lacks 'task' (the JSON task config the server sends)")
-    return ExperimentConfig.from_dict(json.loads(raw))
+    return TaskConfig.from_dict(json.loads(raw))
 
 
-def _prepare(
-    msg: Message, context: Context
-) -> tuple[ExperimentConfig, ClientData, torch.nn.Module]:
+def _prepare(msg: Message, context: Context) -> tuple[TaskConfig, ClientData, torch.nn.Module]:
     cfg = _task_config(msg)
     partition_id, num_partitions = _node_partition(context)
     data = client_data(cfg, partition_id, num_partitions)

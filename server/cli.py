@@ -19,15 +19,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from server.config_loader import CONF_DIR, experiment_from_hydra
+from server.config import ExperimentConfig
+from server.config_loader import CONF_DIR, check_overrides, experiment_from_hydra, register_schemas
 from server.launcher import local_superlink
 from server.run_lock import RunDirectoryLocked, run_lock
-from task.config import ConfigError, ExperimentConfig
+from serving.config_schema import config_errors_exit, run_cli
+from task.config import ConfigError
 from task.federated import check_partitions
 
 log = logging.getLogger(__name__)
 
 PATH_KEYS = ("repository", "dataset.root")
+PROGRAM = "fedserve-train"
+#: refused with one line and exit code 2
+CONFIG_ERRORS = (ConfigError, RunDirectoryLocked)
 
 
 def absolute_overrides(overrides: list[str], cfg: ExperimentConfig) -> list[str]:
@@ -52,9 +57,10 @@ def client_gpu_share(cfg: ExperimentConfig, clients_per_gpu: int = 4) -> float:
 
 def train_job(cfg: DictConfig) -> float:
     """Run one job; returns the final test accuracy (the value a Hydra sweeper optimises)."""
-    experiment = experiment_from_hydra(cfg)
-    check_partitions(experiment)
     hydra_cfg = HydraConfig.get()
+    check_overrides(list(hydra_cfg.overrides.task))
+    experiment = experiment_from_hydra(cfg)
+    check_partitions(experiment, experiment.num_clients)
     output_dir = Path(experiment.output_dir or hydra_cfg.runtime.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     task_overrides = list(hydra_cfg.overrides.task)
@@ -82,14 +88,8 @@ def train_job(cfg: DictConfig) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float:
-    try:
+    with config_errors_exit(PROGRAM, CONFIG_ERRORS):
         return train_job(cfg)
-    except ConfigError as err:
-        log.error("invalid configuration: %s", err)
-        sys.exit(2)
-    except RunDirectoryLocked as err:
-        log.error("%s", err)
-        sys.exit(2)
 
 
 class Interrupted(BaseException):
@@ -109,8 +109,9 @@ def main() -> None:
     last completed version stays) and exit 130/143 with one line, not a traceback."""
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    register_schemas()
     try:
-        _hydra_main()
+        run_cli(_hydra_main, PROGRAM, CONFIG_ERRORS)
     except Interrupted as stop:
         # further signals while the last line is written must not print a traceback either
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,8 +1,14 @@
-"""Compose conf/ into the typed :class:`ExperimentConfig` (Hydra's Compose API).
+"""Compose conf/ against the typed schema into an :class:`ExperimentConfig` (Hydra).
+
+:func:`register_schemas` puts :class:`~server.config.ExperimentConfig` into Hydra's ConfigStore as
+``experiment_schema``; ``conf/config.yaml`` lists it first in its defaults, so every group option
+and every override is merged into typed nodes (:mod:`serving.config_schema` has the strict rules
+and the one-line errors both command-line apps share).
 
 ``flwr run .`` carries Hydra overrides in the run-config key ``overrides``
 (``--run-config 'overrides="strategy=fedadam partition=dirichlet partition.alpha=0.3"'``); the
-ServerApp composes conf/ with them here, exactly as ``fedserve-train`` does with its command line.
+ServerApp composes conf/ with them here (:func:`compose_experiment`), exactly as ``fedserve-train``
+does with its command line.
 """
 
 from __future__ import annotations
@@ -10,17 +16,25 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from task.config import ConfigError, ExperimentConfig
+from server.config import ExperimentConfig
+from serving import config_schema
+from task.config import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SCHEMA_NAME = "experiment_schema"
+
+
+def register_schemas() -> None:
+    """Store the schema conf/config.yaml's defaults list names (idempotent)."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -37,49 +51,30 @@ def parse_overrides(text: str) -> list[str]:
 
 
 def compose_experiment(overrides: list[str]) -> ExperimentConfig:
-    """Compose ``conf/config.yaml`` with ``overrides`` and validate it."""
+    """Compose ``conf/config.yaml`` with ``overrides`` and validate it (ConfigError, one line)."""
+    check_overrides(overrides)
+    register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
-    except HydraException as err:
-        raise ConfigError(f"cannot compose conf/ with overrides {overrides}: {err}") from err
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(config_schema.describe_error(err)) from err
     return experiment_from_hydra(cfg)
 
 
-def experiment_from_hydra(cfg: DictConfig) -> ExperimentConfig:
-    """The typed config of a composed Hydra config (the ``hydra`` node, if any, is dropped)."""
-    data = to_container(cfg)
-    data.pop("hydra", None)
-    return ExperimentConfig.from_dict(data)
-
-
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    missing = sorted(_missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            f"{', '.join(missing)} must be set (it is '???' in conf/); "
-            f"pass it as an override, e.g. {missing[0]}=<value>"
-        )
+def check_overrides(overrides: list[str]) -> None:
+    """The rules OmegaConf does not enforce itself (strict booleans), as ConfigError."""
     try:
-        data = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot resolve the config: {err}") from err
-    assert isinstance(data, dict)
-    return data  # type: ignore[return-value]
+        config_schema.check_bool_overrides(overrides, ExperimentConfig)
+    except config_schema.ConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    missing: list[str] = []
-    for key in cfg:
-        if key == "hydra":
-            continue
-        path = f"{prefix}{key}"
-        if OmegaConf.is_missing(cfg, key):
-            missing.append(path)
-            continue
-        value = cfg[key]
-        if isinstance(value, DictConfig):
-            missing.extend(_missing_keys(value, prefix=f"{path}."))
-    return missing
+def experiment_from_hydra(cfg: DictConfig) -> ExperimentConfig:
+    """The typed, validated config of a composed conf/ (the ``hydra`` node, if any, is dropped)."""
+    try:
+        return config_schema.typed_config(cfg, ExperimentConfig)
+    except config_schema.ConfigError as err:
+        raise ConfigError(str(err)) from None

@@ -21,21 +21,20 @@ from flwr.serverapp import Grid
 
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.config import ExperimentConfig
 from server.flower_fedavg import run_flower_fedavg
 from server.history import History
 from server.publisher import Publisher
 from server.strategy.messaging import to_array_record
 from server.strategy.parameter_server import ParameterServer
 from server.version_sink import ExperimentSink
-from task.config import ConfigError, ExperimentConfig
+from task.config import ConfigError
 from task.federated import check_partitions, dataset_key, shared_dataset
 from task.models import build_model
 from task.params import get_arrays
 from task.training import get_device, set_seed
 
 log = logging.getLogger(__name__)
-
-TASK_SECTIONS = ("dataset", "partition", "model", "train", "heterogeneity", "seed", "device")
 
 
 @dataclass
@@ -46,8 +45,7 @@ class ExperimentResult:
 
 def task_config(cfg: ExperimentConfig) -> str:
     """The JSON the clients rebuild their task from (data, partition, model, local training)."""
-    data = cfg.to_dict()
-    return json.dumps({k: data[k] for k in TASK_SECTIONS}, sort_keys=True)
+    return json.dumps(cfg.task_dict(), sort_keys=True)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
@@ -93,7 +91,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
 
     train_config = ConfigRecord({"task": task_config(cfg), "reply": "delta"})
     evaluate_config = ConfigRecord({"task": task_config(cfg)})
-    check_partitions(cfg)
+    check_partitions(cfg, cfg.num_clients)
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
     if strategy is None:
         final = run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, sink)

@@ -16,7 +16,7 @@ limit) are saved with ONNX external data: ``model.onnx`` + ``model.onnx.data``.
 (proving the batch axis is dynamic) and compares with torch: ``max |onnx - torch|`` above ``atol``
 raises :class:`ExportParityError` naming both numbers. :func:`export_and_publish` chains export,
 check and :meth:`~serving.repository.ModelRepository.publish` (only after the check passed) and then
-applies the retention of :class:`~task.config.ExportConfig`.
+applies the retention of :class:`ExportConfig` (the schema of conf/'s ``export/`` group).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch import nn
 from serving.onnx_specs import specs_from_onnx
 from serving.repository import ModelRepository
 from serving.tensor_spec import TensorSpec
-from task.config import ExportConfig
+from task.config import ConfigError, check_non_negative, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,30 @@ DEFAULT_EXPORTER = "legacy"
 EXTERNAL_DATA_THRESHOLD = 2**31
 #: metric (in ``metadata["metrics"]``) whose best version retention keeps when export.keep_best
 BEST_METRIC = "test_acc"
+
+
+@dataclass
+class ExportConfig:
+    """When and how global models become ONNX versions in the model repository."""
+
+    enabled: bool = True
+    model_name: str = "fedserve"
+    every: int = 1  # export every N global versions (0 = only at the end / on best)
+    at_end: bool = True
+    on_best: bool = True
+    opset: int = 18
+    atol: float = 1e-4
+    keep_last: int = 5
+    keep_best: bool = True
+    max_batch_size: int = 64
+
+    def validate(self) -> None:
+        check_non_negative("export.every", self.every)
+        check_positive("export.atol", self.atol)
+        check_positive("export.keep_last", self.keep_last)
+        check_positive("export.max_batch_size", self.max_batch_size)
+        if not 7 <= self.opset <= 23:
+            raise ConfigError(f"export.opset must be in [7, 23], got {self.opset}")
 
 
 class ExportError(RuntimeError):

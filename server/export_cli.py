@@ -49,9 +49,9 @@ def export_checkpoint(
     """Export one checkpoint; returns (result, repository root, model name)."""
     import torch
 
+    from server.config import ExperimentConfig
     from server.export import export_and_publish
     from serving.repository import ModelRepository
-    from task.config import ExperimentConfig
     from task.data import load_dataset
     from task.models import build_model
     from task.params import set_arrays

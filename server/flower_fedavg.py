@@ -17,10 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.config import ExperimentConfig
 from server.strategy.events import VersionEvent
 from server.strategy.messaging import from_array_record, to_array_record
 from server.strategy.sink import VersionSink
-from task.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 

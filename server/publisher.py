@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.config import ExperimentConfig
 from server.export import check_parity, export_and_publish, export_onnx
 from server.history import HistoryEntry
 from serving.repository import ModelRepository
-from task.config import ExperimentConfig
 from task.params import set_arrays
 
 log = logging.getLogger(__name__)

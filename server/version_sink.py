@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from server.checkpoint import save_checkpoint
+from server.config import ExperimentConfig
 from server.history import History, HistoryEntry
 from server.publisher import Publisher
 from server.strategy.events import VersionEvent
-from task.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 

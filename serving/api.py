@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -53,11 +53,14 @@ from serving.metrics import CONTENT_TYPE
 from serving.ndjson_stream import NDJSONStream
 from serving.protocol import HEADER_LENGTH, decode_request, encode_response
 from serving.request_body import read_body
+from serving.settings import ServingConfig
 
 
 @dataclass
 class ApiSettings:
-    body_limit_bytes: int = 64 * 1024 * 1024
+    """The HTTP front end's part of the serve config (:class:`~serving.settings.ServeConfig`)."""
+
+    body_limit_bytes: int = field(default_factory=lambda: ServingConfig().body_limit_bytes)
     token: str | None = None
     #: paths answered without the bearer token (liveness/readiness probes)
     public_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready")

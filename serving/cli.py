@@ -2,7 +2,8 @@
 
     fedserve-serve repository=<dir> port=<port> [host=127.0.0.1] [token=...] [serving.<key>=...]
 
-A Hydra app on ``conf/serve.yaml`` (group ``serving``: ``conf/serving/default.yaml``). Loads every
+A Hydra app on ``conf/serve.yaml`` against the schema :class:`~serving.settings.ServeConfig` (every
+key, its type and default; unknown keys and wrong types exit 2 with one line). Loads every
 model of the repository (verified, warmed), prints the URL and what it serves, keeps watching the
 repository for new versions, and serves until SIGINT/SIGTERM (uvicorn handles both), then drains and
 releases its leases.
@@ -12,51 +13,58 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from serving.config_schema import (
+    ConfigError,
+    check_bool_overrides,
+    config_errors_exit,
+    run_cli,
+    typed_config,
+)
+from serving.settings import ServeConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SCHEMA_NAME = "serve_schema"
+PROGRAM = "fedserve-serve"
 
 
-def serve(cfg: DictConfig | dict[str, Any]) -> None:
+def serve(cfg: DictConfig | ServeConfig) -> None:
     """Run the server described by a composed ``serve`` config (blocks until SIGINT/SIGTERM)."""
     import uvicorn
 
     from serving.api import ApiSettings, create_app
     from serving.dataplane import DataPlane
-    from serving.pool import PoolSettings
     from serving.registry import ModelRegistry
     from serving.repository import ModelRepository
     from serving.watcher import RepositoryWatcher
 
-    conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    serving = dict(conf.get("serving") or {})
-    root = Path(str(conf["repository"])).expanduser()
+    conf = cfg if isinstance(cfg, ServeConfig) else typed_config(cfg, ServeConfig)
+    settings = conf.serving
+    root = Path(conf.repository).expanduser()
     if not root.is_dir():
-        raise SystemExit(
+        raise ConfigError(
             f"repository={root} is not a directory; pass repository=<path to a model repository>"
         )
     repository = ModelRepository(root)
     registry = ModelRegistry()
-    settings = PoolSettings.from_mapping(serving)
     watcher = RepositoryWatcher(
         repository,
         registry,
         settings,
-        poll_interval_s=float(serving.get("poll_interval_s", 0.5)),
-        versions=serving.get("versions"),
-        models=conf.get("models"),
-        drain_timeout_s=float(serving.get("drain_timeout_s", 30.0)),
+        poll_interval_s=settings.poll_interval_s,
+        versions=settings.versions,
+        models=conf.models,
+        drain_timeout_s=settings.drain_timeout_s,
     )
-    api = ApiSettings(
-        body_limit_bytes=int(serving.get("body_limit_bytes", 64 * 1024 * 1024)),
-        token=conf.get("token") or None,
-    )
+    api = ApiSettings(body_limit_bytes=settings.body_limit_bytes, token=conf.token or None)
     app = create_app(DataPlane(registry, ready=lambda: watcher.ready), settings=api)
     watcher.start()
-    host, port = str(conf.get("host", "127.0.0.1")), int(conf.get("port", 8000))
+    host, port = conf.host, conf.port
     try:
         print(f"fedserve serving {root} at http://{host}:{port}/v2", flush=True)
         models = registry.models()
@@ -74,7 +82,7 @@ def serve(cfg: DictConfig | dict[str, Any]) -> None:
             app,
             host=host,
             port=port,
-            log_level=str(conf.get("log_level", "info")),
+            log_level=conf.log_level,
             access_log=False,
         )
     finally:
@@ -84,12 +92,16 @@ def serve(cfg: DictConfig | dict[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    serve(cfg)
+    with config_errors_exit(PROGRAM):
+        check_bool_overrides(list(HydraConfig.get().overrides.task), ServeConfig)
+        conf = typed_config(cfg, ServeConfig)
+    serve(conf)
 
 
 def main() -> None:
     """Console script entry point (``fedserve-serve``)."""
-    _hydra_main()
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ServeConfig)
+    run_cli(_hydra_main, PROGRAM)
 
 
 if __name__ == "__main__":

@@ -43,81 +43,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from serving.batching import Request
-from serving.dispatcher import POLICIES, Dispatcher
+from serving.dispatcher import Dispatcher
 from serving.engine import Engine
 from serving.errors import PoolClosed, ServingError, Unavailable
-from serving.providers import CONV_ALGO_SEARCHES, default_instances, resolve_providers
+from serving.providers import default_instances, resolve_providers
+from serving.settings import ServingConfig
 from serving.signature import ModelSignature
 from serving.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PoolSettings:
-    """The ``serving`` config group (conf/serving/default.yaml), pool/dispatcher part."""
-
-    instances: int | None = None
-    intra_op_threads: int = 1
-    allow_spinning: bool = False
-    providers: str | list[str] = "auto"
-    cudnn_conv_algo_search: str = "heuristic"
-    pad_batches: bool | str = "auto"
-    policy: str = "least_loaded"
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 1.0
-    max_queue_items: int = 2048
-    inline_max_ms: float = 1.0
-    run_timeout_s: float = 30.0
-    replace_attempts: int = 3
-    warmup: bool = True
-    allow_nonfinite: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> PoolSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in cfg.items() if k in known}
-        if kwargs.get("providers") is not None and not isinstance(kwargs["providers"], str):
-            kwargs["providers"] = list(kwargs["providers"])
-        if kwargs.get("allow_nonfinite") is not None:
-            kwargs["allow_nonfinite"] = list(kwargs["allow_nonfinite"])
-        settings = cls(**kwargs)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        if self.instances is not None and self.instances < 0:
-            raise ValueError(
-                f"serving.instances must be >= 1 (or null/0 = auto), got {self.instances}"
-            )
-        if self.intra_op_threads < 1:
-            raise ValueError(f"serving.intra_op_threads must be >= 1, got {self.intra_op_threads}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"serving.max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(
-                f"serving.max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}"
-            )
-        if self.max_queue_items < 0:
-            raise ValueError(f"serving.max_queue_items must be >= 0, got {self.max_queue_items}")
-        if str(self.cudnn_conv_algo_search).lower() not in CONV_ALGO_SEARCHES:
-            raise ValueError(
-                "serving.cudnn_conv_algo_search must be one of "
-                f"{', '.join(CONV_ALGO_SEARCHES)}, got {self.cudnn_conv_algo_search!r}"
-            )
-        if self.pad_batches not in (True, False, "auto"):
-            raise ValueError(
-                f"serving.pad_batches must be true, false or auto, got {self.pad_batches!r}"
-            )
-        if self.policy not in POLICIES:
-            raise ValueError(f"serving.policy must be {' or '.join(POLICIES)}, got {self.policy!r}")
 
 
 EngineFactory = Callable[[str], Engine]
@@ -147,7 +86,7 @@ class EnginePool:
         version: int,
         model_path: str | Path,
         signature: ModelSignature,
-        settings: PoolSettings | None = None,
+        settings: ServingConfig | None = None,
         *,
         engine_factory: EngineFactory | None = None,
     ) -> None:
@@ -155,7 +94,7 @@ class EnginePool:
         self.version = int(version)
         self.model_path = Path(model_path)
         self.signature = signature
-        self.settings = settings = settings or PoolSettings()
+        self.settings = settings = settings or ServingConfig()
         self.providers = resolve_providers(settings.providers)
         self.instances = settings.instances or default_instances(self.providers)
         self.batch_limit = (

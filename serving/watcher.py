@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from serving.pool import EnginePool, PoolSettings
+from serving.pool import EnginePool
 from serving.registry import ModelRegistry
+from serving.settings import ServingConfig
 from serving.signature import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RepositoryWatcher:
         self,
         repository: Any,
         registry: ModelRegistry,
-        settings: PoolSettings | None = None,
+        settings: ServingConfig | None = None,
         *,
         poll_interval_s: float = 0.05,
         full_poll_s: float = 1.0,
@@ -69,7 +70,7 @@ class RepositoryWatcher:
             )
         self.repository = repository
         self.registry = registry
-        self.settings = settings or PoolSettings()
+        self.settings = settings or ServingConfig()
         self.poll_interval_s = float(poll_interval_s)
         self.full_poll_s = max(float(full_poll_s), self.poll_interval_s)
         self.versions = versions

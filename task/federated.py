@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from task.config import ExperimentConfig
+from task.config import TaskConfig
 from task.data import FederatedData, load_dataset
 from task.partition import partition_indices, split_train_val
 
@@ -28,7 +28,7 @@ class ClientData:
     input_shape: tuple[int, int, int]
 
 
-def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
+def client_data(cfg: TaskConfig, partition_id: int, num_partitions: int) -> ClientData:
     """Partition ``partition_id`` of ``num_partitions`` (cached per process)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
@@ -41,7 +41,7 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
 @functools.lru_cache(maxsize=4)
 def _client_data(key: str, seed: int, partition_id: int, num_partitions: int) -> ClientData:
     sections = json.loads(key)
-    cfg = ExperimentConfig.from_dict({**sections, "seed": seed})
+    cfg = TaskConfig.from_dict({**sections, "seed": seed})
     data = shared_dataset(key, seed)
     parts = partition_indices(data.train_y.numpy(), num_partitions, cfg.partition, seed)
     train_idx, val_idx = split_train_val(
@@ -63,17 +63,18 @@ def _client_data(key: str, seed: int, partition_id: int, num_partitions: int) ->
 def shared_dataset(key: str, seed: int) -> FederatedData:
     """The whole dataset, loaded once per process for every client and the server's evaluation."""
     sections = json.loads(key)
-    cfg = ExperimentConfig.from_dict({**sections, "seed": seed})
+    cfg = TaskConfig.from_dict({**sections, "seed": seed})
     return load_dataset(cfg.dataset, seed)
 
 
-def check_partitions(cfg: ExperimentConfig) -> None:
-    """Raise ConfigError now if the training set cannot be split as configured (e.g. more
-    clients than samples), instead of in every client once the federation is up."""
+def check_partitions(cfg: TaskConfig, num_clients: int) -> None:
+    """Raise ConfigError now if the training set cannot be split over ``num_clients`` as
+    configured (e.g. more clients than samples), instead of in every client once the federation
+    is up."""
     data = shared_dataset(dataset_key(cfg), cfg.seed)
-    partition_indices(data.train_y.numpy(), cfg.num_clients, cfg.partition, cfg.seed)
+    partition_indices(data.train_y.numpy(), num_clients, cfg.partition, cfg.seed)
 
 
-def dataset_key(cfg: ExperimentConfig) -> str:
+def dataset_key(cfg: TaskConfig) -> str:
     d = cfg.to_dict()
     return json.dumps({"dataset": d["dataset"], "partition": d["partition"]}, sort_keys=True)

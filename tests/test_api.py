@@ -32,9 +32,9 @@ from tritonclient.utils import InferenceServerException
 from server.processes import free_port
 from serving.api import ApiSettings, create_app
 from serving.dataplane import DataPlane
-from serving.pool import PoolSettings
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
+from serving.settings import ServingConfig
 from serving.watcher import RepositoryWatcher
 
 BODY_LIMIT = 64 * 1024
@@ -59,7 +59,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def serve(
     tmp: Path,
     seeds: tuple[int, ...],
-    settings: PoolSettings | None = None,
+    settings: ServingConfig | None = None,
     versions: int | None = None,
     token: str | None = None,
 ) -> Iterator[Served]:
@@ -70,7 +70,7 @@ def serve(
     watcher = RepositoryWatcher(
         repo,
         registry,
-        settings or PoolSettings(instances=2, providers="cpu"),
+        settings or ServingConfig(instances=2, providers="cpu"),
         poll_interval_s=0.1,
         versions=versions,
     )
@@ -281,7 +281,7 @@ def test_stream_answers_each_line_before_the_next_is_sent(served: Served) -> Non
 
 @pytest.fixture
 def slow_served(tmp_path: Path) -> Iterator[Served]:
-    settings = PoolSettings(
+    settings = ServingConfig(
         instances=1, providers="cpu", max_batch_size=1, max_queue_items=2, inline_max_ms=0
     )
     with serve(tmp_path, seeds=(1,), settings=settings) as s:

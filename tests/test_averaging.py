@@ -13,9 +13,10 @@ from test_parameter_server import make
 
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.strategy.averaging import ParameterAverage
+from server.strategy.config import StrategyConfig
 from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
-from task.config import ConfigError, StrategyConfig
+from task.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

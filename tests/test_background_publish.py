@@ -206,7 +206,8 @@ def test_run_experiment_in_background_stops_at_accuracy_and_records_strategy_sec
 
 
 def test_flower_fedavg_rejects_background_publishing() -> None:
-    from task.config import ConfigError, ExperimentConfig
+    from server.config import ExperimentConfig
+    from task.config import ConfigError
 
     with pytest.raises(ConfigError, match="publish_in_background"):
         ExperimentConfig.from_dict(

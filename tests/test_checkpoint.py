@@ -12,10 +12,10 @@ from fake_grid import received
 from test_early_stop import _scripted_experiment
 
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from server.strategy.config import StrategyConfig
 from server.strategy.optimizers import ServerAdam
 from server.strategy.sampling import PartitionSampler
 from server.strategy.state import ServerState
-from task.config import StrategyConfig
 
 
 def test_round_trip_is_bit_identical_including_rng(tmp_path) -> None:  # type: ignore[no-untyped-def]

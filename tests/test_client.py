@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import evaluate, query, train
-from task.config import ExperimentConfig
+from server.config import ExperimentConfig
 from task.federated import client_data
 from task.models import build_model
 from task.params import get_arrays, set_arrays

@@ -14,8 +14,9 @@ from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_class
 from serving.dataplane import DataPlane
 from serving.errors import BadRequest, InputError, NotFound, PoolClosed
 from serving.inference import InferRequest
-from serving.pool import EnginePool, PoolSettings
+from serving.pool import EnginePool
 from serving.registry import ModelRegistry
+from serving.settings import ServingConfig
 from serving.signature import ModelSignature
 from serving.tensor_spec import TensorSpec
 
@@ -34,7 +35,7 @@ def make_pool(tmp_path: Path) -> Iterator:
 
     def make(version: int, seed: int, max_batch_size: int = 64) -> EnginePool:
         path = make_classifier(tmp_path / f"clf-{version}.onnx", seed=seed)
-        settings = PoolSettings(instances=1, providers="cpu", inline_max_ms=0)
+        settings = ServingConfig(instances=1, providers="cpu", inline_max_ms=0)
         pool = EnginePool("clf", version, path, signature(max_batch_size), settings)
         pools.append(pool)
         return pool

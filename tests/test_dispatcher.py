@@ -14,7 +14,8 @@ from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_class
 
 from serving.batching import Request
 from serving.errors import Overloaded, Unavailable
-from serving.pool import EnginePool, PoolSettings
+from serving.pool import EnginePool
+from serving.settings import ServingConfig
 from serving.signature import ModelSignature
 from serving.tensor_spec import TensorSpec
 
@@ -36,7 +37,7 @@ def make_pool(model_path: Path) -> Iterator:
     pools: list[EnginePool] = []
 
     def make(**kw) -> EnginePool:
-        settings = PoolSettings(**{"instances": 2, "providers": "cpu", "inline_max_ms": 0, **kw})
+        settings = ServingConfig(**{"instances": 2, "providers": "cpu", "inline_max_ms": 0, **kw})
         pool = EnginePool("clf", 1, model_path, SIG, settings)
         pools.append(pool)
         return pool

@@ -28,10 +28,12 @@ from recorder import Recorder
 import server.experiment as experiment
 from server import version_sink
 from server.central_evaluation import CentralEvaluator
+from server.config import ExperimentConfig
+from server.strategy.config import StrategyConfig
 from server.strategy.events import VersionEvent
 from server.strategy.messaging import to_array_record
 from server.strategy.parameter_server import ParameterServer
-from task.config import ConfigError, ExperimentConfig, StrategyConfig
+from task.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -12,8 +12,8 @@ from serving_helpers import IN_FEATURES, make_classifier
 
 from serving.batching import pad_rows
 from serving.engine import Engine
-from serving.pool import PoolSettings
 from serving.providers import CPU, CUDA, session_providers
+from serving.settings import ServingConfig
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_cuda_provider_gets_the_conv_algorithm_search_option() -> None:
         ("cudnn_conv_algo_search", "fast", "serving.cudnn_conv_algo_search must be one of"),
     ],
 )
-def test_pool_settings_name_a_bad_gpu_option(key: str, value: str, needle: str) -> None:
+def test_serving_settings_name_a_bad_gpu_option(key: str, value: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
-        PoolSettings.from_mapping({key: value})
-    assert PoolSettings.from_mapping({"pad_batches": False, "cudnn_conv_algo_search": "default"})
+        ServingConfig(**{key: value}).validate()
+    ServingConfig(pad_batches=False, cudnn_conv_algo_search="default").validate()

@@ -15,7 +15,9 @@ import torch
 from google.protobuf import text_format
 from torch import nn
 
+from server.config import ExperimentConfig
 from server.export import (
+    ExportConfig,
     ExportParityError,
     check_parity,
     export_and_publish,
@@ -23,7 +25,6 @@ from server.export import (
 )
 from serving.layout import DATA_FILE, MODEL_FILE
 from serving.repository import ModelRepository
-from task.config import ExperimentConfig, ExportConfig
 from task.models import build_model
 
 ATOL = 1e-4

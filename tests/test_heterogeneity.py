@@ -15,7 +15,8 @@ from client.heterogeneity import (
     slow_partitions,
     warm_up_once,
 )
-from task.config import ConfigError, ExperimentConfig, HeterogeneityConfig
+from server.config import ExperimentConfig
+from task.config import ConfigError, HeterogeneityConfig
 
 
 def test_slow_partitions_are_a_seeded_fixed_fraction() -> None:

@@ -18,9 +18,9 @@ from serving_helpers import IN_FEATURES, classifier_weights, publish_classifier,
 
 from serving.api import create_app
 from serving.dataplane import DataPlane
-from serving.pool import PoolSettings
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
+from serving.settings import ServingConfig
 from serving.watcher import RepositoryWatcher
 
 
@@ -35,7 +35,7 @@ def test_hot_swap_under_load_fails_no_request(tmp_path: Path) -> None:
     registry = ModelRegistry()
     # config.pbtxt's version policy (latest 1) decides: v1 is unloaded once v2 serves
     watcher = RepositoryWatcher(
-        repo, registry, PoolSettings(instances=2, providers="cpu"), poll_interval_s=0.05
+        repo, registry, ServingConfig(instances=2, providers="cpu"), poll_interval_s=0.05
     )
     watcher.start()
     old_pool = registry.get("clf")
@@ -102,7 +102,7 @@ def test_unverifiable_version_is_skipped_old_keeps_serving(
     repo = ModelRepository(tmp_path / "repo")
     publish_classifier(repo, tmp_path, seed=1)
     registry = ModelRegistry()
-    watcher = RepositoryWatcher(repo, registry, PoolSettings(instances=1, providers="cpu"))
+    watcher = RepositoryWatcher(repo, registry, ServingConfig(instances=1, providers="cpu"))
     watcher.poll_once()
     v2 = publish_classifier(repo, tmp_path, seed=2)
     model_file = repo.model_path("clf", v2)
@@ -148,7 +148,11 @@ def test_open_stream_follows_the_newest_version(tmp_path: Path) -> None:
     publish_classifier(repo, tmp_path, seed=1)
     registry = ModelRegistry()
     watcher = RepositoryWatcher(  # keeps the newest two: version 1 stays loaded after the swap
-        repo, registry, PoolSettings(instances=1, providers="cpu"), poll_interval_s=0.05, versions=2
+        repo,
+        registry,
+        ServingConfig(instances=1, providers="cpu"),
+        poll_interval_s=0.05,
+        versions=2,
     )
     watcher.start()
     app = create_app(DataPlane(registry, ready=lambda: watcher.ready))

@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 
+from server.strategy.config import StrategyConfig
 from server.strategy.optimizers import (
     ServerAdagrad,
     ServerAdam,
@@ -16,7 +17,6 @@ from server.strategy.optimizers import (
     ServerYogi,
     build_optimizer,
 )
-from task.config import StrategyConfig
 
 X0 = np.array([1.0, -2.0, 0.5], dtype=np.float32)
 D1 = np.array([0.2, -0.1, 0.0], dtype=np.float64)  # mean deltas of step 1 and 2

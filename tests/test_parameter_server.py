@@ -21,11 +21,11 @@ from flwr.serverapp.strategy import Strategy
 from recorder import Recorder
 
 from server.checkpoint import load_checkpoint, save_checkpoint
+from server.strategy.config import StrategyConfig
 from server.strategy.messaging import to_array_record
 from server.strategy.parameter_server import ParameterServer
 from server.strategy.sampling import PartitionSampler
 from server.strategy.sync_loop import RoundFailedError
-from task.config import StrategyConfig
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

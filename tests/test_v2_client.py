@@ -21,10 +21,10 @@ from serving_helpers import (
 from server.processes import free_port
 from serving.api import ApiSettings, create_app
 from serving.dataplane import DataPlane
-from serving.pool import PoolSettings
 from serving.protocol import decode_request, encode_response
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
+from serving.settings import ServingConfig
 from serving.v2_client import V2Client, V2Error, decode_response, encode_request
 from serving.watcher import RepositoryWatcher
 
@@ -38,7 +38,7 @@ def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     repo = ModelRepository(tmp / "repo")
     publish_classifier(repo, tmp, seed=1)
     watcher = RepositoryWatcher(
-        repo, ModelRegistry(), PoolSettings(instances=1, providers="cpu"), poll_interval_s=0.1
+        repo, ModelRegistry(), ServingConfig(instances=1, providers="cpu"), poll_interval_s=0.1
     )
     watcher.start()
     ready = lambda: watcher.ready  # noqa: E731

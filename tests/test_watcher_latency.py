@@ -8,9 +8,9 @@ from pathlib import Path
 
 from serving_helpers import publish_classifier
 
-from serving.pool import PoolSettings
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
+from serving.settings import ServingConfig
 from serving.watcher import RepositoryWatcher
 
 TIMING_KEYS = {
@@ -33,7 +33,7 @@ def test_new_version_is_detected_by_the_change_stamp_and_timed(tmp_path: Path) -
     watcher = RepositoryWatcher(
         repo,
         registry,
-        PoolSettings(instances=1, providers="cpu"),
+        ServingConfig(instances=1, providers="cpu"),
         poll_interval_s=0.02,
         full_poll_s=60.0,
     )
@@ -75,7 +75,7 @@ def test_full_poll_still_runs_without_a_root_to_stat(tmp_path: Path) -> None:
     publish_classifier(inner, tmp_path, seed=1)
     registry = ModelRegistry()
     watcher = RepositoryWatcher(
-        NoRoot(inner), registry, PoolSettings(instances=1, providers="cpu"), poll_interval_s=0.02
+        NoRoot(inner), registry, ServingConfig(instances=1, providers="cpu"), poll_interval_s=0.02
     )
     watcher.start()
     try:

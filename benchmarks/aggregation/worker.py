@@ -88,7 +88,7 @@ def _memory(job: dict[str, Any], spec: Spec, reference: dict[str, Any]) -> dict[
     from flwr.serverapp.strategy import FedAvg
 
     from server.strategy import ServerState
-    from task.config import StrategyConfig
+    from server.strategy.config import StrategyConfig
 
     side, n, seed = job["side"], int(job["replies"]), int(job["seed"])
     if side == "ours":

@@ -18,9 +18,8 @@ def export_models(repo_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]
     input/output tensor names."""
     import torch
 
-    from server.export import export_and_publish
+    from server.export import ExportConfig, export_and_publish
     from serving.repository import ModelRepository
-    from task.config import ExportConfig
     from task.models import build_model
 
     repo = ModelRepository(repo_dir)

@@ -30,8 +30,9 @@ class NullEngine:
 
 
 def _null_pool(**settings: Any) -> Any:
-    """An ``EnginePool`` of 2 :class:`NullEngine` workers; ``settings`` override PoolSettings."""
-    from serving.pool import EnginePool, PoolSettings
+    """An ``EnginePool`` of 2 :class:`NullEngine` workers; ``settings`` override ServingConfig."""
+    from serving.pool import EnginePool
+    from serving.settings import ServingConfig
     from serving.signature import ModelSignature
 
     sig = ModelSignature.build(
@@ -45,7 +46,7 @@ def _null_pool(**settings: Any) -> Any:
         1,
         "/nonexistent.onnx",
         sig,
-        PoolSettings(**(base | settings)),
+        ServingConfig(**(base | settings)),
         engine_factory=lambda name: NullEngine(name, sig),
     )
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from task.config import StrategyConfig
+from server.strategy.config import StrategyConfig
 
 log = logging.getLogger(__name__)
 

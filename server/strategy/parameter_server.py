@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from server.strategy.async_loop import run_async
 from server.strategy.batch_hooks import BatchHooks
+from server.strategy.config import StrategyConfig
 from server.strategy.events import VersionEvent
 from server.strategy.messaging import Clock, Messenger, Sleep, discover_partitions, to_array_record
 from server.strategy.run import RunContext
@@ -33,7 +34,6 @@ from server.strategy.sink import BackgroundRunner, InlineRunner, SinkRunner, Ver
 from server.strategy.state import ServerState
 from server.strategy.summary import log_summary
 from server.strategy.sync_loop import run_sync
-from task.config import StrategyConfig
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from flwr.app import ArrayRecord, Message
 
 from server.strategy.aggregator import StreamingAggregator
 from server.strategy.averaging import ParameterAverage
+from server.strategy.config import StrategyConfig
 from server.strategy.messaging import from_array_record, to_array_record
 from server.strategy.optimizers import build_optimizer
 from server.strategy.sampling import PartitionSampler
 from server.strategy.staleness import StalenessPolicy
-from task.config import StrategyConfig
 
 #: 2: the strategy config is stored under "strategy" and the state holds no history
 STATE_FORMAT = 2

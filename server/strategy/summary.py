@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from task.config import StrategyConfig
+from server.strategy.config import StrategyConfig
 
 log = logging.getLogger(__name__)
 

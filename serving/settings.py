@@ -1,0 +1,127 @@
+"""The serving configuration: the schema of ``conf/serve.yaml`` and its ``serving.*`` keys.
+
+:class:`ServeConfig` is what ``fedserve-serve`` composes (a Hydra structured config: every key, its
+type and its default live here, nowhere else); an unknown key or a value of the wrong type stops
+the server before it loads anything, and :meth:`ServingConfig.validate` checks ranges and choices
+with a message naming the key, the value and what is allowed. The engines, the dispatcher, the
+repository watcher and the HTTP front end each read their part of :class:`ServingConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.config_schema import ConfigError
+from serving.dispatcher import POLICIES
+from serving.providers import CONV_ALGO_SEARCHES
+
+
+@dataclass
+class ServingConfig:
+    """``serving.*``: engines, dispatcher, repository watching and request limits."""
+
+    #: engines per loaded version; null = one per usable core (CPU) / 2 (GPU)
+    instances: int | None = None
+    #: onnxruntime threads per engine
+    intra_op_threads: int = 1
+    #: idle intra-op spinning steals cores from the other engines
+    allow_spinning: bool = False
+    #: auto (CUDA if it works, else CPU) | cpu | cuda | a list of provider names
+    providers: Any = "auto"
+    #: CUDA only: heuristic | exhaustive (benchmarks every new batch shape) | default
+    cudnn_conv_algo_search: str = "heuristic"
+    #: pad runs to max_batch_size rows, one shape per engine: true | false | auto (on CUDA only)
+    pad_batches: Any = "auto"
+    #: least_loaded | round_robin
+    policy: str = "least_loaded"
+    #: rows per dynamic batch (also capped by the model's max_batch_size)
+    max_batch_size: int = 64
+    #: how long a batch waits for more requests after its first
+    max_queue_delay_ms: float = 1.0
+    #: queued rows per engine before 429 + Retry-After
+    max_queue_items: int = 2048
+    #: run in the event loop when the engine is idle and its runs take less than this
+    inline_max_ms: float = 1.0
+    #: a batch running longer takes its engine out (watchdog)
+    run_timeout_s: float = 30.0
+    #: attempts at starting a replacement for a failed engine
+    replace_attempts: int = 3
+    #: one run at batch 1 and one at max_batch_size before a version serves
+    warmup: bool = True
+    #: input names whose floats may be NaN/Inf
+    allow_nonfinite: list[str] = field(default_factory=list)
+    #: versions served per model; null = config.pbtxt's version_policy
+    versions: int | None = None
+    #: repository change check (a few stats); a full poll on a change or every 1 s
+    poll_interval_s: float = 0.05
+    #: how long an unloaded version may finish its queue
+    drain_timeout_s: float = 30.0
+    #: request body limit (413 above); per line for infer_stream
+    body_limit_bytes: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.instances is not None and self.instances < 0:
+            raise ConfigError(
+                f"serving.instances must be >= 1 (or null/0 = auto), got {self.instances}"
+            )
+        _at_least("serving.intra_op_threads", self.intra_op_threads, 1)
+        _at_least("serving.max_batch_size", self.max_batch_size, 1)
+        _at_least("serving.max_queue_delay_ms", self.max_queue_delay_ms, 0)
+        _at_least("serving.max_queue_items", self.max_queue_items, 0)
+        _at_least("serving.replace_attempts", self.replace_attempts, 0)
+        _at_least("serving.drain_timeout_s", self.drain_timeout_s, 0)
+        _at_least("serving.body_limit_bytes", self.body_limit_bytes, 1)
+        if not self.poll_interval_s > 0:
+            raise ConfigError(f"serving.poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if self.versions is not None and self.versions < 1:
+            raise ConfigError(f"serving.versions must be >= 1 or null, got {self.versions}")
+        if str(self.cudnn_conv_algo_search).lower() not in CONV_ALGO_SEARCHES:
+            raise ConfigError(
+                "serving.cudnn_conv_algo_search must be one of "
+                f"{', '.join(CONV_ALGO_SEARCHES)}, got {self.cudnn_conv_algo_search!r}"
+            )
+        if self.pad_batches not in (True, False, "auto"):
+            raise ConfigError(
+                f"serving.pad_batches must be true, false or auto, got {self.pad_batches!r}"
+            )
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"serving.policy must be {' or '.join(POLICIES)}, got {self.policy!r}"
+            )
+        providers = self.providers
+        if not isinstance(providers, str) and not (
+            isinstance(providers, list | tuple) and all(isinstance(p, str) for p in providers)
+        ):
+            raise ConfigError(
+                "serving.providers must be auto, cpu, cuda or a list of onnxruntime provider "
+                f"names, got {providers!r}"
+            )
+
+
+@dataclass
+class ServeConfig:
+    """``fedserve-serve``'s whole configuration (conf/serve.yaml)."""
+
+    #: Triton-layout repository (relative paths: to the working directory)
+    repository: str = "model_repository"
+    #: bind address; use 0.0.0.0 deliberately to expose it
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: bearer token required on every route but /v2/health/*; null = none. Pass it from the
+    #: environment (token='${oc.env:FEDSERVE_TOKEN}'): a token on the command line shows in `ps`
+    token: str | None = None
+    #: model names to serve; null = every model in the repository
+    models: list[str] | None = None
+    log_level: str = "info"
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        self.serving.validate()
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")

@@ -1,0 +1,78 @@
+"""Both command-line apps refuse a bad key or value before anything starts, in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.launcher import FLWR_ENV
+
+BIN = Path(sys.executable).parent
+
+
+def _run(program: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / program), *args],
+        cwd=cwd,
+        env={**os.environ, **FLWR_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("rounds=abc", "rounds=abc"),
+        ("rounds=2.5", "key rounds, expected int"),
+        ("resume=no", "resume=no: expected a bool (true or false)"),
+        ("export.enabled=no", "export.enabled=no: expected a bool"),
+        ("+strategy.bogus=1", "unknown config key 'strategy.bogus'; allowed there: name"),
+    ],
+)
+def test_fedserve_train_names_the_key_and_the_type_in_one_line(
+    tmp_path: Path, override: str, needle: str
+) -> None:
+    result = _run("fedserve-train", [override, f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fedserve-train: invalid configuration: ")
+    assert needle in lines[0]
+    assert not (tmp_path / "history.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("serving.bogus=1", "unknown config key 'serving.bogus'; allowed there: instances"),
+        ("+serving.bogus=1", "unknown config key 'serving.bogus'"),
+        ("port=http", "key port, expected int"),
+        ("serving.warmup=no", "serving.warmup=no: expected a bool"),
+        ("serving.policy=fastest", "serving.policy must be least_loaded or round_robin"),
+    ],
+)
+def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(
+    tmp_path: Path, override: str, needle: str
+) -> None:
+    (tmp_path / "repo").mkdir()
+    result = _run("fedserve-serve", [f"repository={tmp_path / 'repo'}", override], tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+
+
+def test_fedserve_serve_defaults_come_from_the_schema(tmp_path: Path) -> None:
+    from serving.settings import ServeConfig, ServingConfig
+
+    assert ServingConfig().poll_interval_s == 0.05  # the cli and the yaml used to disagree
+    assert "serving" not in (
+        Path(__file__).resolve().parents[1] / "conf" / "serve.yaml"
+    ).read_text().split("defaults:")[1].split("_self_")[0].replace("serve_schema", "")
+    assert ServeConfig().serving == ServingConfig()
