@@ -62,7 +62,8 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         drain_timeout_s=settings.drain_timeout_s,
     )
     api = ApiSettings(body_limit_bytes=settings.body_limit_bytes, token=conf.token or None)
-    app = create_app(DataPlane(registry, ready=lambda: watcher.ready), settings=api)
+    dataplane = DataPlane(registry, ready=lambda: watcher.ready, configs=repository.version_config)
+    app = create_app(dataplane, settings=api)
     watcher.start()
     host, port = conf.host, conf.port
     try:
@@ -87,6 +88,7 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         )
     finally:
         watcher.stop()
+        repository.release_all()
         print("fedserve stopped", flush=True)
 
 

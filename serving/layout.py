@@ -28,7 +28,8 @@ METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.pbtxt"
 STATE_FILE = ".fedserve_state.json"
 LOCK_FILE = ".lock"
-LEASE_DIR = ".in_use"
+#: where leases lived before they moved to the root (Triton took it for a version directory)
+LEGACY_LEASE_DIR = ".in_use"
 TMP_PREFIX = ".tmp-"
 
 
