@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 class DataPlane:
     """Lookup, validation, dispatch, retry-on-swap, documents and metrics over one registry.
 
-    ``ready`` tells server readiness (e.g. the repository watcher's first load is done);
+    ``ready`` tells server readiness (e.g. the repository watcher's first load is done) and
+    ``not_ready_reason`` why not;
     ``metrics`` default to a fresh :class:`ServingMetrics` (its own CollectorRegistry);
     ``configs(name, version)`` gives a version's ModelConfig (the repository's
     ``version_config``).
@@ -68,9 +69,11 @@ class DataPlane:
         *,
         metrics: ServingMetrics | None = None,
         ready: Callable[[], bool] | None = None,
+        not_ready_reason: Callable[[], str | None] | None = None,
         configs: Callable[[str, int], ModelConfig] | None = None,
     ) -> None:
         self.registry = registry
+        self._not_ready_reason = not_ready_reason or (lambda: None)
         self._configs = configs
         self.metrics = metrics or ServingMetrics(registry)
         self._ready = ready or (lambda: True)
@@ -82,6 +85,10 @@ class DataPlane:
 
     def ready(self) -> bool:
         return bool(self._ready())
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, when something says (e.g. the model store's error)."""
+        return self._not_ready_reason()
 
     def repository_index(self) -> list[dict[str, Any]]:
         """Every loaded version (Triton's repository extension, read-only)."""

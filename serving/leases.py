@@ -141,10 +141,7 @@ class LeaseHolder:
             except BaseException:
                 del self._leases[lease]
                 raise
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._renew, name="lease-renewal")
-                self._thread.daemon = True
-                self._thread.start()
+            self._start_renewal()
         return lease
 
     def release(self, model: str, version: int, lease: str | None = None) -> None:
@@ -163,6 +160,18 @@ class LeaseHolder:
             for key in gone:
                 self._leases.pop(key, None)
             self._sync()
+
+    def hold_exactly(self, pairs: set[tuple[str, int]]) -> None:
+        """Hold one lease on each (model, version) of ``pairs`` and none other (one write)."""
+        with self._lock:
+            previous = dict(self._leases)
+            self._leases = {f"{m}:{v}:{uuid.uuid4().hex[:12]}": (m, v) for m, v in sorted(pairs)}
+            try:
+                self._sync()
+            except BaseException:
+                self._leases = previous
+                raise
+            self._start_renewal()
 
     def release_all(self) -> None:
         """Drop every lease of this holder and delete its file (idempotent)."""
@@ -185,6 +194,11 @@ class LeaseHolder:
             "expires": time.time() + self.ttl_s,
             "versions": versions,
         }
+
+    def _start_renewal(self) -> None:
+        if self._leases and (self._thread is None or not self._thread.is_alive()):
+            self._thread = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
+            self._thread.start()
 
     def _write(self) -> None:
         self.files.write_lease(self.name, json.dumps(self.document()).encode())

@@ -29,7 +29,7 @@ from serving.layout import (
     METADATA_FILE,
     MODEL_FILE,
     VERSION_RE,
-    is_finite_number,
+    best_version,
     is_model_dir_name,
     validate_model_name,
     validate_version,
@@ -181,27 +181,19 @@ class RepositoryReader:
     def best(self, model: str, metric: str, mode: str = "max") -> int | None:
         """The version whose ``metadata["metrics"][metric]`` is highest (``mode="max"``) or lowest
         (``"min"``); ties go to the newest. Versions without a finite value are skipped."""
-        if mode not in ("max", "min"):
-            raise RepositoryError(f"mode must be 'max' or 'min', got {mode!r}")
-        best_version, best_value = None, None
-        for version in self.list_versions(model):
-            if not self.has_metadata(model, version):
-                continue  # no metrics
-            try:
-                value = (self.load_metadata(model, version).get("metrics") or {}).get(metric)
-            except RepositoryError as exc:
-                log.warning("skipping version %s of %s in best(): %s", version, model, exc)
-                continue
-            if not is_finite_number(value):
-                continue
-            better = (
-                best_value is None
-                or (mode == "max" and value >= best_value)
-                or (mode == "min" and value <= best_value)
-            )
-            if better:
-                best_version, best_value = version, value
-        return best_version
+        values = (
+            (version, self._metric(model, version, metric))
+            for version in self.list_versions(model)
+            if self.has_metadata(model, version)  # no metrics without
+        )
+        return best_version(values, mode)
+
+    def _metric(self, model: str, version: int, metric: str) -> Any:
+        try:
+            return (self.load_metadata(model, version).get("metrics") or {}).get(metric)
+        except RepositoryError as exc:
+            log.warning("skipping version %s of %s in best(): %s", version, model, exc)
+            return None
 
     def verify(self, model: str, version: int) -> None:
         """Check a version before it is served: with our metadata, its files exist and their
