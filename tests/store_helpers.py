@@ -1,18 +1,15 @@
-"""A real S3-protocol server for the model-store tests: moto's standalone server on a free
-127.0.0.1 port, behind a TCP proxy the tests can take down (the store "goes away": connections
-are refused) and bring back with the data intact."""
+"""For the model-store tests: moto's S3 server (:mod:`benchmarks.storage.moto_s3`) reached
+through a TCP proxy the tests can take down (the store "goes away": connections are refused) and
+bring back with the data intact."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
 
+from benchmarks.storage.moto_s3 import s3_env
 from server.processes import free_port
 
 BUCKET = "models"
@@ -85,45 +82,10 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-@contextlib.contextmanager
-def moto_server() -> Iterator[tuple[str, int]]:
-    """moto's S3 server in a subprocess on a free port; always stopped."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto's server exited"
-                assert time.monotonic() < deadline, "moto's server did not start"
-                time.sleep(0.05)
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def store_env(endpoint: str) -> dict[str, str]:
     """The standard AWS variables s3fs/botocore read: dummy credentials, the local endpoint,
     one attempt per call (the tests take the store down on purpose)."""
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_MAX_ATTEMPTS": "1",
-    }
+    return {**s3_env(endpoint), "AWS_MAX_ATTEMPTS": "1"}
 
 
 def fresh_s3fs() -> None:

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from repository_helpers import make_onnx
 from serving_helpers import IN_FEATURES, classifier_weights, make_classifier
-from store_helpers import BUCKET, TcpProxy, fresh_s3fs, make_bucket, moto_server, store_env
+from store_helpers import BUCKET, TcpProxy, fresh_s3fs, make_bucket, store_env
 
+from benchmarks.storage.moto_s3 import moto_server
 from server.processes import free_port
 from serving.dataplane import DataPlane
 from serving.errors import RepositoryError, StoreError
