@@ -420,3 +420,15 @@ def test_fedserve_serve_waits_for_the_store_then_serves(
             proc.wait(10)
     assert "retrying in" in out and f"model store {url}: list" in out
     assert repo.leased_versions("clf") == set()  # removed on shutdown
+
+
+@pytest.mark.slow
+def test_server_follows_a_training_run_through_the_store(tmp_path: Path) -> None:
+    """fedserve-train publishing to moto's S3 while fedserve-serve follows the store: every
+    version is served, its accuracy equal to torch's (the benchmark's quick run)."""
+    from benchmarks.storage import train_to_serve
+
+    assert train_to_serve.main(["--quick", "--workdir", str(tmp_path)]) == 0
+    result = json.loads((train_to_serve.RESULTS / "train_to_serve_store-quick.json").read_text())
+    assert all(v is not None for v in result["latency_s"]["store"])
+    assert len(result["latency_s"]["store"]) == 2
