@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from serving.errors import RepositoryError
 from serving.layout import CONFIG_FILE, STATE_FILE, TMP_RE, VERSION_RE, is_model_dir_name
@@ -54,17 +53,6 @@ class RemoteModel:
 class RemoteListing:
     models: dict[str, RemoteModel] = field(default_factory=dict)
     leases: list[str] = field(default_factory=list)
-
-    def stamp(self) -> tuple[Any, ...]:
-        """Changes when a version is committed or deleted, or a config rewritten."""
-        return tuple(
-            (
-                name,
-                model.config.stamp if model.config else None,
-                tuple((v, model.manifest(v).stamp) for v in sorted(model.versions)),
-            )
-            for name, model in sorted(self.models.items())
-        )
 
 
 def parse_listing(entries: dict[str, Entry]) -> RemoteListing:
