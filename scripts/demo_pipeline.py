@@ -71,16 +71,19 @@ def run_pipeline(
     server_overrides: dict[str, list[str]],
     on_record: Callable[[VersionRecord], None] | None = None,
     train_timeout: float = 1800.0,
+    repository_url: str | None = None,
 ) -> PipelineResult:
-    """Serve a fresh repository in ``workdir`` with one ``fedserve-serve`` per entry of
-    ``server_overrides`` while ``fedserve-train`` publishes into it; see the module docstring."""
+    """Serve a fresh repository in ``workdir`` (or at ``repository_url``, a model store) with one
+    ``fedserve-serve`` per entry of ``server_overrides`` while ``fedserve-train`` publishes into
+    it; see the module docstring."""
     from server.config_loader import compose_experiment
     from task.data import load_dataset
 
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    repository = workdir / "model_repository"
-    repository.mkdir(exist_ok=True)
+    repository: Path | str = repository_url or workdir / "model_repository"
+    if isinstance(repository, Path):
+        repository.mkdir(exist_ok=True)
     train_dir = workdir / "train"
     cfg = compose_experiment(train_overrides)  # validates the overrides before anything starts
     data = load_dataset(cfg.dataset, cfg.seed)

@@ -101,7 +101,7 @@ class Server:
         return found
 
 
-def start_server(name: str, repository: Path, log_path: Path, overrides: list[str]) -> Server:
+def start_server(name: str, repository: Path | str, log_path: Path, overrides: list[str]) -> Server:
     """Spawn ``fedserve-serve`` on a free port (call :meth:`Server.wait_ready` next)."""
     port = free_port()
     command = [

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from server.config import ExperimentConfig
 from server.config_loader import CONF_DIR, check_overrides, experiment_from_hydra, register_schemas
 from server.launcher import local_superlink
+from server.publisher import check_repository
 from server.run_lock import RunDirectoryLocked, run_lock
 from serving.config_schema import config_errors_exit, run_cli
+from serving.store import is_remote
 from task.config import ConfigError
 from task.federated import check_partitions
 
@@ -38,9 +40,10 @@ CONFIG_ERRORS = (ConfigError, RunDirectoryLocked)
 def absolute_overrides(overrides: list[str], cfg: ExperimentConfig) -> list[str]:
     """Pin relative paths to this process's cwd: the ServerApp runs in another process."""
     pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PATH_KEYS]
-    pinned.append(
-        f"repository={Path(cfg.repository).resolve()}" if cfg.repository else "repository=null"
-    )
+    repository = cfg.repository
+    if repository and not is_remote(repository):
+        repository = str(Path(repository).resolve())
+    pinned.append(f"repository={repository}" if repository else "repository=null")
     if cfg.dataset.root:
         pinned.append(f"dataset.root={Path(cfg.dataset.root).resolve()}")
     return pinned
@@ -61,6 +64,8 @@ def train_job(cfg: DictConfig) -> float:
     check_overrides(list(hydra_cfg.overrides.task))
     experiment = experiment_from_hydra(cfg)
     check_partitions(experiment, experiment.num_clients)
+    if experiment.export.enabled:
+        check_repository(experiment.repository)
     output_dir = Path(experiment.output_dir or hydra_cfg.runtime.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     task_overrides = list(hydra_cfg.overrides.task)

@@ -42,6 +42,7 @@ from torch import nn
 
 from serving.onnx_specs import specs_from_onnx
 from serving.repository import ModelRepository
+from serving.store_repository import StoreRepository
 from serving.tensor_spec import TensorSpec
 from task.config import ConfigError, check_non_negative, check_positive
 
@@ -332,7 +333,7 @@ def check_parity(
 def export_and_publish(
     model: nn.Module,
     sample_batch: torch.Tensor,
-    repo: ModelRepository,
+    repo: ModelRepository | StoreRepository,
     model_name: str,
     metadata: dict[str, Any],
     cfg: ExportConfig,

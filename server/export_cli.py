@@ -45,13 +45,13 @@ def export_checkpoint(
     exporter: str = DEFAULT_EXPORTER,
     parity_batch: int = 64,
     export_overrides: dict[str, Any] | None = None,
-) -> tuple[ExportResult, Path, str]:
-    """Export one checkpoint; returns (result, repository root, model name)."""
+) -> tuple[ExportResult, str, str]:
+    """Export one checkpoint; returns (result, repository path or store URL, model name)."""
     import torch
 
     from server.config import ExperimentConfig
     from server.export import export_and_publish
-    from serving.repository import ModelRepository
+    from serving.store_repository import open_repository
     from task.data import load_dataset
     from task.models import build_model
     from task.params import set_arrays
@@ -70,9 +70,9 @@ def export_checkpoint(
     if export_overrides:
         cfg.export = dataclasses.replace(cfg.export, **export_overrides)
         cfg.export.validate()
-    root = Path(repository if repository is not None else (cfg.repository or "model_repository"))
+    root = str(repository if repository is not None else (cfg.repository or "model_repository"))
     name = model_name or cfg.export.model_name
-    repo = ModelRepository(root)
+    repo = open_repository(root)
 
     data = load_dataset(cfg.dataset, cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes)
@@ -102,9 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file")
     parser.add_argument(
         "--repository",
-        type=Path,
         default=None,
-        help="model repository directory (default: the checkpoint config's repository)",
+        help="model repository directory or store URL (default: the checkpoint config's)",
     )
     parser.add_argument(
         "--model-name", default=None, help="model name (default: config export.model_name)"

@@ -16,7 +16,11 @@ import torch
 from server.config import ExperimentConfig
 from server.export import check_parity, export_and_publish, export_onnx
 from server.history import HistoryEntry
+from serving.errors import StoreError
 from serving.repository import ModelRepository
+from serving.store import is_remote
+from serving.store_repository import StoreRepository, open_repository
+from task.config import ConfigError
 from task.params import set_arrays
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ class Publisher:
     so version 1 does not pay their first-call cost (~0.2-0.4 s).
     """
 
-    repository: ModelRepository
+    repository: ModelRepository | StoreRepository
     sample: torch.Tensor  # a real test batch: the parity check runs on it
     model: torch.nn.Module
     cfg: ExperimentConfig
@@ -45,10 +49,13 @@ class Publisher:
     def create(
         cls, cfg: ExperimentConfig, sample: torch.Tensor, model: torch.nn.Module
     ) -> Publisher | None:
-        """A warmed-up publisher, or None when ``export.enabled`` is off or no repository is set."""
+        """A warmed-up publisher, or None when ``export.enabled`` is off or no repository is set.
+
+        A model store URL is checked first (listed and written: StoreError naming the URL and
+        the failing call), so a run never trains into a store it cannot publish to."""
         if not cfg.export.enabled or not cfg.repository:
             return None
-        publisher = cls(ModelRepository(Path(cfg.repository)), sample, model, cfg)
+        publisher = cls(open_repository(cfg.repository), sample, model, cfg)
         publisher.warm_up()
         return publisher
 
@@ -113,6 +120,16 @@ class Publisher:
         entry.timing.update({f"{k}_s": v for k, v in result.seconds.items() if k != "total"})
         entry.timing["published_at"] = time.time()
         return result.version
+
+
+def check_repository(location: str | None) -> None:
+    """Refuse, before anything starts, a model store that cannot be listed and written:
+    ConfigError of one line naming ``repository=<url>``, the failing call and the error."""
+    if location and is_remote(location):
+        try:
+            open_repository(location)
+        except StoreError as exc:
+            raise ConfigError(f"repository={location}: {exc}") from None
 
 
 @contextlib.contextmanager

@@ -124,7 +124,10 @@ class HttpRoutes:
 
     async def ready(self, request: HttpRequest) -> Response:
         ok = self.dataplane.ready()
-        return json_response({"ready": ok}, status=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok}
+        if not ok and (reason := self.dataplane.not_ready_reason()):
+            body["reason"] = reason
+        return json_response(body, status=200 if ok else 503)
 
     async def model_metadata(self, request: HttpRequest) -> Response:
         params = request.path_params

@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from serving.config_schema import (
-    ConfigError,
     check_bool_overrides,
     config_errors_exit,
     run_cli,
@@ -40,17 +39,14 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
     from serving.api import ApiSettings, create_app
     from serving.dataplane import DataPlane
     from serving.registry import ModelRegistry
-    from serving.repository import ModelRepository
+    from serving.store_mirror import open_served_repository
     from serving.watcher import RepositoryWatcher
 
     conf = cfg if isinstance(cfg, ServeConfig) else typed_config(cfg, ServeConfig)
     settings = conf.serving
-    root = Path(conf.repository).expanduser()
-    if not root.is_dir():
-        raise ConfigError(
-            f"repository={root} is not a directory; pass repository=<path to a model repository>"
-        )
-    repository = ModelRepository(root)
+    repository, mirror = open_served_repository(
+        conf.repository, settings.store, versions=settings.versions, models=conf.models
+    )
     registry = ModelRegistry()
     watcher = RepositoryWatcher(
         repository,
@@ -62,11 +58,19 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         drain_timeout_s=settings.drain_timeout_s,
     )
     api = ApiSettings(body_limit_bytes=settings.body_limit_bytes, token=conf.token or None)
-    app = create_app(DataPlane(registry, ready=lambda: watcher.ready), settings=api)
+    dataplane = DataPlane(
+        registry,
+        ready=lambda: watcher.ready and (mirror is None or mirror.synced),
+        not_ready_reason=lambda: mirror.problem if mirror is not None else None,
+        configs=repository.version_config,
+    )
+    app = create_app(dataplane, settings=api)
     watcher.start()
     host, port = conf.host, conf.port
     try:
-        print(f"fedserve serving {root} at http://{host}:{port}/v2", flush=True)
+        print(f"fedserve serving {conf.repository} at http://{host}:{port}/v2", flush=True)
+        if mirror is not None and mirror.problem:
+            print(f"  not ready: {mirror.problem}; retrying", flush=True)
         models = registry.models()
         if not models:
             print("  no models loaded yet; watching the repository", flush=True)
@@ -87,6 +91,9 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         )
     finally:
         watcher.stop()
+        repository.release_all()
+        if mirror is not None:
+            mirror.stop()
         print("fedserve stopped", flush=True)
 
 

@@ -28,13 +28,17 @@ Errors are :class:`~serving.errors.ServingError` subclasses carrying both HTTP a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from serving.datatypes import v2_to_triton
-from serving.errors import BadRequest, PoolClosed, Unavailable
+from google.protobuf import json_format
+from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+from serving.errors import BadRequest, PoolClosed, RepositoryError, Unavailable
 from serving.inference import InferRequest, InferResult
 from serving.metrics import ServingMetrics
+from serving.model_config import new_config
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.signature import ModelSignature
@@ -46,12 +50,17 @@ PLATFORM = "onnxruntime_onnx"
 #: attempts of one request across pools swapped under it
 SWAP_ATTEMPTS = 3
 
+log = logging.getLogger(__name__)
+
 
 class DataPlane:
     """Lookup, validation, dispatch, retry-on-swap, documents and metrics over one registry.
 
-    ``ready`` tells server readiness (e.g. the repository watcher's first load is done);
-    ``metrics`` default to a fresh :class:`ServingMetrics` (its own CollectorRegistry).
+    ``ready`` tells server readiness (e.g. the repository watcher's first load is done) and
+    ``not_ready_reason`` why not;
+    ``metrics`` default to a fresh :class:`ServingMetrics` (its own CollectorRegistry);
+    ``configs(name, version)`` gives a version's ModelConfig (the repository's
+    ``version_config``).
     """
 
     def __init__(
@@ -60,8 +69,12 @@ class DataPlane:
         *,
         metrics: ServingMetrics | None = None,
         ready: Callable[[], bool] | None = None,
+        not_ready_reason: Callable[[], str | None] | None = None,
+        configs: Callable[[str, int], ModelConfig] | None = None,
     ) -> None:
         self.registry = registry
+        self._not_ready_reason = not_ready_reason or (lambda: None)
+        self._configs = configs
         self.metrics = metrics or ServingMetrics(registry)
         self._ready = ready or (lambda: True)
 
@@ -72,6 +85,10 @@ class DataPlane:
 
     def ready(self) -> bool:
         return bool(self._ready())
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, when something says (e.g. the model store's error)."""
+        return self._not_ready_reason()
 
     def repository_index(self) -> list[dict[str, Any]]:
         """Every loaded version (Triton's repository extension, read-only)."""
@@ -104,47 +121,40 @@ class DataPlane:
         return {"name": pool.name, "version": str(pool.version), "ready": pool.ready}
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Triton's model configuration extension, as served (engines and providers obtained)."""
+        """Triton's model configuration extension: ``json_format.MessageToDict`` of
+        :meth:`model_config_message` (protobuf's JSON, proto field names), nothing added."""
+        return json_format.MessageToDict(
+            self.model_config_message(name, version), preserving_proto_field_name=True
+        )
+
+    def model_config_message(self, name: str, version: str | None = None) -> ModelConfig:
+        """The served version's Triton ModelConfig: its repository config completed for it
+        (``configs``; without, one made from the signature), with what runs put in:
+        ``instance_group`` (engines, CPU or GPU), ``dynamic_batching``'s queue delay and the
+        ``providers``/``policy`` parameters."""
         pool = self.lookup(name, version)
         sig = pool.signature
-        batching = sig.max_batch_size > 0
-
-        def tensors(specs: Any) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "data_type": v2_to_triton(s.datatype),
-                    "dims": list(s.shape[1:] if batching else s.shape),
-                }
-                for s in specs
-            ]
-
+        config = None
+        if self._configs is not None:
+            try:
+                config = self._configs(pool.name, pool.version)
+            except RepositoryError as exc:  # e.g. config.pbtxt edited badly since the load
+                log.warning("serving %s's config made from its signature: %s", pool.name, exc)
+        if config is None:
+            config = new_config(
+                pool.name, sig.inputs, sig.outputs, max_batch_size=sig.max_batch_size
+            )
+            config.ClearField("version_policy")
         gpu = pool.obtained_providers[:1] == ["CUDAExecutionProvider"]
-        config: dict[str, Any] = {
-            "name": pool.name,
-            "platform": PLATFORM,
-            "backend": "onnxruntime",
-            "version": str(pool.version),
-            "max_batch_size": sig.max_batch_size,
-            "input": tensors(sig.inputs),
-            "output": tensors(sig.outputs),
-            "instance_group": [
-                {
-                    "name": pool.name,
-                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
-                    "count": len(pool.workers),
-                }
-            ],
-            "parameters": {
-                "providers": {"string_value": ",".join(pool.obtained_providers)},
-                "policy": {"string_value": pool.settings.policy},
-            },
-        }
-        if batching:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": int(pool.settings.max_queue_delay_ms * 1000),
-                "max_batch_size": pool.batch_limit,
-            }
+        del config.instance_group[:]
+        config.instance_group.add(
+            name=pool.name, kind="KIND_GPU" if gpu else "KIND_CPU", count=len(pool.workers)
+        )
+        if sig.max_batch_size > 0:
+            delay_us = int(pool.settings.max_queue_delay_ms * 1000)
+            config.dynamic_batching.max_queue_delay_microseconds = delay_us
+        config.parameters["providers"].string_value = ",".join(pool.obtained_providers)
+        config.parameters["policy"].string_value = pool.settings.policy
         return config
 
     # ---- inference

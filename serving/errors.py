@@ -102,3 +102,8 @@ class RepositoryError(ValueError):
     Raised before anything already published is changed: a failed publish, verify or retention
     leaves every existing version as it was.
     """
+
+
+class StoreError(OSError):
+    """A call to a model store (an fsspec URL such as ``s3://bucket/prefix``) failed; the message
+    is one line naming the URL, the call and the store library's error."""

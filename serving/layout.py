@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,8 @@ METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.pbtxt"
 STATE_FILE = ".fedserve_state.json"
 LOCK_FILE = ".lock"
-LEASE_DIR = ".in_use"
+#: where leases lived before they moved to the root (Triton took it for a version directory)
+LEGACY_LEASE_DIR = ".in_use"
 TMP_PREFIX = ".tmp-"
 
 
@@ -83,3 +85,18 @@ def jsonable(value: Any) -> Any:
 def is_finite_number(value: Any) -> bool:
     """True for a finite int or float (bools excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_version(values: Iterable[tuple[int, Any]], mode: str) -> int | None:
+    """The version whose value is highest (``mode="max"``) or lowest (``"min"``) among
+    (version, value) pairs in ascending version order; ties go to the newest, values that are not
+    finite numbers are skipped."""
+    if mode not in ("max", "min"):
+        raise RepositoryError(f"mode must be 'max' or 'min', got {mode!r}")
+    best, best_value = None, None
+    for version, value in values:
+        if not is_finite_number(value):
+            continue
+        if best_value is None or (value >= best_value if mode == "max" else value <= best_value):
+            best, best_value = version, value
+    return best

@@ -1,34 +1,52 @@
-"""Triton's ``config.pbtxt`` for an ONNX model: written from tensor specs, read back as dicts.
+"""Triton's ``config.pbtxt``: read and written as Triton's own ``ModelConfig`` protobuf message.
 
-The file is Triton's ``ModelConfig`` protobuf message in protobuf text format
-(https://github.com/triton-inference-server/common/blob/main/protobuf/model_config.proto).
-:func:`render_config` writes the subset fedserve needs (``name``, ``platform``, ``max_batch_size``,
-``input``/``output``, ``dynamic_batching``, ``instance_group``, ``version_policy``);
-:func:`parse_pbtxt` is a small reader of protobuf text format that returns plain dicts, so a
-serving node can read the file back without Triton's generated protobuf classes.
+The message class is the one Triton publishes (``model_config.proto``, generated code shipped by
+``tritonclient``), parsed and printed with protobuf's ``text_format``: every valid Triton config
+loads, and an invalid one (``max_batch_sise``, ``KIND_GPUU``) is refused with protobuf's message,
+which names the line and the field. What Triton does not define is here:
+
+* :func:`new_config`: the config fedserve writes for a model it publishes first;
+* :func:`merge_published`: a republish changes only the fields derived from the model (name,
+  platform, ``max_batch_size``, the inputs' and outputs' ``data_type`` and ``dims``) and keeps
+  every other field of a config a person edited;
+* :func:`tensor_specs` / :func:`complete_config`: tensor specs from a config, and Triton's
+  auto-complete for ONNX models (specs from the graph when the config omits them).
 
 Shapes: a :class:`~serving.tensor_spec.TensorSpec` shape includes the batch dimension (``-1`` is
 dynamic). Triton's ``dims`` exclude it whenever ``max_batch_size > 0``; with ``max_batch_size: 0``
-the dims are the full shape. Data types are written as Triton's ``TYPE_*`` names
-(:mod:`serving.datatypes`).
+the dims are the full shape.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from google.protobuf import json_format, text_format
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+
 from serving.datatypes import triton_to_v2, v2_to_triton
+from serving.errors import RepositoryError
 from serving.tensor_spec import TensorSpec
 
-# ---------------------------------------------------------------- writer
+ONNX_PLATFORM = "onnxruntime_onnx"
+ONNX_BACKEND = "onnxruntime"
+#: what Triton's auto-complete sets ``max_batch_size`` to for a model that can batch
+#: (tritonserver's ``--backend-config=default-max-batch-size``, 4 unless changed)
+AUTO_MAX_BATCH_SIZE = 4
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+def parse_config(text: str, source: str) -> ModelConfig:
+    """``text`` as a ModelConfig; RepositoryError with protobuf's message (line, field)."""
+    try:
+        return text_format.Parse(text, ModelConfig())
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{source} is not a valid Triton ModelConfig: {exc}") from None
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def render_config(config: ModelConfig) -> str:
+    """Protobuf text format of ``config`` (map entries sorted: the same config, the same text)."""
+    return text_format.MessageToString(config)
 
 
 def triton_dims(shape: Sequence[int], max_batch_size: int) -> list[int]:
@@ -46,20 +64,18 @@ def triton_dims(shape: Sequence[int], max_batch_size: int) -> list[int]:
     return shape
 
 
-def render_config(
+def new_config(
     name: str,
     inputs: Iterable[TensorSpec],
     outputs: Iterable[TensorSpec],
     *,
     max_batch_size: int,
-    platform: str = "onnxruntime_onnx",
     max_queue_delay_microseconds: int = 100,
-    dynamic_batching: bool = True,
     instance_count: int = 1,
     instance_kind: str = "KIND_AUTO",
     num_versions: int | None = 1,
-) -> str:
-    """``config.pbtxt`` text for one model.
+) -> ModelConfig:
+    """The config fedserve writes for a new ONNX model (ValueError naming a bad argument).
 
     ``inputs``/``outputs`` shapes include the batch dim. ``num_versions=None`` serves all
     versions (``version_policy { all {} }``), otherwise the newest ``num_versions``. Dynamic
@@ -71,232 +87,132 @@ def render_config(
         raise ValueError(f"instance_count must be >= 1, got {instance_count}")
     if num_versions is not None and num_versions < 1:
         raise ValueError(f"num_versions must be >= 1 or None (all), got {num_versions}")
-    if not _IDENT.match(instance_kind):
-        raise ValueError(f"instance_kind must be a KIND_* enum name, got {instance_kind!r}")
-    lines = [
-        f"name: {_quote(name)}",
-        f"platform: {_quote(platform)}",
-        f"max_batch_size: {int(max_batch_size)}",
-    ]
-    for field, specs in (("input", inputs), ("output", outputs)):
-        specs = list(specs)
-        if not specs:
-            raise ValueError(f"a model needs at least one {field}")
-        lines.append(f"{field} [")
-        for i, spec in enumerate(specs):
-            dims = triton_dims(spec.shape, max_batch_size)
-            lines += [
-                "  {",
-                f"    name: {_quote(spec.name)}",
-                f"    data_type: {v2_to_triton(spec.datatype)}",
-                f"    dims: [ {', '.join(str(d) for d in dims)} ]",
-                "  }" + ("," if i < len(specs) - 1 else ""),
-            ]
-        lines.append("]")
-    if dynamic_batching and max_batch_size > 0:
-        lines += [
-            "dynamic_batching {",
-            f"  max_queue_delay_microseconds: {int(max_queue_delay_microseconds)}",
-            "}",
-        ]
-    lines += [
-        "instance_group [",
-        "  {",
-        f"    count: {int(instance_count)}",
-        f"    kind: {instance_kind}",
-        "  }",
-        "]",
-    ]
+    if instance_kind not in ModelInstanceGroup.Kind.keys():
+        raise ValueError(
+            f"instance_kind must be one of {', '.join(ModelInstanceGroup.Kind.keys())}, "
+            f"got {instance_kind!r}"
+        )
+    inputs, outputs = list(inputs), list(outputs)
+    if not inputs or not outputs:
+        raise ValueError("a model needs at least one input and one output")
+    config = ModelConfig(name=name, platform=ONNX_PLATFORM, max_batch_size=int(max_batch_size))
+    _set_tensors(config, inputs, outputs)
+    if max_batch_size > 0:
+        config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_microseconds)
+    config.instance_group.add(count=int(instance_count), kind=instance_kind)
     if num_versions is None:
-        lines += ["version_policy {", "  all {}", "}"]
+        config.version_policy.all.SetInParent()
     else:
-        lines += ["version_policy {", f"  latest {{ num_versions: {int(num_versions)} }}", "}"]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- reader
-
-_TOKEN = re.compile(
-    r"""
-    (?P<ws>\s+|\#[^\n]*)
-    | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-    | (?P<number>[-+]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)[fF]?)
-    | (?P<ident>-?[A-Za-z_][A-Za-z0-9_.]*)
-    | (?P<punct>[{}\[\]<>:,;])
-    """,
-    re.VERBOSE,
-)
-
-#: Fields of Triton's ModelConfig (and nested messages) that are repeated; the reader always
-#: returns a list for these, even when the file holds one entry.
-REPEATED_FIELDS = frozenset(
-    {"input", "output", "dims", "instance_group", "gpus", "versions", "preferred_batch_size"}
-)
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
-
-
-class PbtxtError(ValueError):
-    """The text is not valid protobuf text format (for the subset this reader handles)."""
-
-
-def _tokenize(text: str) -> list[tuple[str, str, int]]:
-    tokens: list[tuple[str, str, int]] = []
-    pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            line = text.count("\n", 0, pos) + 1
-            raise PbtxtError(f"unexpected character {text[pos]!r} at line {line}")
-        kind = match.lastgroup or ""
-        if kind != "ws":
-            tokens.append((kind, match.group(), text.count("\n", 0, pos) + 1))
-        pos = match.end()
-    return tokens
-
-
-def _unquote(token: str) -> str:
-    body = token[1:-1]
-    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), body)
-
-
-def _scalar(kind: str, token: str) -> Any:
-    if kind == "string":
-        return _unquote(token)
-    if kind == "number":
-        raw = token.rstrip("fF") if not token.lower().startswith(("0x", "-0x", "+0x")) else token
-        if re.fullmatch(r"[-+]?0[xX][0-9a-fA-F]+", raw):
-            return int(raw, 16)
-        if re.fullmatch(r"[-+]?\d+", raw):
-            return int(raw)
-        return float(raw)
-    if token in ("true", "True", "t"):
-        return True
-    if token in ("false", "False", "f"):
-        return False
-    if token.lstrip("-").lower() in ("inf", "infinity", "nan"):
-        return float(token.replace("infinity", "inf"))
-    return token  # enum value name, e.g. TYPE_FP32
-
-
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self.tokens = _tokenize(text)
-        self.i = 0
-
-    def _peek(self) -> tuple[str, str, int] | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def _take(self, expected: str | None = None) -> tuple[str, str, int]:
-        tok = self._peek()
-        if tok is None:
-            raise PbtxtError(f"unexpected end of text, expected {expected or 'a token'}")
-        if expected is not None and tok[1] != expected:
-            raise PbtxtError(f"expected {expected!r} at line {tok[2]}, got {tok[1]!r}")
-        self.i += 1
-        return tok
-
-    def message(self, closing: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        while True:
-            tok = self._peek()
-            if tok is None:
-                if closing is not None:
-                    raise PbtxtError(f"unexpected end of text, expected {closing!r}")
-                return out
-            if closing is not None and tok[1] == closing:
-                self.i += 1
-                return out
-            kind, name, line = self._take()
-            if kind != "ident":
-                raise PbtxtError(f"expected a field name at line {line}, got {name!r}")
-            has_colon = self._peek() is not None and self._peek()[1] == ":"  # type: ignore[index]
-            if has_colon:
-                self._take(":")
-            values = self._values(name)
-            if name in REPEATED_FIELDS:
-                out.setdefault(name, []).extend(values)
-            elif name in out:
-                raise PbtxtError(f"field {name!r} given twice (line {line})")
-            elif len(values) != 1:
-                raise PbtxtError(f"field {name!r} is not repeated but has a list (line {line})")
-            else:
-                out[name] = values[0]
-            nxt = self._peek()
-            if nxt is not None and nxt[1] in (",", ";"):
-                self.i += 1
-
-    def _values(self, name: str) -> list[Any]:
-        tok = self._peek()
-        if tok is None:
-            raise PbtxtError(f"missing value for field {name!r}")
-        if tok[1] == "[":
-            self.i += 1
-            values: list[Any] = []
-            if self._peek() is not None and self._peek()[1] == "]":  # type: ignore[index]
-                self.i += 1
-                return values
-            while True:
-                values.append(self._value(name))
-                sep = self._take()
-                if sep[1] == "]":
-                    return values
-                if sep[1] != ",":
-                    raise PbtxtError(f"expected ',' or ']' in list {name!r} at line {sep[2]}")
-        return [self._value(name)]
-
-    def _value(self, name: str) -> Any:
-        kind, token, line = self._take()
-        if token in ("{", "<"):
-            return self.message("}" if token == "{" else ">")
-        if kind in ("string", "number", "ident"):
-            value = _scalar(kind, token)
-            while kind == "string" and self._peek() is not None and self._peek()[0] == "string":  # type: ignore[index]
-                value += _unquote(self._take()[1])  # adjacent strings concatenate
-            return value
-        raise PbtxtError(f"bad value {token!r} for field {name!r} at line {line}")
-
-
-def parse_pbtxt(text: str) -> dict[str, Any]:
-    """Parse protobuf text format into nested dicts (messages), lists (repeated), scalars.
-
-    Enum values stay as their names (``"TYPE_FP32"``). Fields named in :data:`REPEATED_FIELDS`
-    are always lists. Raises :class:`PbtxtError` naming the line of a syntax error.
-    """
-    return _Parser(text).message(None)
-
-
-def read_config(text: str) -> dict[str, Any]:
-    """Parse a ``config.pbtxt`` and fill the defaults Triton would use for the fields we write.
-
-    Returns ``name``, ``platform``, ``max_batch_size``, ``input``/``output`` (each with ``name``,
-    ``data_type``, ``dims``, plus ``datatype`` (v2) and ``shape`` (batch dim included as -1 when
-    batching)), ``dynamic_batching`` (dict or None), ``instance_group``, ``version_policy``.
-    """
-    raw = parse_pbtxt(text)
-    config: dict[str, Any] = dict(raw)
-    mbs = int(raw.get("max_batch_size", 0))
-    config["max_batch_size"] = mbs
-    for field in ("input", "output"):
-        tensors = []
-        for entry in raw.get(field, []):
-            entry = dict(entry)
-            dims = [int(d) for d in entry.get("dims", [])]
-            entry["dims"] = dims
-            entry.setdefault("data_type", "TYPE_INVALID")
-            entry["datatype"] = (
-                triton_to_v2(entry["data_type"]) if entry["data_type"] != "TYPE_INVALID" else None
-            )
-            entry["shape"] = ([-1] + dims) if mbs > 0 else dims
-            tensors.append(entry)
-        config[field] = tensors
-    config["dynamic_batching"] = raw.get("dynamic_batching")
-    groups = []
-    for group in raw.get("instance_group", []):
-        group = dict(group)
-        group.setdefault("count", 1)
-        group.setdefault("kind", "KIND_AUTO")
-        groups.append(group)
-    config["instance_group"] = groups
-    config["version_policy"] = raw.get("version_policy") or {"latest": {"num_versions": 1}}
+        config.version_policy.latest.num_versions = int(num_versions)
     return config
+
+
+def merge_published(existing: ModelConfig, fresh: ModelConfig) -> ModelConfig:
+    """``existing`` with the model-derived fields of ``fresh``: name, ``max_batch_size``, the
+    platform (unless ``existing`` names a platform or backend) and each tensor's ``data_type`` and
+    ``dims`` (the tensor list follows ``fresh``; other fields of a tensor with the same name, such
+    as ``reshape`` or ``optional``, are kept). Every other field of ``existing`` is kept."""
+    merged = ModelConfig()
+    merged.CopyFrom(existing)
+    merged.name = fresh.name
+    merged.max_batch_size = fresh.max_batch_size
+    if not merged.platform and not merged.backend:
+        merged.platform = fresh.platform
+    for field in ("input", "output"):
+        old = {t.name: t for t in getattr(existing, field)}
+        target = getattr(merged, field)
+        del target[:]
+        for tensor in getattr(fresh, field):
+            entry = target.add()
+            if tensor.name in old:
+                entry.CopyFrom(old[tensor.name])
+            entry.name = tensor.name
+            entry.data_type = tensor.data_type
+            del entry.dims[:]
+            entry.dims.extend(tensor.dims)
+    return merged
+
+
+def version_policy(config: ModelConfig) -> dict[str, Any]:
+    """The config's ``version_policy`` as a dict: ``{}`` (unset: Triton serves the newest),
+    ``{"latest": {"num_versions": k}}``, ``{"all": {}}`` or ``{"specific": {"versions": [..]}}``
+    (version numbers as ints)."""
+    policy = json_format.MessageToDict(config.version_policy, preserving_proto_field_name=True)
+    if "specific" in policy:
+        policy["specific"]["versions"] = [int(v) for v in policy["specific"].get("versions", [])]
+    return policy
+
+
+def check_onnx_model(config: ModelConfig, source: str) -> None:
+    """Refuse a config for another backend: fedserve serves ONNX models with onnxruntime."""
+    if config.platform not in ("", ONNX_PLATFORM) or config.backend not in ("", ONNX_BACKEND):
+        given = config.platform or config.backend
+        raise RepositoryError(
+            f"{source} is for {given!r}; fedserve serves ONNX models only "
+            f"(platform {ONNX_PLATFORM!r} or backend {ONNX_BACKEND!r})"
+        )
+
+
+def tensor_specs(config: ModelConfig, source: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) declared by ``config``, shapes with the batch dim (-1) when batching."""
+    batch = [-1] if config.max_batch_size > 0 else []
+    specs: dict[str, list[TensorSpec]] = {}
+    for field in ("input", "output"):
+        specs[field] = []
+        for tensor in getattr(config, field):
+            if tensor.data_type == DataType.TYPE_INVALID:
+                raise RepositoryError(f"{source}: {field} {tensor.name!r} has no data_type")
+            try:
+                datatype = triton_to_v2(DataType.Name(tensor.data_type))
+            except ValueError as exc:
+                raise RepositoryError(f"{source}: {field} {tensor.name!r}: {exc}") from None
+            specs[field].append(TensorSpec(tensor.name, datatype, [*batch, *tensor.dims]))
+    return specs["input"], specs["output"]
+
+
+def complete_config(
+    config: ModelConfig,
+    name: str,
+    graph_inputs: Sequence[TensorSpec],
+    graph_outputs: Sequence[TensorSpec],
+) -> ModelConfig:
+    """Triton's auto-complete for an ONNX model: a copy of ``config`` with the name and platform
+    filled in and, where the config declares no inputs (outputs), the graph's.
+
+    A config that declares neither and leaves ``max_batch_size`` 0 gets
+    :data:`AUTO_MAX_BATCH_SIZE` and dynamic batching when every graph tensor has a dynamic first
+    dim, as Triton's onnxruntime backend does.
+    """
+    done = ModelConfig()
+    done.CopyFrom(config)
+    done.name = done.name or name
+    if not done.platform and not done.backend:
+        done.platform = ONNX_PLATFORM
+    declared_in, declared_out = len(done.input) > 0, len(done.output) > 0
+    if not declared_in and not declared_out and done.max_batch_size == 0:
+        tensors = [*graph_inputs, *graph_outputs]
+        if tensors and all(s.shape and s.shape[0] == -1 for s in tensors):
+            done.max_batch_size = AUTO_MAX_BATCH_SIZE
+            if not done.HasField("sequence_batching"):
+                done.dynamic_batching.SetInParent()
+    try:
+        _set_tensors(
+            done,
+            [] if declared_in else graph_inputs,
+            [] if declared_out else graph_outputs,
+        )
+    except ValueError as exc:
+        raise RepositoryError(f"model {name!r}: cannot complete its config: {exc}") from None
+    return done
+
+
+def _set_tensors(
+    config: ModelConfig, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]
+) -> None:
+    for field, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            getattr(config, field).add(
+                name=spec.name,
+                data_type=DataType.Value(v2_to_triton(spec.datatype)),
+                dims=triton_dims(spec.shape, config.max_batch_size),
+            )

@@ -1,15 +1,15 @@
-"""A versioned ONNX model repository in NVIDIA Triton's layout.
+"""A versioned ONNX model repository in NVIDIA Triton's layout, on a local (or mounted) file system.
 
-Layout (Triton loads it unchanged; the dot-names are ignored by Triton)::
+Layout (Triton loads it unchanged; it ignores the dot-names and the files of the root)::
 
     <root>/<model>/config.pbtxt                 Triton ModelConfig (protobuf text format)
     <root>/<model>/<version>/model.onnx         version = 1, 2, 3, ... (never reused)
     <root>/<model>/<version>/model.onnx.data    only for models saved with ONNX external data
     <root>/<model>/<version>/metadata.json      ours: version, round, metrics, sha256 of files, ...
     <root>/<model>/.fedserve_state.json         highest version ever published
-    <root>/<model>/.in_use/<version>.<pid>.<id> a reader's lease on a version
     <root>/<model>/.lock                        flock(2) serialising writers of this model
     <root>/<model>/.tmp-<pid>-<id>              a version being written, or being deleted
+    <root>/.lease-<host>-<pid>-<id>.json        a reader's leases (:mod:`serving.leases`)
 
 Guarantees:
 
@@ -20,60 +20,39 @@ Guarantees:
   holds the model's lock, so no live writer can own it) deletes it.
 * **Versions only grow.** The next version is ``max(existing, highest ever recorded) + 1``;
   retention deleting the newest-ever version does not let its number be reused.
-* **Leases.** :meth:`ModelRepository.mark_in_use` records a lease file; retention never deletes a
-  version with a live lease. Leases of dead processes (same host) are ignored and cleaned.
+* **A person's config.pbtxt stays theirs.** Publishing changes only the fields derived from the
+  model (:func:`serving.model_config.merge_published`); a file already in agreement is not
+  rewritten, and a file protobuf rejects refuses the publish.
+* **Leases.** :meth:`ModelRepository.mark_in_use` records a lease that expires unless renewed
+  (:mod:`serving.leases`); retention never deletes a version with a live lease.
 * **Failures change nothing already published.** Bad names, bad files, a checksum mismatch or a
   crash mid-publish leave existing versions and their files intact.
 
 This module holds the writers (publish, leases, retention); the read side is
-:mod:`serving.repository_reader`, the specs :mod:`serving.tensor_spec` and
-:mod:`serving.onnx_specs`, the names :mod:`serving.layout`, durable file primitives
-:mod:`serving.fsutil`, leases :mod:`serving.leases` and the version counter
-:mod:`serving.version_state`.
-Needs only the standard library, numpy and onnx (no torch, no flwr).
+:mod:`serving.repository_reader`, what a version is made of :mod:`serving.staging`, the names
+:mod:`serving.layout`, durable file primitives :mod:`serving.fsutil`, leases
+:mod:`serving.leases` and the version counter :mod:`serving.version_state`. A repository on an
+object store is :mod:`serving.store_repository`. Needs only the standard library, numpy, onnx
+and protobuf (no torch, no flwr).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from serving.errors import RepositoryError
-from serving.fsutil import (
-    atomic_write,
-    copy_hash_fsync,
-    exclusive_lock,
-    fsync_dir,
-    sha256_file,
-    write_fsync,
-)
-from serving.layout import (
-    CONFIG_FILE,
-    DATA_FILE,
-    LEASE_DIR,
-    LOCK_FILE,
-    METADATA_FILE,
-    MODEL_FILE,
-    TMP_PREFIX,
-    jsonable,
-    validate_model_name,
-    validate_version,
-)
-from serving.leases import create_lease, live_leases, remove_leases
-from serving.model_config import render_config
-from serving.onnx_external import external_locations, relocate_external
-from serving.onnx_specs import check_specs, specs_from_onnx
+from serving.fsutil import atomic_write, exclusive_lock, fsync_dir
+from serving.layout import CONFIG_FILE, LOCK_FILE, TMP_PREFIX, validate_version
+from serving.leases import DEFAULT_TTL_S, LeaseHolder, is_lease_file, live_versions
 from serving.repository_reader import RepositoryReader
+from serving.staging import prepare_version, updated_config, write_version
 from serving.tensor_spec import TensorSpec
 from serving.version_state import clean_tmp, next_version, record_version
 
@@ -90,12 +69,20 @@ class ModelRepository(RepositoryReader):
 
     Writers (``publish``, ``apply_retention``) of one model are serialised by ``flock`` on
     ``<model>/.lock``; readers need no lock, except ``mark_in_use`` which takes it briefly so a
-    lease can never race a deletion.
+    lease can never race a deletion. This object's leases expire ``lease_ttl_s`` after their
+    last renewal (renewed by a daemon thread while held).
     """
 
-    def __init__(self, root: str | os.PathLike, *, stale_tmp_seconds: float = 3600.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        stale_tmp_seconds: float = 3600.0,
+        lease_ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
         self.stale_tmp_seconds = stale_tmp_seconds
         super().__init__(root)
+        self._leases = LeaseHolder(self, lease_ttl_s)
 
     # ---- writing
 
@@ -118,56 +105,23 @@ class ModelRepository(RepositoryReader):
         ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
         ``external_data`` is the file the graph's external tensors refer to; it is stored as
         ``model.onnx.data`` (the graph's references are rewritten if named otherwise).
-        ``metadata`` supplies ``global_version``, ``round``, ``metrics``, ``config`` and any
-        extra keys; ``version``, ``files``, ``inputs``, ``outputs``, ``opset``,
-        ``max_batch_size`` and ``created`` are filled in here. ``config.pbtxt`` is (re)written
-        with ``num_versions`` (None = all versions) for Triton's version policy.
+        ``metadata``: see :func:`serving.staging.write_version`. ``num_versions`` (None = all
+        versions: Triton's version policy), ``instance_count`` and
+        ``max_queue_delay_microseconds`` only shape the ``config.pbtxt`` of a new model.
         """
-        name = validate_model_name(model_name)
-        src = Path(onnx_path)
-        if not src.is_file():
-            raise RepositoryError(f"ONNX file to publish not found: {src}")
-        data_src = Path(external_data) if external_data is not None else None
-        if data_src is not None and not data_src.is_file():
-            raise RepositoryError(f"external data file to publish not found: {data_src}")
-        try:
-            proto = onnx.load(str(src), load_external_data=False)
-        except Exception as exc:
-            raise RepositoryError(f"{src} is not a readable ONNX model: {exc}") from None
-        graph_inputs, graph_outputs = specs_from_onnx(proto)
-        inputs = list(graph_inputs if inputs is None else inputs)
-        outputs = list(graph_outputs if outputs is None else outputs)
-        check_specs("input", inputs, graph_inputs)
-        check_specs("output", outputs, graph_outputs)
-        locations = external_locations(proto)
-        if locations and data_src is None:
-            raise RepositoryError(
-                f"{src} keeps tensors in external data {sorted(locations)}; pass external_data="
-            )
-        if data_src is not None and not locations:
-            raise RepositoryError(
-                f"external_data={str(data_src)!r} given, but {src} has no external tensors"
-            )
-        if len(locations) > 1:
-            raise RepositoryError(
-                f"{src} spreads external data over {sorted(locations)}; save all tensors to one "
-                "file (onnx.save_model(..., all_tensors_to_one_file=True))"
-            )
-        try:
-            config_text = render_config(
-                name,
-                inputs,
-                outputs,
-                max_batch_size=max_batch_size,
-                num_versions=num_versions,
-                instance_count=instance_count,
-                max_queue_delay_microseconds=max_queue_delay_microseconds,
-            )
-        except ValueError as exc:
-            raise RepositoryError(f"cannot write config.pbtxt for {name!r}: {exc}") from None
-        meta = jsonable(dict(metadata or {}))
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-
+        prepared = prepare_version(
+            model_name,
+            onnx_path,
+            inputs=inputs,
+            outputs=outputs,
+            metadata=metadata,
+            max_batch_size=max_batch_size,
+            external_data=external_data,
+            num_versions=num_versions,
+            instance_count=instance_count,
+            max_queue_delay_microseconds=max_queue_delay_microseconds,
+        )
+        name = prepared.name
         self._ensure_root()
         mdir = self.root / name
         if mdir.exists() and not mdir.is_dir():
@@ -176,37 +130,20 @@ class ModelRepository(RepositoryReader):
             )
         mdir.mkdir(exist_ok=True)
         with self._lock(name):
+            config_path = mdir / CONFIG_FILE
+            try:
+                existing = config_path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                existing = None
+            config_text = updated_config(existing, prepared, str(config_path))
             clean_tmp(mdir, self.stale_tmp_seconds)
             version = next_version(mdir)
             tmp = mdir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
-                files: dict[str, str] = {}
-                if locations and locations != {DATA_FILE}:
-                    relocate_external(proto, DATA_FILE)
-                    write_fsync(tmp / MODEL_FILE, proto.SerializeToString())
-                    files[MODEL_FILE] = sha256_file(tmp / MODEL_FILE)
-                else:
-                    files[MODEL_FILE] = copy_hash_fsync(src, tmp / MODEL_FILE)
-                if data_src is not None:
-                    files[DATA_FILE] = copy_hash_fsync(data_src, tmp / DATA_FILE)
-                meta.setdefault("global_version", None)
-                meta.setdefault("round", None)
-                meta.setdefault("metrics", {})
-                meta.setdefault("config", {})
-                meta.update(
-                    version=version,
-                    files=files,
-                    inputs=[s.to_dict() for s in inputs],
-                    outputs=[s.to_dict() for s in outputs],
-                    opset=opset,
-                    max_batch_size=int(max_batch_size),
-                    created=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                )
-                payload = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False).encode()
-                write_fsync(tmp / METADATA_FILE, payload + b"\n")
-                fsync_dir(tmp)
-                atomic_write(mdir / CONFIG_FILE, config_text.encode(), tmp_prefix=TMP_PREFIX)
+                files = write_version(prepared, tmp, version)
+                if config_text is not None:
+                    atomic_write(config_path, config_text.encode(), tmp_prefix=TMP_PREFIX)
                 _rename_into_place(tmp, mdir / str(version))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -227,12 +164,15 @@ class ModelRepository(RepositoryReader):
         with self._lock(model):
             if version not in self.list_versions(model):
                 raise RepositoryError(f"version {version} of model {model!r} does not exist")
-            return create_lease(mdir / LEASE_DIR, version)
+            return self._leases.acquire(model, version)
 
     def release(self, model: str, version: int, lease: str | None = None) -> None:
-        """Drop one lease (``lease``) or every lease this process holds on ``version``."""
-        version = validate_version(version)
-        remove_leases(self.model_dir(model) / LEASE_DIR, version, lease)
+        """Drop one lease (``lease``) or every lease this object holds on ``version``."""
+        self._leases.release(model, validate_version(version), lease)
+
+    def release_all(self) -> None:
+        """Drop every lease this object holds (a server calls it on shutdown)."""
+        self._leases.release_all()
 
     @contextlib.contextmanager
     def in_use(self, model: str, version: int) -> Iterator[str]:
@@ -244,8 +184,24 @@ class ModelRepository(RepositoryReader):
             self.release(model, version, lease)
 
     def leased_versions(self, model: str) -> set[int]:
-        """Versions with at least one live lease."""
-        return {v for v, _ in live_leases(self.model_dir(model) / LEASE_DIR, drop_dead=False)}
+        """Versions with at least one live lease (of any holder)."""
+        return live_versions(self, model)
+
+    # the LeaseFiles of serving.leases: files in the root
+
+    def write_lease(self, name: str, data: bytes) -> None:
+        atomic_write(self.root / name, data, tmp_prefix=TMP_PREFIX)
+
+    def remove_lease(self, name: str) -> None:
+        (self.root / name).unlink()
+
+    def lease_files(self) -> Iterable[tuple[str, bytes]]:
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if is_lease_file(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    yield entry.name, entry.read_bytes()
 
     # ---- retention
 
@@ -261,7 +217,7 @@ class ModelRepository(RepositoryReader):
         (``mode`` max/min) and every leased one; return the deleted versions.
 
         Each deleted version is first renamed to a ``.tmp-*`` dir (so it vanishes atomically
-        for readers), then removed.
+        for readers), then removed. Dead and expired leases are deleted on the way.
         """
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise RepositoryError(f"keep_last must be an integer >= 1, got {keep_last!r}")
@@ -276,7 +232,7 @@ class ModelRepository(RepositoryReader):
                 best = self.best(model, keep_best_metric, mode)
                 if best is not None:
                     keep.add(best)
-            keep |= {v for v, _ in live_leases(mdir / LEASE_DIR, drop_dead=True)}
+            keep |= live_versions(self, model, drop_dead=True)
             for version in versions:
                 if version in keep:
                     continue

@@ -15,6 +15,7 @@ from typing import Any
 from serving.config_schema import ConfigError
 from serving.dispatcher import POLICIES
 from serving.providers import CONV_ALGO_SEARCHES
+from serving.store import StoreConfig
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ServingConfig:
     drain_timeout_s: float = 30.0
     #: request body limit (413 above); per line for infer_stream
     body_limit_bytes: int = 64 * 1024 * 1024
+    #: a repository on a model store (repository=s3://...): polling, local cache, retries
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> None:
         if self.instances is not None and self.instances < 0:
@@ -76,6 +79,13 @@ class ServingConfig:
             raise ConfigError(f"serving.poll_interval_s must be > 0, got {self.poll_interval_s}")
         if self.versions is not None and self.versions < 1:
             raise ConfigError(f"serving.versions must be >= 1 or null, got {self.versions}")
+        if not self.store.poll_s > 0:
+            raise ConfigError(f"serving.store.poll_s must be > 0, got {self.store.poll_s}")
+        if not self.store.retry_max_s > 0:
+            raise ConfigError(
+                f"serving.store.retry_max_s must be > 0, got {self.store.retry_max_s}"
+            )
+        _at_least("serving.store.cache_max_bytes", self.store.cache_max_bytes, 1)
         if str(self.cudnn_conv_algo_search).lower() not in CONV_ALGO_SEARCHES:
             raise ConfigError(
                 "serving.cudnn_conv_algo_search must be one of "
@@ -103,7 +113,8 @@ class ServingConfig:
 class ServeConfig:
     """``fedserve-serve``'s whole configuration (conf/serve.yaml)."""
 
-    #: Triton-layout repository (relative paths: to the working directory)
+    #: Triton-layout repository: a path (relative: to the working directory) or a model store
+    #: URL (s3://bucket/prefix; credentials from the store library's environment/config)
     repository: str = "model_repository"
     #: bind address; use 0.0.0.0 deliberately to expose it
     host: str = "127.0.0.1"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.fsutil import atomic_write, remove_path
-from serving.layout import STATE_FILE, TMP_PREFIX, TMP_RE, VERSION_RE
+from serving.layout import LEGACY_LEASE_DIR, STATE_FILE, TMP_PREFIX, TMP_RE, VERSION_RE
 from serving.leases import pid_alive
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,13 @@ def next_version(mdir: Path) -> int:
 
 
 def clean_tmp(mdir: Path, stale_seconds: float) -> None:
-    """Remove leftovers of crashed publishes/deletions. Called with the model's lock held,
-    so no live writer owns a temp entry; the pid/age checks are a second safety net."""
+    """Remove leftovers of crashed publishes/deletions, and the leases directory of earlier
+    fedserve versions. Called with the model's lock held, so no live writer owns a temp entry;
+    the pid/age checks are a second safety net."""
     now = time.time()
+    if (mdir / LEGACY_LEASE_DIR).is_dir():
+        log.info("removing %s: leases now live in the repository root", mdir / LEGACY_LEASE_DIR)
+        remove_path(mdir / LEGACY_LEASE_DIR)
     for entry in mdir.iterdir():
         match = TMP_RE.match(entry.name)
         if not match:

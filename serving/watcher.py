@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
+from serving.model_config import version_policy
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.settings import ServingConfig
@@ -169,7 +170,7 @@ class RepositoryWatcher:
         if self.versions is not None:
             return newest_first, self.versions
         try:
-            policy = self.repository.read_config(model).get("version_policy") or {}
+            policy = version_policy(self.repository.read_config(model))
         except Exception as exc:  # noqa: BLE001
             log.warning(
                 "model %s: unreadable config.pbtxt (%s); serving the newest version", model, exc
@@ -222,7 +223,7 @@ class RepositoryWatcher:
             meta = repo.load_metadata(model, version)
             max_batch = meta.get("max_batch_size")
             if max_batch is None:
-                max_batch = repo.read_config(model)["max_batch_size"]
+                max_batch = repo.read_config(model).max_batch_size
             signature = ModelSignature.build(
                 meta["inputs"],
                 meta["outputs"],

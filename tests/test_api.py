@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as th
+from google.protobuf import json_format
 from serving_helpers import (
     CLASSES,
     IN_FEATURES,
@@ -27,6 +28,7 @@ from serving_helpers import (
     publish_classifier,
     running_server,
 )
+from tritonclient.grpc.model_config_pb2 import ModelConfig
 from tritonclient.utils import InferenceServerException
 
 from server.processes import free_port
@@ -110,8 +112,8 @@ def test_tritonclient_round_trip_matches_onnxruntime(served: Served) -> None:
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, IN_FEATURES]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, CLASSES]}]
-    config = c.get_model_config("clf")
-    assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [IN_FEATURES]
+    config = json_format.ParseDict(c.get_model_config("clf"), ModelConfig())  # Triton's proto
+    assert config.max_batch_size == 64 and list(config.input[0].dims) == [IN_FEATURES]
     assert c.get_server_metadata()["extensions"][0] == "binary_tensor_data"
 
     x = np.random.default_rng(0).random((5, IN_FEATURES), dtype=np.float32)

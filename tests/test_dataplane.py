@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
+from tritonclient.grpc import model_config_pb2
 
 from serving.dataplane import DataPlane
 from serving.errors import BadRequest, InputError, NotFound, PoolClosed
@@ -155,9 +157,14 @@ def test_documents(make_pool) -> None:
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, IN_FEATURES]}]
     assert dataplane.model_ready("clf", "1") == {"name": "clf", "version": "1", "ready": True}
     config = dataplane.model_config("clf")
-    assert config["version"] == "2" and config["input"][0]["dims"] == [IN_FEATURES]
-    assert config["input"][0]["data_type"] == "TYPE_FP32"
-    assert config["dynamic_batching"]["max_batch_size"] == 64
+    # Triton's ModelConfig as protobuf's JSON, nothing more (no top-level "version")
+    proto = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    assert json_format.MessageToDict(proto, preserving_proto_field_name=True) == config
+    assert proto.name == "clf" and proto.max_batch_size == 64
+    assert list(proto.input[0].dims) == [IN_FEATURES] and proto.input[0].data_type == 11
+    assert proto.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert proto.instance_group[0].count == 1
+    assert proto.parameters["policy"].string_value == "least_loaded"
     assert dataplane.repository_index() == [
         {"name": "clf", "version": "1", "state": "READY"},
         {"name": "clf", "version": "2", "state": "READY"},

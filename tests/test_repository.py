@@ -186,10 +186,12 @@ def test_lease_context_and_dead_process_leases(repo: ModelRepository, tmp_path: 
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", script, str(repo.root)], check=True, cwd=ROOT, env=env)
-    assert len(list((repo.root / "tiny" / ".in_use").iterdir())) == 1
+    leases = [p for p in repo.root.iterdir() if p.name.startswith(".lease-")]
+    assert len(leases) == 1 and json.loads(leases[0].read_text())["versions"] == {"tiny": [1]}
     assert repo.leased_versions("tiny") == set()
     assert repo.apply_retention("tiny", keep_last=2) == [1]
-    assert list((repo.root / "tiny" / ".in_use").iterdir()) == []  # dead lease cleaned
+    assert not leases[0].exists()  # dead lease cleaned
+    assert not (repo.root / "tiny" / ".in_use").exists()  # nothing inside the model dir
 
 
 def test_external_data_publish(repo: ModelRepository, tmp_path: Path) -> None:

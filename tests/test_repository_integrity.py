@@ -51,13 +51,14 @@ def test_version_dir_without_its_files(repo: ModelRepository, tmp_path: Path) ->
     publish(repo, tmp_path, seed=1)
     publish(repo, tmp_path, seed=2)
     (repo.version_dir("tiny", 2) / MODEL_FILE).unlink()
-    with pytest.raises(RepositoryError, match=r"missing model\.onnx"):
+    with pytest.raises(RepositoryError, match=r"has no model\.onnx"):
         repo.verify("tiny", 2)
+    # without metadata.json a version is a plain Triton version: described by config.pbtxt
     (repo.version_dir("tiny", 3) / "metadata.json").unlink()
-    with pytest.raises(RepositoryError, match=r"no metadata\.json"):
-        repo.verify("tiny", 3)
-    assert repo.list_versions("tiny") == [1]  # only complete versions are listed
-    with pytest.raises(RepositoryError, match="does not exist"):
+    assert repo.list_versions("tiny") == [1, 3]  # a directory without model.onnx is not one
+    assert repo.load_metadata("tiny", 3)["source"] == "config"
+    repo.verify("tiny", 3)
+    with pytest.raises(RepositoryError, match="has no model.onnx"):
         repo.verify("tiny", 7)
     repo.verify("tiny", 1)
     assert publish(repo, tmp_path, seed=3) == 4  # numbers of broken dirs are not reused
@@ -150,7 +151,7 @@ def test_crash_between_write_and_rename(repo: ModelRepository, tmp_path: Path) -
     assert fresh.best("tiny", "test_acc") is None  # the crashed version's metrics are invisible
     assert snapshot(repo.root) == before
     assert tmp_dir.exists()  # only the temp dir is left behind ...
-    assert fresh.read_config("tiny")["name"] == "tiny"
+    assert fresh.read_config("tiny").name == "tiny"
     assert publish(fresh, tmp_path, seed=3) == 3  # ... and the next publish removes it
     assert not tmp_dir.exists()
     assert not [p for p in (repo.root / "tiny").iterdir() if p.name.startswith(".tmp-")]

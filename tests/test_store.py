@@ -1,0 +1,434 @@
+"""The model repository on a model store, against a real S3-protocol server (moto's, on
+127.0.0.1, behind a proxy the tests take down): publish commits a version by writing its manifest
+last, half-written versions are never served, retention keeps leased versions, the server follows
+what is published, and keeps serving while the store is away, then catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from repository_helpers import make_onnx
+from serving_helpers import IN_FEATURES, classifier_weights, make_classifier
+from store_helpers import BUCKET, TcpProxy, fresh_s3fs, make_bucket, store_env
+
+from benchmarks.storage.moto_s3 import moto_server
+from server.processes import free_port
+from serving.dataplane import DataPlane
+from serving.errors import RepositoryError, StoreError
+from serving.inference import InferRequest
+from serving.model_config import parse_config
+from serving.registry import ModelRegistry
+from serving.settings import ServingConfig
+from serving.store import Store, StoreConfig
+from serving.store_layout import MANIFEST_FILE
+from serving.store_mirror import StoreMirror
+from serving.store_repository import StoreRepository, open_repository
+from serving.tensor_spec import TensorSpec
+from serving.watcher import RepositoryWatcher
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[tuple[str, int]]:
+    with moto_server() as address:
+        yield address
+
+
+@pytest.fixture
+def proxy(moto, monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(moto)
+    for key, value in store_env(proxy.url).items():
+        monkeypatch.setenv(key, value)
+    make_bucket()
+    try:
+        yield proxy
+    finally:
+        proxy.down()
+        fresh_s3fs()
+
+
+@pytest.fixture
+def url(proxy: TcpProxy) -> str:
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/repo"
+
+
+def publish_clf(repo: StoreRepository, tmp: Path, seed: int, **metrics: float) -> int:
+    src = make_classifier(tmp / f"clf-{seed}-{time.monotonic_ns()}.onnx", seed)
+    return repo.publish(
+        "clf",
+        src,
+        inputs=[TensorSpec("x", "FP32", [-1, IN_FEATURES])],
+        outputs=[TensorSpec("logits", "FP32", [-1, 3])],
+        metadata={"round": seed, "metrics": metrics},
+        max_batch_size=8,
+    )
+
+
+def mirror_of(url: str, tmp: Path, **settings) -> StoreMirror:
+    return StoreMirror(Store(url), StoreConfig(cache_dir=str(tmp / "cache"), **settings))
+
+
+def keys(url: str) -> set[str]:
+    return set(Store(url).listing())
+
+
+# ---------------------------------------------------------------- publish
+
+
+def test_publish_writes_triton_layout_with_manifest(url: str, tmp_path: Path) -> None:
+    repo = open_repository(url)
+    assert isinstance(repo, StoreRepository)
+    assert publish_clf(repo, tmp_path, 1, test_acc=0.5) == 1
+    assert publish_clf(repo, tmp_path, 2, test_acc=0.6) == 2
+    assert keys(url) == {
+        "clf/config.pbtxt",
+        "clf/.fedserve_state.json",
+        *(f"clf/{v}/{f}" for v in (1, 2) for f in ("model.onnx", "metadata.json", MANIFEST_FILE)),
+    }
+    store = Store(url)
+    manifest = json.loads(store.read(f"clf/2/{MANIFEST_FILE}"))
+    assert manifest["version"] == 2 and set(manifest["files"]) == {"model.onnx", "metadata.json"}
+    model_bytes = store.read("clf/2/model.onnx")
+    assert manifest["files"]["model.onnx"]["size"] == len(model_bytes)
+    meta = repo.load_metadata("clf", 2)
+    assert meta["version"] == 2 and meta["metrics"] == {"test_acc": 0.6}
+    config = parse_config(store.read("clf/config.pbtxt").decode(), "config.pbtxt")
+    assert config.name == "clf" and config.max_batch_size == 8
+    assert repo.list_models() == ["clf"] and repo.list_versions("clf") == [1, 2]
+    assert repo.best("clf", "test_acc") == 2
+
+
+def test_interrupted_publish_is_never_served(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    # the publisher dies after every file is in place, before the manifest: no commit
+    original = Store.write
+
+    def crash_on_manifest(self: Store, key: str, data: bytes) -> None:
+        if key.endswith(MANIFEST_FILE):
+            raise KeyboardInterrupt("killed")
+        original(self, key, data)
+
+    monkeypatch.setattr(Store, "write", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        publish_clf(repo, tmp_path, 2)
+    monkeypatch.undo()
+    # and a second publisher crashed leaving files under a version number, no manifest
+    store = Store(url)
+    store.write("clf/3/model.onnx", b"half a model")
+    assert repo.list_versions("clf") == [1]
+    mirror = mirror_of(url, tmp_path)
+    try:
+        assert mirror.sync()
+        assert mirror.cache.list_versions("clf") == [1]
+        assert publish_clf(repo, tmp_path, 4) == 4  # numbers are never reused
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [1, 4]
+    finally:
+        mirror.stop()
+
+
+def test_version_failing_its_checksums_is_skipped(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    store = Store(url)
+    store.write("clf/2/model.onnx", store.read("clf/2/model.onnx")[:-1] + b"\x00")
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
+            assert mirror.sync()
+        assert "skipping clf version 2" in caplog.text and "sha256" in caplog.text
+        assert mirror.cache.list_versions("clf") == [1]  # the next newest instead
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
+            assert mirror.sync()
+        assert caplog.text == ""  # not downloaded again until its manifest changes
+    finally:
+        mirror.stop()
+
+
+def test_retention_keeps_newest_best_and_leased(url: str, tmp_path: Path) -> None:
+    repo = StoreRepository(Store(url))
+    for seed, acc in enumerate([0.1, 0.9, 0.3, 0.4, 0.5], start=1):
+        publish_clf(repo, tmp_path, seed, test_acc=acc)
+    mirror = mirror_of(url, tmp_path)
+    mirror.versions = 5  # this server serves all five
+    try:
+        assert mirror.sync()
+        mirror.cache.mark_in_use("clf", 3)  # what the watcher does for the version it serves
+        assert mirror.sync()
+        assert repo.leased_versions("clf") == {3}
+        assert repo.apply_retention("clf", keep_last=1, keep_best_metric="test_acc") == [1, 4]
+        assert repo.list_versions("clf") == [2, 3, 5]
+        assert not any(k.startswith(("clf/1/", "clf/4/")) for k in keys(url))
+        # the server drops what the store no longer has, but not what it serves
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [2, 3, 5]
+        mirror.cache.release_all()
+        assert mirror.sync() and repo.leased_versions("clf") == set()
+        assert repo.apply_retention("clf", keep_last=1) == [2, 3]
+    finally:
+        mirror.stop()
+    assert [k for k in keys(url) if ".lease-" in k] == []  # stop() removed its lease
+
+
+def test_cache_is_bounded_least_recently_used_first(url: str, tmp_path: Path) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    listing = Store(url).listing("clf/1")
+    one_version = sum(e.size for k, e in listing.items() if not k.endswith(MANIFEST_FILE))
+    mirror = mirror_of(url, tmp_path, cache_max_bytes=int(2.5 * one_version))  # room for two
+    try:
+        assert mirror.sync()
+        lease = mirror.cache.mark_in_use("clf", 1)  # served: never evicted
+        for seed in (2, 3, 4):
+            publish_clf(repo, tmp_path, seed)
+            assert mirror.sync()
+        assert mirror.cache.list_versions("clf") == [1, 4]
+        mirror.cache.release("clf", 1, lease)
+        publish_clf(repo, tmp_path, 5)
+        # 1 was served until just now, 4 never was: 4 is the least recently used
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [1, 5]
+        publish_clf(repo, tmp_path, 6)
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [5, 6]
+    finally:
+        mirror.stop()
+
+
+# ---------------------------------------------------------------- serving through the store
+
+
+def serve(mirror: StoreMirror) -> tuple[RepositoryWatcher, DataPlane]:
+    registry = ModelRegistry()
+    watcher = RepositoryWatcher(
+        mirror.cache, registry, ServingConfig(instances=1, providers="cpu"), poll_interval_s=0.05
+    )
+    mirror.start()
+    watcher.start()
+    dataplane = DataPlane(
+        registry,
+        ready=lambda: watcher.ready and mirror.synced,
+        not_ready_reason=lambda: mirror.problem,
+        configs=mirror.cache.version_config,
+    )
+    return watcher, dataplane
+
+
+def answer(dataplane: DataPlane, x: np.ndarray) -> tuple[int, np.ndarray]:
+    result = asyncio.run(dataplane.infer(dataplane.lookup("clf"), InferRequest({"x": x}), None))
+    return result.model_version, result.outputs["logits"]
+
+
+def wait_for_version(dataplane: DataPlane, version: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if dataplane.lookup("clf").version == version:
+                return
+        except LookupError:
+            pass
+        assert time.monotonic() < deadline, f"version {version} never served"
+        time.sleep(0.05)
+
+
+def test_server_follows_the_store_and_survives_its_absence(
+    url: str, tmp_path: Path, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    mirror = mirror_of(url, tmp_path, poll_s=0.1, retry_max_s=0.5)
+    watcher, dataplane = serve(mirror)
+    x = np.random.default_rng(0).random((2, IN_FEATURES), dtype=np.float32)
+    try:
+        assert dataplane.ready() and mirror.cache.leased_versions("clf") == {1}
+        publish_clf(repo, tmp_path, 2)
+        wait_for_version(dataplane, 2)
+        w, b = classifier_weights(2)
+        version, out = answer(dataplane, x)
+        assert version == 2
+        np.testing.assert_allclose(out, x @ w + b, rtol=1e-5, atol=1e-5)
+        # the store goes away: version 2 keeps serving, the mirror says what fails
+        with caplog.at_level(logging.WARNING, logger="serving.store_mirror"):
+            proxy.down()
+            deadline = time.monotonic() + 30
+            while mirror.problem is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert answer(dataplane, x)[0] == 2
+            with pytest.raises(StoreError, match=rf"model store {url}: list"):
+                publish_clf(repo, tmp_path, 3)
+            time.sleep(1.0)  # a few retries, with backoff
+        assert url in mirror.problem and "list" in mirror.problem
+        retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+        assert retries and all("\n" not in r.getMessage() for r in retries)
+        assert mirror.next_wait() > 0.1  # backing off
+        assert dataplane.ready()  # the first sync was done: it keeps serving
+        # the store is back: the server catches up
+        proxy.up()
+        assert publish_clf(repo, tmp_path, 4) == 3  # the failed publish took no number
+        wait_for_version(dataplane, 3)
+        version, out = answer(dataplane, x)
+        w, b = classifier_weights(4)
+        assert mirror.problem is None and version == 3
+        np.testing.assert_allclose(out, x @ w + b, rtol=1e-5, atol=1e-5)
+    finally:
+        watcher.stop()
+        mirror.cache.release_all()
+        mirror.stop()
+
+
+def test_store_unreachable_at_start_is_not_ready_until_it_answers(
+    url: str, tmp_path: Path, proxy: TcpProxy
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    proxy.down()
+    mirror = mirror_of(url, tmp_path, poll_s=0.1, retry_max_s=0.3)
+    watcher, dataplane = serve(mirror)
+    try:
+        assert not dataplane.ready()
+        reason = dataplane.not_ready_reason()
+        assert reason is not None and url in reason and "list" in reason
+        proxy.up()
+        wait_for_version(dataplane, 1)
+        assert dataplane.ready() and dataplane.not_ready_reason() is None
+    finally:
+        watcher.stop()
+        mirror.cache.release_all()
+        mirror.stop()
+
+
+# ---------------------------------------------------------------- bad input, other stores
+
+
+def test_unreachable_or_misconfigured_store_is_one_line(url: str, proxy: TcpProxy) -> None:
+    with pytest.raises(StoreError) as info:
+        open_repository(f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/repo")
+    message = str(info.value)
+    assert "\n" not in message and "s3://no-such-bucket" in message and "list" in message
+    proxy.down()
+    with pytest.raises(StoreError, match=rf"^model store {url}: list .* failed: Endpoint"):
+        open_repository(url)
+    with pytest.raises(StoreError, match="not a store URL"):
+        Store("nope://bucket/x")
+
+
+def test_second_server_on_one_cache_is_refused(url: str, tmp_path: Path) -> None:
+    first = mirror_of(url, tmp_path)
+    try:
+        with pytest.raises(RepositoryError, match="serving.store.cache_dir"):
+            mirror_of(url, tmp_path)
+    finally:
+        first.stop()
+
+
+def test_any_fsspec_store_works_not_only_s3(tmp_path: Path) -> None:
+    url = f"memory://fedserve-{uuid.uuid4().hex[:8]}/repo"
+    repo = open_repository(url)
+    src = tmp_path / "tiny.onnx"
+    make_onnx(src)
+    assert repo.publish("tiny", src, max_batch_size=4) == 1
+    mirror = mirror_of(url, tmp_path)
+    try:
+        assert mirror.sync()
+        assert mirror.cache.list_versions("tiny") == [1]
+        mirror.cache.verify("tiny", 1)
+    finally:
+        mirror.stop()
+
+
+# ---------------------------------------------------------------- the command lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_training_refuses_an_unreachable_store_before_it_starts(url: str, proxy: TcpProxy) -> None:
+    proxy.down()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **store_env(proxy.url)}
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", f"repository={url}", "rounds=1", "num_clients=2",
+         "dataset=digits", f"hydra.run.dir={proxy_dir(url)}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"repository={url}" in last and "list" in last and "EndpointConnectionError" in last
+    assert "SuperLink" not in done.stderr + done.stdout  # nothing was started
+
+
+def proxy_dir(url: str) -> str:
+    return str(Path(tempfile.gettempdir()) / f"fedserve-store-run-{url.split('/')[3]}")
+
+
+def test_fedserve_serve_waits_for_the_store_then_serves(
+    url: str, tmp_path: Path, proxy: TcpProxy
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    proxy.down()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **store_env(proxy.url)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", f"repository={url}", f"port={port}",
+         "serving.instances=1", "serving.store.poll_s=0.2", "serving.store.retry_max_s=0.5",
+         f"serving.store.cache_dir={tmp_path / 'cache'}", "log_level=warning"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v2"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{base}/health/ready")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.1)
+        assert r.status_code == 503 and url in r.json()["reason"]
+        proxy.up()
+        while httpx.get(f"{base}/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        body = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]
+        }
+        assert httpx.post(f"{base}/models/clf/infer", json=body).status_code == 200
+        while repo.leased_versions("clf") != {1}:  # its lease, mirrored into the store
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "retrying in" in out and f"model store {url}: list" in out
+    assert repo.leased_versions("clf") == set()  # removed on shutdown
+
+
+@pytest.mark.slow
+def test_server_follows_a_training_run_through_the_store(tmp_path: Path) -> None:
+    """fedserve-train publishing to moto's S3 while fedserve-serve follows the store: every
+    version is served, its accuracy equal to torch's (the benchmark's quick run)."""
+    from benchmarks.storage import train_to_serve
+
+    assert train_to_serve.main(["--quick", "--workdir", str(tmp_path)]) == 0
+    result = json.loads((train_to_serve.RESULTS / "train_to_serve_store-quick.json").read_text())
+    assert all(v is not None for v in result["latency_s"]["store"])
+    assert len(result["latency_s"]["store"]) == 2
