@@ -62,18 +62,26 @@ def slow_partitions(cfg: HeterogeneityConfig, num_partitions: int, seed: int) ->
 
 
 class WorkTimer:
-    """Started at construction; ``work_s`` is thread CPU time on CPU and wall time on a GPU."""
+    """Started at construction; ``work_s`` is thread CPU time on CPU and wall time on a GPU.
 
-    def __init__(self) -> None:
-        self.wall0 = time.perf_counter()
-        self.cpu0 = time.thread_time()
+    ``wall`` and ``cpu`` are the clocks (``time.perf_counter``, ``time.thread_time``); tests
+    script them."""
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.perf_counter,
+        cpu: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.wall, self.cpu = wall, cpu
+        self.wall0 = wall()
+        self.cpu0 = cpu()
 
     def elapsed_s(self) -> float:
-        return time.perf_counter() - self.wall0
+        return self.wall() - self.wall0
 
     def work_s(self, device_type: str) -> float:
         if device_type == "cpu":
-            return time.thread_time() - self.cpu0
+            return self.cpu() - self.cpu0
         return self.elapsed_s()
 
 
