@@ -17,20 +17,23 @@ version the newest loaded one answers):
 =============================  =====================================================================
 
 Errors: every non-200 body is ``{"error": "..."}`` (tritonclient parses only that): 400 bad input
-(the message names the input and the model's spec), 401 missing/wrong bearer token, 404 unknown
-model/version/route, 413 body over ``body_limit_bytes``, 429 queues full (``Retry-After``), 503 no
-live engine (``Retry-After``). FastAPI's own handlers (``{"detail": ...}``, 422) are replaced.
+(the message names the input and the model's spec) or a ``Host`` not in ``serving.allowed_hosts``,
+401 missing/wrong bearer token, 404 unknown model/version/route, 413 body over
+``body_limit_bytes``, 429 queues full (``Retry-After``), 503 no live engine (``Retry-After``); a bug
+is one logged 500 and the keep-alive connection stays open.
 
 Hot path: the infer routes are plain Starlette routes (no pydantic, no dependency solving), the body
-is decoded straight into numpy, and the request is awaited as an asyncio future resolved by the
-engine's thread; only models whose measured run time is under ``serving.inline_max_ms`` run inline
-in the event loop (see :mod:`serving.dispatcher`).
+is decoded straight into numpy (a JSON body over ``serving.json_offload_bytes`` in a helper
+process, :mod:`serving.json_offload`, so it stalls no other request), and the request is awaited
+as an asyncio future resolved by the engine's thread; only models whose measured run time is
+under ``serving.inline_max_ms`` run inline in the event loop (see :mod:`serving.dispatcher`).
 
 The routes are a thin adapter: lookup, validation, dispatch, retry on swap, the metadata documents
 and the request metrics are :class:`~serving.dataplane.DataPlane`'s, the v2 codec is
-:mod:`serving.protocol`. The error bodies live in :mod:`serving.api_errors`, the bearer token in
-:mod:`serving.auth`, the body limit in :mod:`serving.request_body` and ``infer_stream`` in
-:mod:`serving.ndjson_stream`.
+:mod:`serving.protocol`. The error bodies live in :mod:`serving.api_errors`, the bearer token and
+the Host check in :mod:`serving.auth`, the body limit in :mod:`serving.request_body` and
+``infer_stream`` in :mod:`serving.ndjson_stream`; the server (connection limits, timeouts, drain)
+is :mod:`serving.http_server`.
 """
 
 from __future__ import annotations
@@ -40,18 +43,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.api_errors import JSON, error_response, install_error_handlers, json_response
-from serving.auth import BearerAuth
-from serving.dataplane import SERVER_VERSION, DataPlane
+from serving.api_errors import (
+    JSON,
+    InternalErrors,
+    error_response,
+    install_error_handlers,
+    json_response,
+)
+from serving.auth import AllowedHosts, BearerAuth
+from serving.dataplane import DataPlane
 from serving.errors import ServingError
+from serving.json_offload import JsonDecoder
 from serving.metrics import CONTENT_TYPE
 from serving.ndjson_stream import NDJSONStream
-from serving.protocol import HEADER_LENGTH, decode_request, encode_response
+from serving.protocol import HEADER_LENGTH, encode_response
 from serving.request_body import read_body
 from serving.settings import ServingConfig
 
@@ -64,14 +75,31 @@ class ApiSettings:
     token: str | None = None
     #: paths answered without the bearer token (liveness/readiness probes)
     public_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready")
+    #: Host header values accepted; None: any
+    allowed_hosts: list[str] | None = None
+    json_offload_bytes: int | None = field(
+        default_factory=lambda: ServingConfig().json_offload_bytes
+    )
+    json_offload_processes: int = 1
+
+    @classmethod
+    def from_config(cls, serving: ServingConfig, token: str | None) -> ApiSettings:
+        return cls(
+            body_limit_bytes=serving.body_limit_bytes,
+            token=token or None,
+            allowed_hosts=serving.allowed_hosts,
+            json_offload_bytes=serving.json_offload_bytes,
+            json_offload_processes=serving.json_offload_processes,
+        )
 
 
 class HttpRoutes:
     """Route handlers bound to a dataplane and the HTTP settings (see :func:`create_app`)."""
 
-    def __init__(self, dataplane: DataPlane, settings: ApiSettings) -> None:
+    def __init__(self, dataplane: DataPlane, settings: ApiSettings, decoder: JsonDecoder) -> None:
         self.dataplane = dataplane
         self.settings = settings
+        self.decoder = decoder
 
     # ---- inference
 
@@ -84,7 +112,7 @@ class HttpRoutes:
         try:
             pool = dataplane.lookup(name, version)
             body = await read_body(request, self.settings.body_limit_bytes)
-            ireq = decode_request(
+            ireq = await self.decoder.decode(
                 body, request.headers.get(HEADER_LENGTH), pool.signature.input_map
             )
             result = await dataplane.infer(pool, ireq, version)
@@ -111,7 +139,11 @@ class HttpRoutes:
         params = request.path_params
         self.dataplane.lookup(params["name"], params.get("version"))  # 404 before the stream
         return NDJSONStream(
-            self.dataplane, params["name"], params.get("version"), self.settings.body_limit_bytes
+            self.dataplane,
+            params["name"],
+            params.get("version"),
+            self.settings.body_limit_bytes,
+            self.decoder,
         )
 
     # ---- metadata
@@ -146,13 +178,17 @@ class HttpRoutes:
         return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> FastAPI:
-    """The ASGI app serving ``dataplane`` over HTTP."""
+def create_app(
+    dataplane: DataPlane,
+    *,
+    settings: ApiSettings | None = None,
+    decoder: JsonDecoder | None = None,
+) -> Starlette:
+    """The ASGI app serving ``dataplane`` over HTTP (``decoder``: the big-JSON decoder to share
+    with other front ends; by default one of its own, from ``settings``)."""
     settings = settings or ApiSettings()
-    handlers = HttpRoutes(dataplane, settings)
-    app = FastAPI(
-        title="fedserve", docs_url=None, redoc_url=None, openapi_url=None, version=SERVER_VERSION
-    )
+    decoder = decoder or JsonDecoder(settings.json_offload_bytes, settings.json_offload_processes)
+    handlers = HttpRoutes(dataplane, settings, decoder)
 
     routes: list[tuple[str, Callable[..., Any], list[str]]] = [
         ("/v2", handlers.server_metadata, ["GET"]),
@@ -169,10 +205,18 @@ def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> 
             (prefix + "/infer", handlers.infer, ["POST"]),
             (prefix + "/infer_stream", handlers.infer_stream, ["POST"]),
         ]
-    for path, endpoint, methods in routes:
-        app.router.routes.append(Route(path, endpoint, methods=methods))
-
-    install_error_handlers(app)
+    # outermost first: errors, then who may call
+    middleware = [Middleware(InternalErrors)]
+    if settings.allowed_hosts is not None:
+        middleware.append(Middleware(AllowedHosts, hosts=settings.allowed_hosts))
     if settings.token:
-        app.add_middleware(BearerAuth, token=settings.token, public_paths=settings.public_paths)
+        middleware.append(
+            Middleware(BearerAuth, token=settings.token, public_paths=settings.public_paths)
+        )
+    app = Starlette(
+        routes=[Route(path, endpoint, methods=methods) for path, endpoint, methods in routes],
+        middleware=middleware,
+    )
+    install_error_handlers(app)
+    app.state.decoder = decoder
     return app

@@ -20,8 +20,8 @@ server has the same split: thin protocol front ends over one dataplane)::
 * **Documents** for the metadata routes (model metadata, readiness, Triton's model configuration,
   the repository index, server metadata) as plain dicts each front end serialises its way.
 * **Metrics**: :meth:`record_success` / :meth:`record_failure` feed
-  :class:`~serving.metrics.ServingMetrics`; a failure for a name that is not loaded is labelled
-  ``_unknown`` so junk names cannot grow the label set.
+  :class:`~serving.metrics.ServingMetrics` (a failure for a name that is not loaded is labelled
+  ``_unknown`` there, so junk names cannot grow the label set).
 
 Errors are :class:`~serving.errors.ServingError` subclasses carrying both HTTP and gRPC status.
 """
@@ -190,7 +190,7 @@ class DataPlane:
         )
 
     def record_failure(self, name: str, status: int) -> None:
-        self.metrics.failure(name if name in self.registry else "_unknown", status)
+        self.metrics.failure(name, status)
 
 
 def _output_names(signature: ModelSignature, request: InferRequest, model: str) -> list[str]:

@@ -57,8 +57,25 @@ class ServingConfig:
     poll_interval_s: float = 0.05
     #: how long an unloaded version may finish its queue
     drain_timeout_s: float = 30.0
-    #: request body limit (413 above); per line for infer_stream
+    #: request body limit (413 above); per line for infer_stream; gRPC's message limit too
     body_limit_bytes: int = 64 * 1024 * 1024
+    #: JSON bodies over this many bytes are decoded in a helper process, off the event loop
+    #: (null: never)
+    json_offload_bytes: int | None = 256 * 1024
+    #: helper processes decoding big JSON bodies (spawned on the first one)
+    json_offload_processes: int = 1
+    #: KServe v2 / Triton gRPC port (GRPCInferenceService); null disables gRPC
+    grpc_port: int | None = 8001
+    #: open HTTP connections + requests in flight before new requests get 503 (null: no limit)
+    max_connections: int | None = 2048
+    #: an idle keep-alive HTTP connection is closed after this many seconds
+    keep_alive_timeout_s: float = 5.0
+    #: a connection must deliver a request's headers within this many seconds of connecting
+    #: (or of its previous response): idle and half-sent connections are closed
+    header_timeout_s: float = 10.0
+    #: Host header values accepted (e.g. [localhost, 127.0.0.1, my.host:8000]); null: any. A
+    #: browser page cannot then reach a localhost server through DNS rebinding
+    allowed_hosts: list[str] | None = None
 
     def validate(self) -> None:
         if self.instances is not None and self.instances < 0:
@@ -72,6 +89,21 @@ class ServingConfig:
         _at_least("serving.replace_attempts", self.replace_attempts, 0)
         _at_least("serving.drain_timeout_s", self.drain_timeout_s, 0)
         _at_least("serving.body_limit_bytes", self.body_limit_bytes, 1)
+        _at_least("serving.json_offload_processes", self.json_offload_processes, 1)
+        if self.json_offload_bytes is not None:
+            _at_least("serving.json_offload_bytes", self.json_offload_bytes, 0)
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(
+                f"serving.grpc_port must be in [0, 65535] or null (no gRPC), got {self.grpc_port}"
+            )
+        if self.max_connections is not None:
+            _at_least("serving.max_connections", self.max_connections, 1)
+        if not self.keep_alive_timeout_s > 0:
+            raise ConfigError(
+                f"serving.keep_alive_timeout_s must be > 0, got {self.keep_alive_timeout_s}"
+            )
+        if not self.header_timeout_s > 0:
+            raise ConfigError(f"serving.header_timeout_s must be > 0, got {self.header_timeout_s}")
         if not self.poll_interval_s > 0:
             raise ConfigError(f"serving.poll_interval_s must be > 0, got {self.poll_interval_s}")
         if self.versions is not None and self.versions < 1:
