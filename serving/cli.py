@@ -96,11 +96,13 @@ async def run_servers(
     app: Any,
     dataplane: Any,
     *,
+    stop: asyncio.Event | None = None,
     banner: Callable[[int | None], None] = lambda grpc_port: None,
 ) -> None:
     """Serve ``app`` over HTTP (and ``dataplane`` over gRPC unless ``serving.grpc_port`` is null)
-    in this event loop until SIGTERM or SIGINT; then stop accepting, let the requests in flight
-    finish (at most ``serving.drain_timeout_s``) and return. A second SIGINT stops at once."""
+    in this event loop until ``stop`` is set — by default on SIGTERM or SIGINT — then stop
+    accepting, let the requests in flight finish (at most ``serving.drain_timeout_s``) and
+    return. A second SIGINT stops at once. ``banner(grpc_port)`` runs once both listen."""
     from serving.grpc_server import grpc_server
     from serving.http_server import http_server
 
@@ -117,20 +119,22 @@ async def run_servers(
             max_message_bytes=settings.body_limit_bytes,
         )
         await grpc.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals: tuple[signal.Signals, ...] = ()
+    if stop is None:
+        stop = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
 
     def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set() and sig == signal.SIGINT:
-            log.warning("second SIGINT: stopping without waiting for requests in flight")
-            http.force_exit = True
+        if stop.is_set():
+            if sig == signal.SIGINT:
+                log.warning("second SIGINT: stopping without waiting for requests in flight")
+                http.force_exit = True
             return
         log.info(
             "%s: draining requests in flight (at most %.0f s)", sig.name, settings.drain_timeout_s
         )
         stop.set()
-        http.begin_shutdown()
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
@@ -139,13 +143,13 @@ async def run_servers(
         while not http.started and not serving.done():
             await asyncio.sleep(0.01)
         if serving.done():
-            serving.result()  # the port could not be bound: raise uvicorn's error
+            serving.result()  # raises uvicorn's error (e.g. the port is in use)
             raise OSError(f"cannot serve HTTP on {conf.host}:{conf.port}")
         banner(grpc_port)
         await stop.wait()
-        grace = None if http.force_exit else settings.drain_timeout_s
+        http.begin_shutdown()
         if grpc is not None:
-            await asyncio.gather(serving, grpc.stop(grace))
+            await asyncio.gather(serving, grpc.stop(settings.drain_timeout_s))
         else:
             await serving
     finally:

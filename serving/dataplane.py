@@ -104,7 +104,8 @@ class DataPlane:
         return {"name": pool.name, "version": str(pool.version), "ready": pool.ready}
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Triton's model configuration extension, as served (engines and providers obtained)."""
+        """Triton's model configuration extension, as served (engines and providers obtained):
+        only fields of Triton's ``ModelConfig``, so clients parse it as that message."""
         pool = self.lookup(name, version)
         sig = pool.signature
         batching = sig.max_batch_size > 0
@@ -124,7 +125,6 @@ class DataPlane:
             "name": pool.name,
             "platform": PLATFORM,
             "backend": "onnxruntime",
-            "version": str(pool.version),
             "max_batch_size": sig.max_batch_size,
             "input": tensors(sig.inputs),
             "output": tensors(sig.outputs),
@@ -143,7 +143,6 @@ class DataPlane:
         if batching:
             config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": int(pool.settings.max_queue_delay_ms * 1000),
-                "max_batch_size": pool.batch_limit,
             }
         return config
 

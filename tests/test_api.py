@@ -366,7 +366,7 @@ def test_cli_serves_until_sigint(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", f"repository={repo.root}", f"port={port}",
-         "serving.instances=1", "log_level=warning"],
+         "serving.instances=1", "log_level=warning", f"serving.grpc_port={free_port()}"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(root)},
     )  # fmt: skip
@@ -390,6 +390,7 @@ def test_cli_serves_until_sigint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert f"http://127.0.0.1:{port}/v2" in out
-    assert "clf: versions [1]" in out
+    assert proc.returncode == 0, out  # uvicorn used to re-raise SIGINT: the cleanup never ran
+    assert f"http://127.0.0.1:{port}/v2" in out and "gRPC" in out
+    assert "clf: versions [1]" in out and "fedserve stopped" in out
     assert repo.leased_versions("clf") == set()

@@ -155,9 +155,10 @@ def test_documents(make_pool) -> None:
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, IN_FEATURES]}]
     assert dataplane.model_ready("clf", "1") == {"name": "clf", "version": "1", "ready": True}
     config = dataplane.model_config("clf")
-    assert config["version"] == "2" and config["input"][0]["dims"] == [IN_FEATURES]
+    assert config["input"][0]["dims"] == [IN_FEATURES]
     assert config["input"][0]["data_type"] == "TYPE_FP32"
-    assert config["dynamic_batching"]["max_batch_size"] == 64
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 1000}
+    assert "version" not in config  # not a field of Triton's ModelConfig
     assert dataplane.repository_index() == [
         {"name": "clf", "version": "1", "state": "READY"},
         {"name": "clf", "version": "2", "state": "READY"},
