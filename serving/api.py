@@ -38,19 +38,19 @@ is :mod:`serving.http_server`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.api_errors import (
-    JSON,
     InternalErrors,
     error_response,
     install_error_handlers,
@@ -62,7 +62,7 @@ from serving.errors import ServingError
 from serving.json_offload import JsonDecoder
 from serving.metrics import CONTENT_TYPE
 from serving.ndjson_stream import NDJSONStream
-from serving.protocol import HEADER_LENGTH, encode_response
+from serving.protocol import encode_response
 from serving.request_body import read_body
 from serving.settings import ServingConfig
 
@@ -103,18 +103,25 @@ class HttpRoutes:
 
     # ---- inference
 
-    async def infer(self, request: HttpRequest) -> Response:
+    async def infer(
+        self, name: str, version: str | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """``POST .../infer`` as a raw ASGI handler (the hot path: no router, no Request or
+        Response objects); every ServingError becomes its ``{"error": ...}`` answer."""
         t0 = time.perf_counter()
         dataplane = self.dataplane
-        params = request.path_params
-        name = params["name"]
-        version = params.get("version")
+        length = encoding = header_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                length = value
+            elif key == b"inference-header-content-length":
+                header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                encoding = value
         try:
             pool = dataplane.lookup(name, version)
-            body = await read_body(request, self.settings.body_limit_bytes)
-            ireq = await self.decoder.decode(
-                body, request.headers.get(HEADER_LENGTH), pool.signature.input_map
-            )
+            body = await read_body(receive, length, encoding, self.settings.body_limit_bytes)
+            ireq = await self.decoder.decode(body, header_length, pool.signature.input_map)
             result = await dataplane.infer(pool, ireq, version)
             payload, header_len = encode_response(
                 result.model_name,
@@ -125,15 +132,19 @@ class HttpRoutes:
             )
         except ServingError as exc:
             dataplane.record_failure(name, exc.status)
-            return error_response(exc.status, exc.message, exc.headers or None)
+            await error_response(exc.status, exc.message, exc.headers or None)(scope, receive, send)
+            return
         dataplane.record_success(result, time.perf_counter() - t0)
         if header_len is None:
-            return Response(payload, media_type=JSON)
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_len)},
-        )
+            headers = [(b"content-type", b"application/json")]
+        else:
+            headers = [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(header_len).encode()),
+            ]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def infer_stream(self, request: HttpRequest) -> Response:
         params = request.path_params
@@ -183,7 +194,7 @@ def create_app(
     *,
     settings: ApiSettings | None = None,
     decoder: JsonDecoder | None = None,
-) -> Starlette:
+) -> ASGIApp:
     """The ASGI app serving ``dataplane`` over HTTP (``decoder``: the big-JSON decoder to share
     with other front ends; by default one of its own, from ``settings``)."""
     settings = settings or ApiSettings()
@@ -202,21 +213,43 @@ def create_app(
             (prefix, handlers.model_metadata, ["GET"]),
             (prefix + "/ready", handlers.model_ready, ["GET"]),
             (prefix + "/config", handlers.model_config, ["GET"]),
-            (prefix + "/infer", handlers.infer, ["POST"]),
+            (prefix + "/infer", _wrong_method, ["GET", "PUT", "DELETE", "PATCH"]),
             (prefix + "/infer_stream", handlers.infer_stream, ["POST"]),
         ]
-    # outermost first: errors, then who may call
-    middleware = [Middleware(InternalErrors)]
-    if settings.allowed_hosts is not None:
-        middleware.append(Middleware(AllowedHosts, hosts=settings.allowed_hosts))
-    if settings.token:
-        middleware.append(
-            Middleware(BearerAuth, token=settings.token, public_paths=settings.public_paths)
-        )
     app = Starlette(
-        routes=[Route(path, endpoint, methods=methods) for path, endpoint, methods in routes],
-        middleware=middleware,
+        routes=[Route(path, endpoint, methods=methods) for path, endpoint, methods in routes]
     )
     install_error_handlers(app)
-    app.state.decoder = decoder
-    return app
+    # outermost first: errors, who may call, then the infer fast path before the router
+    asgi: ASGIApp = InferRoute(app, handlers)
+    if settings.token:
+        asgi = BearerAuth(asgi, token=settings.token, public_paths=settings.public_paths)
+    if settings.allowed_hosts is not None:
+        asgi = AllowedHosts(asgi, hosts=settings.allowed_hosts)
+    return InternalErrors(asgi)
+
+
+#: ``/v2/models/{name}[/versions/{version}]/infer``
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class InferRoute:
+    """ASGI: ``POST .../infer`` goes straight to :meth:`HttpRoutes.infer`, everything else to
+    the router (whose routing and Request/Response objects cost more than the rest of a
+    batch-1 request's Python)."""
+
+    def __init__(self, app: ASGIApp, handlers: HttpRoutes) -> None:
+        self.app = app
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                await self.handlers.infer(match[1], match[2], scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _wrong_method(request: HttpRequest) -> Response:
+    return error_response(405, f"{request.method} {request.url.path}: use POST")

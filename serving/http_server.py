@@ -103,6 +103,7 @@ def http_server(
         lifespan="off",
         log_level=log_level,
         access_log=False,
+        proxy_headers=False,  # nothing here reads the client address; parsing it costs ~2 %
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=int(max(1.0, settings.drain_timeout_s)),
