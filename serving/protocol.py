@@ -100,8 +100,9 @@ def _decode_json_data(
     if not isinstance(data, list):
         data = [data]
     try:
-        arr = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        with np.errstate(over="raise"):  # 1e39 as FP32: an error, not a warning and an inf
+            arr = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise BadRequest(
             f"input '{name}': 'data' is not a list of {datatype} values ({exc})" + spec_hint(spec)
         ) from None
