@@ -354,3 +354,42 @@ def test_bearer_token_on_both(tmp_path: Path) -> None:
             assert c.get_model_metadata("clf", headers=headers)
             result = c.infer("clf", [infer_input(protocol, X)], headers=headers)
             np.testing.assert_allclose(result.as_numpy("logits"), s.reference(X), atol=1e-6)
+
+
+# ---------------------------------------------------------------- statistics, model control
+
+ENGINES_CONTROL = pytest.mark.skipif(
+    not hasattr(DataPlane, "model_statistics"),
+    reason="the statistics and model-control DataPlane methods come with issue 15 (p2-engines)",
+)
+
+
+@ENGINES_CONTROL
+def test_statistics_on_both(served: Served) -> None:
+    for protocol in PROTOCOLS:
+        c = served.client(protocol)
+        c.infer("clf", [infer_input(protocol, X)])
+        stats = _as_dict(protocol, c.get_inference_statistics("clf"))
+        (entry,) = stats["model_stats"]
+        assert entry["name"] == "clf" and entry["version"] == "1"
+        success = entry["inference_stats"]["success"]
+        assert int(success["count"]) >= 1 and int(success["ns"]) > 0
+        assert int(entry["inference_count"]) >= 5 and int(entry["execution_count"]) >= 1
+    with pytest.raises(InferenceServerException) as info:
+        served.client("grpc").get_inference_statistics("nope")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    text = httpx.get(served.http_url + "/metrics").text
+    assert 'nv_inference_request_success{model="clf",version="1"}' in text
+
+
+@ENGINES_CONTROL
+def test_model_control_over_grpc(tmp_path: Path) -> None:
+    with serve(tmp_path) as s:
+        c = s.client("grpc")
+        c.unload_model("clf")
+        assert not c.is_model_ready("clf")
+        c.load_model("clf")
+        assert c.is_model_ready("clf")
+        with pytest.raises(InferenceServerException) as info:
+            c.load_model("nope")
+        assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")

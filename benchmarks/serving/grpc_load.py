@@ -80,7 +80,7 @@ def h2load_load(
         cmd = [
             "h2load", f"http://{address}{GRPC_PATH}",
             "-c", str(CONNECTIONS), "-m", str(STREAMS), "-t", "1",
-            f"--warm-up-time={warmup_s}", f"--duration={window_s}",
+            f"--warm-up-time={round(warmup_s * 1000)}ms", f"--duration={round(window_s * 1000)}ms",
             "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
             f"--log-file={log}",
         ]  # fmt: skip
