@@ -80,11 +80,12 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
     )
     watcher.start()
     try:
-        asyncio.run(
-            run_servers(
-                conf, app, dataplane, banner=lambda grpc: _banner(conf, root, registry, grpc)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(
+                run_servers(
+                    conf, app, dataplane, banner=lambda grpc: _banner(conf, root, registry, grpc)
+                )
             )
-        )
     finally:
         watcher.stop()  # closes every pool (each drains its queue) and releases its lease
         decoder.close()
@@ -157,6 +158,17 @@ async def run_servers(
             loop.remove_signal_handler(sig)
         if grpc is not None:
             await grpc.stop(0)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (uvicorn[standard] brings it; both front ends run
+    on it: a bare grpc.aio servicer costs less CPU per call there, benchmarks.serving.grpc_floor),
+    else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _banner(conf: ServeConfig, root: Path, registry: Any, grpc_port: int | None) -> None:
