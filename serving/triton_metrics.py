@@ -2,9 +2,9 @@
 
 Names, help texts, types and units are Triton's (its ``metrics.md``), so dashboards and alerts
 made for Triton read our ``/metrics`` unchanged; labels are ``model`` and ``version``. Each value is
-cumulative since the version was loaded and comes from that version's statistics object
-(:mod:`serving.statistics`, ``to_triton()``: one entry of Triton's ``model_stats``), read at scrape
-time, so the series of a version vanish when it unloads:
+cumulative and comes from that version's statistics object (``pool.stats``, whose ``to_triton()`` is
+one entry of Triton's ``model_stats``, :mod:`serving.statistics`), read at scrape time from the
+loaded pools, so the series of a version vanish when it unloads:
 
 ====================================================  ==========================================
 ``nv_inference_request_success``                      ``inference_stats.success.count``
@@ -84,7 +84,7 @@ def version_stats(pools: Iterable[Any]) -> list[Stats]:
     """Triton's ``model_stats`` entry of each pool (loaded version) that keeps statistics."""
     out = []
     for pool in pools:
-        stats = getattr(pool, "statistics", None)
+        stats = getattr(pool, "stats", None)
         if stats is not None:
             out.append(stats.to_triton())
     return out

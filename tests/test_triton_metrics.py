@@ -33,7 +33,7 @@ def stats(name: str, version: int, success: int, fail: int, rows: int, batches: 
         },
         "batch_stats": [],
     }
-    return SimpleNamespace(statistics=SimpleNamespace(to_triton=lambda: doc))
+    return SimpleNamespace(stats=SimpleNamespace(to_triton=lambda: doc))
 
 
 def test_nv_inference_counters_as_triton_defines_them() -> None:
