@@ -12,9 +12,12 @@ version the newest loaded one answers):
 ``GET {m}/config``             Triton's model configuration extension, as JSON
 ``POST {m}/infer``             inference: JSON tensors and the binary-tensor extension
 ``POST {m}/infer_stream``      NDJSON in (one v2 JSON request per line), NDJSON out, in order
-``POST /v2/repository/index``  loaded models (Triton's repository extension, read-only)
 ``GET /metrics``               Prometheus text format
 =============================  =====================================================================
+
+Model control and statistics (Triton's extensions: ``/v2/repository/index``,
+``/v2/repository/models/{name}/load|unload``, ``/v2/models[/{name}[/versions/{v}]]/stats``) are
+:mod:`serving.model_control_routes`.
 
 Errors: every non-200 body is ``{"error": "..."}`` (tritonclient parses only that): 400 bad input
 (the message names the input and the model's spec), 401 missing/wrong bearer token, 404 unknown
@@ -50,6 +53,7 @@ from serving.auth import BearerAuth
 from serving.dataplane import SERVER_VERSION, DataPlane
 from serving.errors import ServingError
 from serving.metrics import CONTENT_TYPE
+from serving.model_control_routes import model_control_routes
 from serving.ndjson_stream import NDJSONStream
 from serving.protocol import HEADER_LENGTH, decode_request, encode_response
 from serving.request_body import read_body
@@ -82,7 +86,7 @@ class HttpRoutes:
         name = params["name"]
         version = params.get("version")
         try:
-            pool = dataplane.lookup(name, version)
+            pool = await dataplane.acquire(name, version)
             body = await read_body(request, self.settings.body_limit_bytes)
             ireq = decode_request(
                 body, request.headers.get(HEADER_LENGTH), pool.signature.input_map
@@ -109,7 +113,7 @@ class HttpRoutes:
 
     async def infer_stream(self, request: HttpRequest) -> Response:
         params = request.path_params
-        self.dataplane.lookup(params["name"], params.get("version"))  # 404 before the stream
+        await self.dataplane.acquire(params["name"], params.get("version"))  # 404 before the stream
         return NDJSONStream(
             self.dataplane, params["name"], params.get("version"), self.settings.body_limit_bytes
         )
@@ -139,9 +143,6 @@ class HttpRoutes:
         params = request.path_params
         return json_response(self.dataplane.model_config(params["name"], params.get("version")))
 
-    async def repository_index(self, request: HttpRequest) -> Response:
-        return json_response(self.dataplane.repository_index())
-
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
         return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -158,7 +159,6 @@ def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> 
         ("/v2", handlers.server_metadata, ["GET"]),
         ("/v2/health/live", handlers.live, ["GET"]),
         ("/v2/health/ready", handlers.ready, ["GET"]),
-        ("/v2/repository/index", handlers.repository_index, ["POST"]),
         ("/metrics", handlers.metrics_endpoint, ["GET"]),
     ]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -169,6 +169,7 @@ def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> 
             (prefix + "/infer", handlers.infer, ["POST"]),
             (prefix + "/infer_stream", handlers.infer_stream, ["POST"]),
         ]
+    app.router.routes.extend(model_control_routes(dataplane))  # before /v2/models/{name}
     for path, endpoint, methods in routes:
         app.router.routes.append(Route(path, endpoint, methods=methods))
 

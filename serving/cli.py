@@ -62,7 +62,8 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         drain_timeout_s=settings.drain_timeout_s,
     )
     api = ApiSettings(body_limit_bytes=settings.body_limit_bytes, token=conf.token or None)
-    app = create_app(DataPlane(registry, ready=lambda: watcher.ready), settings=api)
+    dataplane = DataPlane(registry, ready=lambda: watcher.ready, scheduler=watcher.scheduler)
+    app = create_app(dataplane, settings=api)
     watcher.start()
     host, port = conf.host, conf.port
     try:
@@ -74,7 +75,7 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
             pool = registry.get(name)
             print(
                 f"  {name}: versions {versions} (default {pool.version}), "
-                f"{len(pool.workers)} engines on {','.join(pool.obtained_providers)}, "
+                f"{pool.engine_count} engines on {','.join(pool.obtained_providers)}, "
                 f"infer at http://{host}:{port}/v2/models/{name}/infer",
                 flush=True,
             )
@@ -95,7 +96,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     with config_errors_exit(PROGRAM):
         check_bool_overrides(list(HydraConfig.get().overrides.task), ServeConfig)
         conf = typed_config(cfg, ServeConfig)
-    serve(conf)
+        serve(conf)  # a budget the pins do not fit is a configuration error too
 
 
 def main() -> None:

@@ -152,6 +152,7 @@ class EnginePool:
         zero = MemorySample(0, None)
         self.session_memory: MemorySample = getattr(first, "session_memory", zero)
         self.run_memory: MemorySample = getattr(first, "run_memory", zero)
+        self._report_memory()
         self._watchdog: threading.Thread | None = None
         if settings.run_timeout_s > 0 or self.dispatcher.inline_max_s > 0:
             self._watchdog = threading.Thread(
@@ -255,7 +256,10 @@ class EnginePool:
                 worker.drain()
                 raise PoolClosed(f"{self.key} is being unloaded")
             self.workers = [*self.workers, worker]
+            grown = len(self.workers) > self.peak_engines
             self.peak_engines = max(self.peak_engines, len(self.workers))
+        if grown:
+            self._report_memory()
         return worker
 
     def remove_engine(self) -> Worker | None:
@@ -322,6 +326,11 @@ class EnginePool:
         if self.on_gpu:
             usage.append(("GPU", 0, self.memory_bytes()))
         return usage
+
+    def _report_memory(self) -> None:
+        """What the version holds, into its statistics (``memory_usage``)."""
+        for kind, device, nbytes in self.memory_usage():
+            self.stats.set_memory(kind, device, nbytes)
 
     # ---- failures
 
@@ -428,6 +437,7 @@ class EnginePool:
         self._inline_alarm.set()
         for w in workers:
             w.engine.close()
+        self.stats.clear_memory()
         log.info("closed %s", self.key)
 
     # ---- introspection

@@ -159,8 +159,8 @@ def test_documents(make_pool) -> None:
     assert config["input"][0]["data_type"] == "TYPE_FP32"
     assert config["dynamic_batching"]["max_batch_size"] == 64
     assert dataplane.repository_index() == [
-        {"name": "clf", "version": "1", "state": "READY"},
-        {"name": "clf", "version": "2", "state": "READY"},
+        {"name": "clf", "version": "1", "state": "READY", "reason": ""},
+        {"name": "clf", "version": "2", "state": "READY", "reason": ""},
     ]
 
 

@@ -233,9 +233,7 @@ def test_a_run_past_the_timeout_is_stopped_answered_504_and_not_retried(
     np.testing.assert_allclose(ok.wait(10)["y"], [[6.0]])  # the stopped engine serves on
 
 
-def test_inline_runs_are_bounded_and_then_go_to_a_worker_thread(
-    tmp_path: Path, make_pool
-) -> None:
+def test_inline_runs_are_bounded_and_then_go_to_a_worker_thread(tmp_path: Path, make_pool) -> None:
     """Before: an inline run blocked the event loop for its whole duration (an hour here)."""
     pool = make_pool(
         loop_model(tmp_path / "l.onnx"),
