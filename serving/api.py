@@ -12,9 +12,12 @@ version the newest loaded one answers):
 ``GET {m}/config``             Triton's model configuration extension, as JSON
 ``POST {m}/infer``             inference: JSON tensors and the binary-tensor extension
 ``POST {m}/infer_stream``      NDJSON in (one v2 JSON request per line), NDJSON out, in order
-``POST /v2/repository/index``  loaded models (Triton's repository extension, read-only)
 ``GET /metrics``               Prometheus text format
 =============================  =====================================================================
+
+Model control and statistics (Triton's extensions: ``/v2/repository/index``,
+``/v2/repository/models/{name}/load|unload``, ``/v2/models[/{name}[/versions/{v}]]/stats``) are
+:mod:`serving.model_control_routes`.
 
 Errors: every non-200 body is ``{"error": "..."}`` (tritonclient parses only that): 400 bad input
 (the message names the input and the model's spec) or a ``Host`` not in ``serving.allowed_hosts``,
@@ -61,9 +64,10 @@ from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.json_offload import JsonDecoder
 from serving.metrics import CONTENT_TYPE
+from serving.model_control_routes import model_control_routes
 from serving.ndjson_stream import NDJSONStream
 from serving.protocol import encode_response
-from serving.request_body import read_body
+from serving.request_body import receive_body
 from serving.settings import ServingConfig
 
 
@@ -119,8 +123,8 @@ class HttpRoutes:
             elif key == b"content-encoding":
                 encoding = value
         try:
-            pool = dataplane.lookup(name, version)
-            body = await read_body(receive, length, encoding, self.settings.body_limit_bytes)
+            pool = await dataplane.acquire(name, version)
+            body = await receive_body(receive, length, encoding, self.settings.body_limit_bytes)
             ireq = await self.decoder.decode(body, header_length, pool.signature.input_map)
             result = await dataplane.infer(pool, ireq, version)
             payload, header_len = encode_response(
@@ -148,7 +152,7 @@ class HttpRoutes:
 
     async def infer_stream(self, request: HttpRequest) -> Response:
         params = request.path_params
-        self.dataplane.lookup(params["name"], params.get("version"))  # 404 before the stream
+        await self.dataplane.acquire(params["name"], params.get("version"))  # 404 before the stream
         return NDJSONStream(
             self.dataplane,
             params["name"],
@@ -182,9 +186,6 @@ class HttpRoutes:
         params = request.path_params
         return json_response(self.dataplane.model_config(params["name"], params.get("version")))
 
-    async def repository_index(self, request: HttpRequest) -> Response:
-        return json_response(self.dataplane.repository_index())
-
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
         return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -205,7 +206,6 @@ def create_app(
         ("/v2", handlers.server_metadata, ["GET"]),
         ("/v2/health/live", handlers.live, ["GET"]),
         ("/v2/health/ready", handlers.ready, ["GET"]),
-        ("/v2/repository/index", handlers.repository_index, ["POST"]),
         ("/metrics", handlers.metrics_endpoint, ["GET"]),
     ]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -217,7 +217,10 @@ def create_app(
             (prefix + "/infer_stream", handlers.infer_stream, ["POST"]),
         ]
     app = Starlette(
-        routes=[Route(path, endpoint, methods=methods) for path, endpoint, methods in routes]
+        routes=[
+            *model_control_routes(dataplane),  # before /v2/models/{name}
+            *(Route(path, endpoint, methods=methods) for path, endpoint, methods in routes),
+        ]
     )
     install_error_handlers(app)
     # outermost first: errors, who may call, then the infer fast path before the router

@@ -74,7 +74,7 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         drain_timeout_s=settings.drain_timeout_s,
     )
     decoder = JsonDecoder(settings.json_offload_bytes, settings.json_offload_processes)
-    dataplane = DataPlane(registry, ready=lambda: watcher.ready)
+    dataplane = DataPlane(registry, ready=lambda: watcher.ready, scheduler=watcher.scheduler)
     app = create_app(
         dataplane, settings=ApiSettings.from_config(settings, conf.token), decoder=decoder
     )
@@ -183,7 +183,7 @@ def _banner(conf: ServeConfig, root: Path, registry: Any, grpc_port: int | None)
         pool = registry.get(name)
         print(
             f"  {name}: versions {versions} (default {pool.version}), "
-            f"{len(pool.workers)} engines on {','.join(pool.obtained_providers)}, "
+            f"{pool.engine_count} engines on {','.join(pool.obtained_providers)}, "
             f"infer at http://{host}:{port}/v2/models/{name}/infer",
             flush=True,
         )
@@ -194,7 +194,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     with config_errors_exit(PROGRAM):
         check_bool_overrides(list(HydraConfig.get().overrides.task), ServeConfig)
         conf = typed_config(cfg, ServeConfig)
-    serve(conf)
+        serve(conf)  # a budget the pins do not fit is a configuration error too
 
 
 def main() -> None:

@@ -107,9 +107,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         response = service_pb2.RepositoryIndexResponse()
-        for doc in self.dataplane.repository_index():
-            if request.ready and doc.get("state") != "READY":
-                continue
+        for doc in self.dataplane.repository_index(ready_only=request.ready):
             response.models.add(**doc)
         return response
 
@@ -125,14 +123,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         async def load() -> Any:
-            await self.dataplane.load_model(request.model_name)
+            await self.dataplane.load_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelLoadResponse()
 
         return await _answer_async(context, load)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def unload() -> Any:
-            await self.dataplane.unload_model(request.model_name)
+            await self.dataplane.unload_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await _answer_async(context, unload)
@@ -152,7 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         version = request.model_version or None
         try:
-            pool = dataplane.lookup(name, version)
+            pool = await dataplane.acquire(name, version)
             ireq = decode_infer_request(request, pool.signature.input_map)
             result: InferResult = await dataplane.infer(pool, ireq, version)
             response = encode_infer_response(
@@ -226,6 +224,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in pending:
                 task.cancel()
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A ``map<string, ModelRepositoryParameter>`` as the plain dict the dataplane takes."""
+    out: dict[str, Any] = {}
+    for key, value in parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, kind) if kind else None
+    return out
 
 
 async def _answer(context: Any, build: Callable[[], Any]) -> Any:

@@ -62,7 +62,7 @@ class NDJSONStream(Response):
                     f"{self.limit} bytes (serving.body_limit_bytes)"
                 )
             t0 = time.perf_counter()
-            pool = dataplane.lookup(self.name, self.version)
+            pool = await dataplane.acquire(self.name, self.version)
             ireq = await self.decoder.decode(line, None, pool.signature.input_map)
             ireq.outputs = [(name, False) for name, _ in ireq.outputs or []] or None
             ireq.binary_output = False

@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import zlib
 
+from starlette.requests import Request as HttpRequest
 from starlette.types import Receive
 
 from serving.errors import BadRequest, PayloadTooLarge
 
 
-async def read_body(
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The whole (decompressed) body of a Starlette ``request``; see :func:`receive_body`."""
+    headers = request.headers
+    length, encoding = headers.get("content-length"), headers.get("content-encoding")
+    return await receive_body(
+        request.receive,
+        length.encode("latin-1") if length is not None else None,
+        encoding.encode("latin-1") if encoding is not None else None,
+        limit,
+    )
+
+
+async def receive_body(
     receive: Receive, length: bytes | None, encoding: bytes | None, limit: int
 ) -> bytes:
     """The whole (decompressed) body of an ASGI request whose ``Content-Length`` and

@@ -4,7 +4,8 @@
 type and its default live here, nowhere else); an unknown key or a value of the wrong type stops
 the server before it loads anything, and :meth:`ServingConfig.validate` checks ranges and choices
 with a message naming the key, the value and what is allowed. The engines, the dispatcher, the
-repository watcher and the HTTP front end each read their part of :class:`ServingConfig`.
+repository watcher, the scheduler and the HTTP front end each read their part of
+:class:`ServingConfig`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,57 @@ from serving.config_schema import ConfigError
 from serving.dispatcher import POLICIES
 from serving.providers import CONV_ALGO_SEARCHES
 
+#: how model versions are loaded (``serving.load``)
+LOAD_MODES = ("eager", "on_demand")
+
+
+@dataclass
+class BudgetConfig:
+    """``serving.budget.*``: what every loaded model version shares (:mod:`serving.scheduler`)."""
+
+    #: engines (concurrent runs) over all loaded versions, >= 1 per loaded version;
+    #: null = usable cores (CPU) / engines_per_gpu (CUDA)
+    engines: int | None = None
+    #: CUDA: engines on the GPU when engines is null
+    engines_per_gpu: int = 4
+    #: memory the loaded versions may hold (measured as they load: host memory on CPU, device
+    #: memory on CUDA); null = memory_fraction of what is available when the server starts
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.5
+    #: seconds between reassignments of engines by demand (also done on every load and unload)
+    rebalance_s: float = 1.0
+
+    def validate(self) -> None:
+        if self.engines is not None:
+            _at_least("serving.budget.engines", self.engines, 1)
+        _at_least("serving.budget.engines_per_gpu", self.engines_per_gpu, 1)
+        if self.memory_bytes is not None:
+            _at_least("serving.budget.memory_bytes", self.memory_bytes, 1)
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(
+                f"serving.budget.memory_fraction must be in (0, 1], got {self.memory_fraction}"
+            )
+        if not self.rebalance_s > 0:
+            raise ConfigError(f"serving.budget.rebalance_s must be > 0, got {self.rebalance_s}")
+
 
 @dataclass
 class ServingConfig:
-    """``serving.*``: engines, dispatcher, repository watching and request limits."""
+    """``serving.*``: engines, dispatcher, repository watching, the budget and request limits."""
 
-    #: engines per loaded version; null = one per usable core (CPU) / 2 (GPU)
+    #: engines per loaded version, fixed; null = the scheduler spreads serving.budget.engines
+    #: over the loaded versions by demand
     instances: int | None = None
+    #: the engines and memory all loaded versions share
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    #: eager: load what the repository's version policies want at start and on publish, as far
+    #: as the budget allows; on_demand: load a version at its first request. Both load a
+    #: version that is not resident when it is requested, evicting the least recently used
+    load: str = "eager"
+    #: how long a request waits for its version to load before 503 + Retry-After
+    load_timeout_s: float = 30.0
+    #: models ("name", its policy's versions) or versions ("name:version") always resident
+    pin: list[str] = field(default_factory=list)
     #: onnxruntime threads per engine
     intra_op_threads: int = 1
     #: idle intra-op spinning steals cores from the other engines
@@ -104,6 +149,24 @@ class ServingConfig:
             )
         if not self.header_timeout_s > 0:
             raise ConfigError(f"serving.header_timeout_s must be > 0, got {self.header_timeout_s}")
+        self.budget.validate()
+        if self.load not in LOAD_MODES:
+            raise ConfigError(f"serving.load must be {' or '.join(LOAD_MODES)}, got {self.load!r}")
+        if not self.load_timeout_s > 0:
+            raise ConfigError(f"serving.load_timeout_s must be > 0, got {self.load_timeout_s}")
+        for pin in self.pin:
+            name, _, version = str(pin).partition(":")
+            if not name or (version and not version.isdigit()):
+                raise ConfigError(
+                    f"serving.pin entries are 'model' or 'model:version', got {pin!r}"
+                )
+        engines = self.budget.engines
+        if engines is not None and len(self.pin) * (self.instances or 1) > engines:
+            raise ConfigError(
+                f"serving.pin keeps {len(self.pin)} versions resident, each with "
+                f">= {self.instances or 1} engine(s), but serving.budget.engines={engines}; "
+                "raise serving.budget.engines or pin fewer"
+            )
         if not self.poll_interval_s > 0:
             raise ConfigError(f"serving.poll_interval_s must be > 0, got {self.poll_interval_s}")
         if self.versions is not None and self.versions < 1:

@@ -3,15 +3,7 @@ starts fedserve-serve, injects its fault under load and checks the row's target.
 
 from __future__ import annotations
 
-import pytest
-
 from benchmarks.chaos import serving_rows
-
-#: rows whose target needs the engines' side of issue 14 (poison isolation, terminating runs);
-#: strict: once that lands these pass, and the marker must go
-NEEDS_ENGINES = pytest.mark.xfail(
-    strict=True, reason="needs issue 14 serving items 1-2 in the engines (p2-engines)"
-)
 
 
 def check(row: serving_rows.Row) -> None:
@@ -36,11 +28,9 @@ def test_short_soak_with_swaps() -> None:
     assert row.details["metrics_bytes"] < 64 * 1024  # one loaded version's series
 
 
-@NEEDS_ENGINES
 def test_poison_requests_fail_no_innocent_request() -> None:
     check(serving_rows.poison_row(seconds=3.0, clients=8))
 
 
-@NEEDS_ENGINES
 def test_slow_model_is_stopped_and_every_request_answered() -> None:
-    check(serving_rows.slow_row(n=2500))
+    check(serving_rows.slow_row(rows=1500))

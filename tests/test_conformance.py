@@ -1,8 +1,8 @@
 """The same KServe v2 conformance checks through tritonclient.http and tritonclient.grpc against
 fedserve-serve's two front ends (one event loop, as the CLI runs them): health, metadata, the
 model config parsed as Triton's ModelConfig, inference (JSON, binary, raw, typed contents),
-streaming, errors with their status codes and messages, statistics; plus gRPC's aio client and
-its bearer token."""
+streaming, errors with their status codes and messages, statistics, model control; plus gRPC's
+aio client and its bearer token."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def serve(tmp: Path, token: str | None = None) -> Iterator[Served]:
     settings = ServingConfig(instances=2, providers="cpu", body_limit_bytes=1 << 20)
     watcher = RepositoryWatcher(repo, registry, settings, poll_interval_s=0.1)
     watcher.start()
-    dataplane = DataPlane(registry, ready=lambda: watcher.ready)
+    dataplane = DataPlane(registry, ready=lambda: watcher.ready, scheduler=watcher.scheduler)
     app = create_app(dataplane, settings=ApiSettings.from_config(settings, token))
     try:
         with running_frontends(dataplane, app, token=token, serving=settings) as (http, grpc_addr):
@@ -261,8 +261,8 @@ def test_http_stream_answers_in_order(served: Served) -> None:
 
 ERRORS = {
     # case: (model, version, x, HTTP status, gRPC code, message fragment)
-    "unknown model": ("nope", "", X, 404, "NOT_FOUND", "unknown model 'nope'; loaded models: clf"),
-    "unknown version": ("clf", "9", X, 404, "NOT_FOUND", "unknown version 9 of model 'clf'"),
+    "unknown model": ("nope", "", X, 404, "NOT_FOUND", "unknown model 'nope'"),
+    "unknown version": ("clf", "9", X, 404, "NOT_FOUND", "of model 'clf'"),
     "wrong shape": (
         "clf",
         "",
@@ -358,13 +358,7 @@ def test_bearer_token_on_both(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- statistics, model control
 
-ENGINES_CONTROL = pytest.mark.skipif(
-    not hasattr(DataPlane, "model_statistics"),
-    reason="the statistics and model-control DataPlane methods come with issue 15 (p2-engines)",
-)
 
-
-@ENGINES_CONTROL
 def test_statistics_on_both(served: Served) -> None:
     for protocol in PROTOCOLS:
         c = served.client(protocol)
@@ -382,14 +376,15 @@ def test_statistics_on_both(served: Served) -> None:
     assert 'nv_inference_request_success{model="clf",version="1"}' in text
 
 
-@ENGINES_CONTROL
-def test_model_control_over_grpc(tmp_path: Path) -> None:
+def test_model_control_on_both(tmp_path: Path) -> None:
     with serve(tmp_path) as s:
-        c = s.client("grpc")
-        c.unload_model("clf")
-        assert not c.is_model_ready("clf")
-        c.load_model("clf")
-        assert c.is_model_ready("clf")
-        with pytest.raises(InferenceServerException) as info:
-            c.load_model("nope")
-        assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+        for protocol in PROTOCOLS:
+            c = s.client(protocol)
+            c.unload_model("clf")
+            assert not c.is_model_ready("clf")
+            c.load_model("clf")
+            assert c.is_model_ready("clf")
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model("nope")
+            status = "404" if protocol == "http" else "StatusCode.NOT_FOUND"
+            assert info.value.status() == status and "nope" in info.value.message()

@@ -160,8 +160,8 @@ def test_documents(make_pool) -> None:
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 1000}
     assert "version" not in config  # not a field of Triton's ModelConfig
     assert dataplane.repository_index() == [
-        {"name": "clf", "version": "1", "state": "READY"},
-        {"name": "clf", "version": "2", "state": "READY"},
+        {"name": "clf", "version": "1", "state": "READY", "reason": ""},
+        {"name": "clf", "version": "2", "state": "READY", "reason": ""},
     ]
 
 

@@ -5,8 +5,10 @@
 * :func:`poison`: ``y = x * W`` with ``W`` of shape [4] and ``x: FP32[batch, -1]``: onnxruntime
   broadcasts widths 1 and 4 and fails (``Fail``, not ``InvalidArgument``) on any other, so a
   request of width 3 is a poison input that passes the signature check;
-* :func:`slow`: ``y = x @ x`` with ``x: FP32[1, n, n]``: the run time grows with ``n`` (n = 3000:
-  seconds on one thread), a model slower than any ``run_timeout_s`` on demand.
+* :func:`slow`: ``x @ W @ W ...`` (100 MatMul nodes, ``W`` the 512 x 512 identity) with
+  ``x: FP32[1, rows, 512]``: the run time grows with ``rows`` (2,000 rows: ~10 s on one thread), a
+  model slower than any ``run_timeout_s`` on demand, made of many nodes as real models are (an
+  onnxruntime run can be stopped between nodes, not inside one).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from serving.repository import ModelRepository
 from serving.tensor_spec import TensorSpec
+
+SLOW_WIDTH, SLOW_DEPTH = 512, 100
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
@@ -58,12 +62,17 @@ def poison(path: Path) -> Path:
     return _save(graph, path)
 
 
-def slow(path: Path) -> Path:
+def slow(path: Path, width: int = SLOW_WIDTH, depth: int = SLOW_DEPTH) -> Path:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "x"], ["y"])],
+        [
+            helper.make_node("MatMul", [f"h{i}" if i else "x", "W"], [f"h{i + 1}"])
+            for i in range(depth)
+        ]
+        + [helper.make_node("Identity", [f"h{depth}"], ["y"])],
         "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", "n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", "n"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "rows", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "rows", width])],
+        [numpy_helper.from_array(np.eye(width, dtype=np.float32), "W")],
     )
     return _save(graph, path)
 
@@ -83,7 +92,10 @@ def publish(repo: ModelRepository, kind: str, name: str, seed: int = 1) -> int:
             batch = 64
         elif kind == "slow":
             slow(path)
-            specs = ([TensorSpec("x", "FP32", [1, -1, -1])], [TensorSpec("y", "FP32", [1, -1, -1])])
+            specs = (
+                [TensorSpec("x", "FP32", [1, -1, SLOW_WIDTH])],
+                [TensorSpec("y", "FP32", [1, -1, SLOW_WIDTH])],
+            )
             batch = 0
         else:
             raise ValueError(f"unknown chaos model kind {kind!r}")

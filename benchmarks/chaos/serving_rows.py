@@ -205,13 +205,13 @@ def poison_row(seconds: float = 10.0, clients: int = 16) -> Row:
     )
 
 
-def slow_row(n: int = 3500, timeout_s: float = 1.0) -> Row:
-    """Two requests whose runs take seconds (an n x n MatMul on one thread) against
-    ``run_timeout_s``: cores still busy once they were answered, requests never answered, and
-    whether the health probe kept answering meanwhile."""
-    x = np.full((1, n, n), 0.5, np.float32)
+def slow_row(rows: int = 2000, timeout_s: float = 1.0) -> Row:
+    """Two requests whose runs take seconds (``rows`` rows through the slow model's 100 MatMuls
+    on one thread) against ``run_timeout_s``: cores still busy once they were answered, requests
+    never answered, and whether the health probe kept answering meanwhile."""
+    x = np.full((1, rows, models.SLOW_WIDTH), 0.5, np.float32)
     head = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, n, n],
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
                      "parameters": {"binary_data_size": x.nbytes}}]}
     ).encode()  # fmt: skip
     payload = head + x.tobytes()
