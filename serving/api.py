@@ -12,47 +12,62 @@ version the newest loaded one answers):
 ``GET {m}/config``             Triton's model configuration extension, as JSON
 ``POST {m}/infer``             inference: JSON tensors and the binary-tensor extension
 ``POST {m}/infer_stream``      NDJSON in (one v2 JSON request per line), NDJSON out, in order
-``POST /v2/repository/index``  loaded models (Triton's repository extension, read-only)
 ``GET /metrics``               Prometheus text format
 =============================  =====================================================================
 
+Model control and statistics (Triton's extensions: ``/v2/repository/index``,
+``/v2/repository/models/{name}/load|unload``, ``/v2/models[/{name}[/versions/{v}]]/stats``) are
+:mod:`serving.model_control_routes`.
+
 Errors: every non-200 body is ``{"error": "..."}`` (tritonclient parses only that): 400 bad input
-(the message names the input and the model's spec), 401 missing/wrong bearer token, 404 unknown
-model/version/route, 413 body over ``body_limit_bytes``, 429 queues full (``Retry-After``), 503 no
-live engine (``Retry-After``). FastAPI's own handlers (``{"detail": ...}``, 422) are replaced.
+(the message names the input and the model's spec) or a ``Host`` not in ``serving.allowed_hosts``,
+401 missing/wrong bearer token, 404 unknown model/version/route, 413 body over
+``body_limit_bytes``, 429 queues full (``Retry-After``), 503 no live engine (``Retry-After``); a bug
+is one logged 500 and the keep-alive connection stays open.
 
 Hot path: the infer routes are plain Starlette routes (no pydantic, no dependency solving), the body
-is decoded straight into numpy, and the request is awaited as an asyncio future resolved by the
-engine's thread; only models whose measured run time is under ``serving.inline_max_ms`` run inline
-in the event loop (see :mod:`serving.dispatcher`).
+is decoded straight into numpy (a JSON body over ``serving.json_offload_bytes`` in a helper
+process, :mod:`serving.json_offload`, so it stalls no other request), and the request is awaited
+as an asyncio future resolved by the engine's thread; only models whose measured run time is
+under ``serving.inline_max_ms`` run inline in the event loop (see :mod:`serving.dispatcher`).
 
 The routes are a thin adapter: lookup, validation, dispatch, retry on swap, the metadata documents
 and the request metrics are :class:`~serving.dataplane.DataPlane`'s, the v2 codec is
-:mod:`serving.protocol`. The error bodies live in :mod:`serving.api_errors`, the bearer token in
-:mod:`serving.auth`, the body limit in :mod:`serving.request_body` and ``infer_stream`` in
-:mod:`serving.ndjson_stream`.
+:mod:`serving.protocol`. The error bodies live in :mod:`serving.api_errors`, the bearer token and
+the Host check in :mod:`serving.auth`, the body limit in :mod:`serving.request_body` and
+``infer_stream`` in :mod:`serving.ndjson_stream`; the server (connection limits, timeouts, drain)
+is :mod:`serving.http_server`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.api_errors import JSON, error_response, install_error_handlers, json_response
-from serving.auth import BearerAuth
-from serving.dataplane import SERVER_VERSION, DataPlane
+from serving.api_errors import (
+    InternalErrors,
+    error_response,
+    install_error_handlers,
+    json_response,
+)
+from serving.auth import AllowedHosts, BearerAuth
+from serving.dataplane import DataPlane
 from serving.errors import ServingError
+from serving.json_offload import JsonDecoder
 from serving.metrics import CONTENT_TYPE
+from serving.model_control_routes import model_control_routes
 from serving.ndjson_stream import NDJSONStream
-from serving.protocol import HEADER_LENGTH, decode_request, encode_response
-from serving.request_body import read_body
+from serving.protocol import encode_response
+from serving.request_body import receive_body
 from serving.settings import ServingConfig
 
 
@@ -64,29 +79,53 @@ class ApiSettings:
     token: str | None = None
     #: paths answered without the bearer token (liveness/readiness probes)
     public_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready")
+    #: Host header values accepted; None: any
+    allowed_hosts: list[str] | None = None
+    json_offload_bytes: int | None = field(
+        default_factory=lambda: ServingConfig().json_offload_bytes
+    )
+    json_offload_processes: int = 1
+
+    @classmethod
+    def from_config(cls, serving: ServingConfig, token: str | None) -> ApiSettings:
+        return cls(
+            body_limit_bytes=serving.body_limit_bytes,
+            token=token or None,
+            allowed_hosts=serving.allowed_hosts,
+            json_offload_bytes=serving.json_offload_bytes,
+            json_offload_processes=serving.json_offload_processes,
+        )
 
 
 class HttpRoutes:
     """Route handlers bound to a dataplane and the HTTP settings (see :func:`create_app`)."""
 
-    def __init__(self, dataplane: DataPlane, settings: ApiSettings) -> None:
+    def __init__(self, dataplane: DataPlane, settings: ApiSettings, decoder: JsonDecoder) -> None:
         self.dataplane = dataplane
         self.settings = settings
+        self.decoder = decoder
 
     # ---- inference
 
-    async def infer(self, request: HttpRequest) -> Response:
+    async def infer(
+        self, name: str, version: str | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """``POST .../infer`` as a raw ASGI handler (the hot path: no router, no Request or
+        Response objects); every ServingError becomes its ``{"error": ...}`` answer."""
         t0 = time.perf_counter()
         dataplane = self.dataplane
-        params = request.path_params
-        name = params["name"]
-        version = params.get("version")
+        length = encoding = header_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                length = value
+            elif key == b"inference-header-content-length":
+                header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                encoding = value
         try:
-            pool = dataplane.lookup(name, version)
-            body = await read_body(request, self.settings.body_limit_bytes)
-            ireq = decode_request(
-                body, request.headers.get(HEADER_LENGTH), pool.signature.input_map
-            )
+            pool = await dataplane.acquire(name, version)
+            body = await receive_body(receive, length, encoding, self.settings.body_limit_bytes)
+            ireq = await self.decoder.decode(body, header_length, pool.signature.input_map)
             result = await dataplane.infer(pool, ireq, version)
             payload, header_len = encode_response(
                 result.model_name,
@@ -97,21 +136,29 @@ class HttpRoutes:
             )
         except ServingError as exc:
             dataplane.record_failure(name, exc.status)
-            return error_response(exc.status, exc.message, exc.headers or None)
+            await error_response(exc.status, exc.message, exc.headers or None)(scope, receive, send)
+            return
         dataplane.record_success(result, time.perf_counter() - t0)
         if header_len is None:
-            return Response(payload, media_type=JSON)
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_len)},
-        )
+            headers = [(b"content-type", b"application/json")]
+        else:
+            headers = [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(header_len).encode()),
+            ]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def infer_stream(self, request: HttpRequest) -> Response:
         params = request.path_params
-        self.dataplane.lookup(params["name"], params.get("version"))  # 404 before the stream
+        await self.dataplane.acquire(params["name"], params.get("version"))  # 404 before the stream
         return NDJSONStream(
-            self.dataplane, params["name"], params.get("version"), self.settings.body_limit_bytes
+            self.dataplane,
+            params["name"],
+            params.get("version"),
+            self.settings.body_limit_bytes,
+            self.decoder,
         )
 
     # ---- metadata
@@ -142,26 +189,26 @@ class HttpRoutes:
         params = request.path_params
         return json_response(self.dataplane.model_config(params["name"], params.get("version")))
 
-    async def repository_index(self, request: HttpRequest) -> Response:
-        return json_response(self.dataplane.repository_index())
-
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
         return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> FastAPI:
-    """The ASGI app serving ``dataplane`` over HTTP."""
+def create_app(
+    dataplane: DataPlane,
+    *,
+    settings: ApiSettings | None = None,
+    decoder: JsonDecoder | None = None,
+) -> ASGIApp:
+    """The ASGI app serving ``dataplane`` over HTTP (``decoder``: the big-JSON decoder to share
+    with other front ends; by default one of its own, from ``settings``)."""
     settings = settings or ApiSettings()
-    handlers = HttpRoutes(dataplane, settings)
-    app = FastAPI(
-        title="fedserve", docs_url=None, redoc_url=None, openapi_url=None, version=SERVER_VERSION
-    )
+    decoder = decoder or JsonDecoder(settings.json_offload_bytes, settings.json_offload_processes)
+    handlers = HttpRoutes(dataplane, settings, decoder)
 
     routes: list[tuple[str, Callable[..., Any], list[str]]] = [
         ("/v2", handlers.server_metadata, ["GET"]),
         ("/v2/health/live", handlers.live, ["GET"]),
         ("/v2/health/ready", handlers.ready, ["GET"]),
-        ("/v2/repository/index", handlers.repository_index, ["POST"]),
         ("/metrics", handlers.metrics_endpoint, ["GET"]),
     ]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -169,13 +216,46 @@ def create_app(dataplane: DataPlane, *, settings: ApiSettings | None = None) -> 
             (prefix, handlers.model_metadata, ["GET"]),
             (prefix + "/ready", handlers.model_ready, ["GET"]),
             (prefix + "/config", handlers.model_config, ["GET"]),
-            (prefix + "/infer", handlers.infer, ["POST"]),
+            (prefix + "/infer", _wrong_method, ["GET", "PUT", "DELETE", "PATCH"]),
             (prefix + "/infer_stream", handlers.infer_stream, ["POST"]),
         ]
-    for path, endpoint, methods in routes:
-        app.router.routes.append(Route(path, endpoint, methods=methods))
-
+    app = Starlette(
+        routes=[
+            *model_control_routes(dataplane),  # before /v2/models/{name}
+            *(Route(path, endpoint, methods=methods) for path, endpoint, methods in routes),
+        ]
+    )
     install_error_handlers(app)
+    # outermost first: errors, who may call, then the infer fast path before the router
+    asgi: ASGIApp = InferRoute(app, handlers)
     if settings.token:
-        app.add_middleware(BearerAuth, token=settings.token, public_paths=settings.public_paths)
-    return app
+        asgi = BearerAuth(asgi, token=settings.token, public_paths=settings.public_paths)
+    if settings.allowed_hosts is not None:
+        asgi = AllowedHosts(asgi, hosts=settings.allowed_hosts)
+    return InternalErrors(asgi)
+
+
+#: ``/v2/models/{name}[/versions/{version}]/infer``
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class InferRoute:
+    """ASGI: ``POST .../infer`` goes straight to :meth:`HttpRoutes.infer`, everything else to
+    the router (whose routing and Request/Response objects cost more than the rest of a
+    batch-1 request's Python)."""
+
+    def __init__(self, app: ASGIApp, handlers: HttpRoutes) -> None:
+        self.app = app
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                await self.handlers.infer(match[1], match[2], scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _wrong_method(request: HttpRequest) -> Response:
+    return error_response(405, f"{request.method} {request.url.path}: use POST")

@@ -1,9 +1,11 @@
 """Every error the HTTP API answers is ``{"error": "<message>"}`` (the only shape tritonclient
 parses), with the status code the error maps to.
 
-:func:`install_error_handlers` replaces FastAPI's own handlers (``{"detail": ...}``, 422): a
+:func:`install_error_handlers` makes the app's own errors that shape: a
 :class:`~serving.errors.ServingError` keeps its status and headers, an unknown route is a 404
-naming method and path, a validation error is a 400, anything else a logged 500.
+naming method and path, a wrong method 405. :class:`InternalErrors` turns anything else a route
+raises into one logged 500 on a connection that stays open (uvicorn would print the traceback a
+second time and drop the keep-alive connection).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import ServingError
 
@@ -36,28 +38,49 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: Starlette) -> None:
     """Make every error ``app`` answers an ``{"error": ...}`` body (see the module docstring)."""
 
-    @app.exception_handler(ServingError)
-    async def _serving_error(request: HttpRequest, exc: ServingError) -> Response:
+    async def serving_error(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
         return error_response(exc.status, exc.message, exc.headers or None)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: HttpRequest, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         return error_response(exc.status_code, message, getattr(exc, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: HttpRequest, exc: RequestValidationError) -> Response:
-        parts = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
-        ]
-        return error_response(400, "; ".join(parts) or "invalid request")
+    app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: HttpRequest, exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+class InternalErrors:
+    """ASGI middleware: an exception escaping the app before its response started is logged once
+    and answered ``500 {"error": ...}``; the connection stays usable. (After the response started
+    nothing can be answered: the exception goes on and the server closes the connection.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+            await response(scope, receive, send)

@@ -4,7 +4,9 @@ A :class:`Request` carries validated feeds and its row count ``n``. It completes
 outputs or an error, and then calls its ``callback`` from the thread that completed it; an asyncio
 caller passes a callback that hops to its loop (``loop.call_soon_threadsafe``), a blocking caller
 waits on :meth:`Request.wait`. Timestamps (``perf_counter``): ``t_submit`` when created,
-``t_start`` when its batch started running; queue time is ``t_start - t_submit``.
+``t_start`` when its batch started running; queue time is ``t_start - t_submit``. A request
+dispatched to a pool carries that version's :class:`~serving.statistics.ModelStatistics`
+(``stats``); completing records its outcome there, once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from serving.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 _done_lock = threading.Lock()
@@ -33,6 +37,7 @@ class Request:
         "done",
         "_event",
         "engine",
+        "stats",
     )
 
     def __init__(
@@ -52,18 +57,22 @@ class Request:
         self.done = False
         self._event: threading.Event | None = None
         self.engine = ""
+        self.stats: ModelStatistics | None = None
 
     def finish(
         self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None
     ) -> bool:
         """Complete the request (first call wins; later calls return False and do nothing)."""
-        with _done_lock:
+        with _done_lock:  # the answer is set before anyone can see the request done
             if self.done:
                 return False
+            self.outputs = outputs
+            self.error = error
             self.done = True
             event = self._event
-        self.outputs = outputs
-        self.error = error
+        stats = self.stats
+        if stats is not None:
+            stats.record_request(error is None, int((time.perf_counter() - self.t_submit) * 1e9))
         if event is not None:
             event.set()
         cb = self.callback

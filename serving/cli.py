@@ -1,18 +1,28 @@
-"""``fedserve-serve``: serve a model repository over HTTP (KServe v2 / Open Inference Protocol).
+"""``fedserve-serve``: serve a model repository over KServe v2 HTTP and gRPC.
 
     fedserve-serve repository=<dir> port=<port> [host=127.0.0.1] [token=...] [serving.<key>=...]
 
 A Hydra app on ``conf/serve.yaml`` against the schema :class:`~serving.settings.ServeConfig` (every
 key, its type and default; unknown keys and wrong types exit 2 with one line). Loads every
-model of the repository (verified, warmed), prints the URL and what it serves, keeps watching the
-repository for new versions, and serves until SIGINT/SIGTERM (uvicorn handles both), then drains and
-releases its leases.
+model of the repository (verified, warmed), prints the URLs and what it serves, keeps watching the
+repository for new versions, and serves HTTP (:mod:`serving.api`) and gRPC
+(:mod:`serving.grpc_server`, ``serving.grpc_port``) from one event loop.
+
+SIGTERM or SIGINT: both servers stop accepting, the requests in flight finish (at most
+``serving.drain_timeout_s``), the watcher stops and closes every version (its queue drains) and
+releases its lease, and the process exits 0. This module owns the signals: uvicorn's own handler
+would re-raise the signal after its shutdown and skip all of that.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -31,13 +41,15 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SCHEMA_NAME = "serve_schema"
 PROGRAM = "fedserve-serve"
 
+log = logging.getLogger(__name__)
+
 
 def serve(cfg: DictConfig | ServeConfig) -> None:
-    """Run the server described by a composed ``serve`` config (blocks until SIGINT/SIGTERM)."""
-    import uvicorn
-
+    """Run the server described by a composed ``serve`` config until SIGINT/SIGTERM, then shut
+    down cleanly (see :func:`run_servers`) and return."""
     from serving.api import ApiSettings, create_app
     from serving.dataplane import DataPlane
+    from serving.json_offload import JsonDecoder
     from serving.registry import ModelRegistry
     from serving.store_mirror import open_served_repository
     from serving.watcher import RepositoryWatcher
@@ -57,44 +69,131 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
         models=conf.models,
         drain_timeout_s=settings.drain_timeout_s,
     )
-    api = ApiSettings(body_limit_bytes=settings.body_limit_bytes, token=conf.token or None)
+    decoder = JsonDecoder(settings.json_offload_bytes, settings.json_offload_processes)
     dataplane = DataPlane(
         registry,
         ready=lambda: watcher.ready and (mirror is None or mirror.synced),
         not_ready_reason=lambda: mirror.problem if mirror is not None else None,
         configs=repository.version_config,
+        scheduler=watcher.scheduler,
     )
-    app = create_app(dataplane, settings=api)
+    app = create_app(
+        dataplane, settings=ApiSettings.from_config(settings, conf.token), decoder=decoder
+    )
     watcher.start()
-    host, port = conf.host, conf.port
     try:
-        print(f"fedserve serving {conf.repository} at http://{host}:{port}/v2", flush=True)
-        if mirror is not None and mirror.problem:
-            print(f"  not ready: {mirror.problem}; retrying", flush=True)
-        models = registry.models()
-        if not models:
-            print("  no models loaded yet; watching the repository", flush=True)
-        for name, versions in models.items():
-            pool = registry.get(name)
-            print(
-                f"  {name}: versions {versions} (default {pool.version}), "
-                f"{len(pool.workers)} engines on {','.join(pool.obtained_providers)}, "
-                f"infer at http://{host}:{port}/v2/models/{name}/infer",
-                flush=True,
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(
+                run_servers(
+                    conf, app, dataplane, banner=lambda grpc: _banner(conf, registry, grpc, mirror)
+                )
             )
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level=conf.log_level,
-            access_log=False,
-        )
     finally:
-        watcher.stop()
-        repository.release_all()
+        watcher.stop()  # closes every pool (each drains its queue) and releases its lease
+        repository.release_all()  # this process's leases, whatever is left of them
         if mirror is not None:
             mirror.stop()
+        decoder.close()
         print("fedserve stopped", flush=True)
+
+
+async def run_servers(
+    conf: ServeConfig,
+    app: Any,
+    dataplane: Any,
+    *,
+    stop: asyncio.Event | None = None,
+    banner: Callable[[int | None], None] = lambda grpc_port: None,
+) -> None:
+    """Serve ``app`` over HTTP (and ``dataplane`` over gRPC unless ``serving.grpc_port`` is null)
+    in this event loop until ``stop`` is set — by default on SIGTERM or SIGINT — then stop
+    accepting, let the requests in flight finish (at most ``serving.drain_timeout_s``) and
+    return. A second SIGINT stops at once. ``banner(grpc_port)`` runs once both listen."""
+    from serving.grpc_server import grpc_server
+    from serving.http_server import http_server
+
+    settings = conf.serving
+    http = http_server(app, conf.host, conf.port, settings, log_level=conf.log_level)
+    grpc = None
+    grpc_port = None
+    if settings.grpc_port is not None:
+        grpc, grpc_port = grpc_server(
+            dataplane,
+            conf.host,
+            settings.grpc_port,
+            token=conf.token or None,
+            max_message_bytes=settings.body_limit_bytes,
+        )
+        await grpc.start()
+    loop = asyncio.get_running_loop()
+    signals: tuple[signal.Signals, ...] = ()
+    if stop is None:
+        stop = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            if sig == signal.SIGINT:
+                log.warning("second SIGINT: stopping without waiting for requests in flight")
+                http.force_exit = True
+            return
+        log.info(
+            "%s: draining requests in flight (at most %.0f s)", sig.name, settings.drain_timeout_s
+        )
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        serving = asyncio.ensure_future(http.serve())
+        while not http.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            serving.result()  # raises uvicorn's error (e.g. the port is in use)
+            raise OSError(f"cannot serve HTTP on {conf.host}:{conf.port}")
+        banner(grpc_port)
+        await stop.wait()
+        http.begin_shutdown()
+        if grpc is not None:
+            await asyncio.gather(serving, grpc.stop(settings.drain_timeout_s))
+        else:
+            await serving
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if grpc is not None:
+            await grpc.stop(0)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (uvicorn[standard] brings it; both front ends run
+    on it: a bare grpc.aio servicer costs less CPU per call there, benchmarks.serving.grpc_floor),
+    else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _banner(conf: ServeConfig, registry: Any, grpc_port: int | None, mirror: Any) -> None:
+    host, port = conf.host, conf.port
+    print(f"fedserve serving {conf.repository} at http://{host}:{port}/v2", flush=True)
+    if mirror is not None and mirror.problem:
+        print(f"  not ready: {mirror.problem}; retrying", flush=True)
+    if grpc_port is not None:
+        print(f"  gRPC (KServe v2 / Triton GRPCInferenceService) at {host}:{grpc_port}", flush=True)
+    models = registry.models()
+    if not models:
+        print("  no models loaded yet; watching the repository", flush=True)
+    for name, versions in models.items():
+        pool = registry.get(name)
+        print(
+            f"  {name}: versions {versions} (default {pool.version}), "
+            f"{pool.engine_count} engines on {','.join(pool.obtained_providers)}, "
+            f"infer at http://{host}:{port}/v2/models/{name}/infer",
+            flush=True,
+        )
 
 
 @hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
@@ -102,7 +201,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     with config_errors_exit(PROGRAM):
         check_bool_overrides(list(HydraConfig.get().overrides.task), ServeConfig)
         conf = typed_config(cfg, ServeConfig)
-    serve(conf)
+        serve(conf)  # a budget the pins do not fit is a configuration error too
 
 
 def main() -> None:

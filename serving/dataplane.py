@@ -3,14 +3,18 @@
 A front end only turns its wire format into calls here and the answers back (KServe's python
 server has the same split: thin protocol front ends over one dataplane)::
 
-    pool = dataplane.lookup(name, version)                 # NotFound (404)
+    pool = await dataplane.acquire(name, version)          # NotFound (404), Unavailable (503)
     request = <codec>.decode(body, pool.signature.input_map)
     result = await dataplane.infer(pool, request, version)  # InputError, Overloaded, Unavailable
     body = <codec>.encode(result, request)
     dataplane.record_success(result, latency_s)             # or record_failure(name, status)
 
 * **Lookup** (:meth:`DataPlane.lookup`) is the one place a model name and version become an
-  engine pool (the newest loaded version when ``version`` is None or empty).
+  engine pool (the newest loaded version when ``version`` is None or empty);
+  :meth:`DataPlane.acquire` is the same on the inference path, and when the version is not
+  loaded it has the scheduler load it (on demand, evicting the least recently used idle version)
+  and awaits that load, bounded by ``serving.load_timeout_s``. When the version is loaded it
+  returns without suspending.
 * **Validation**: the decoded tensors against the version's
   :class:`~serving.signature.ModelSignature`, and the requested outputs against its outputs,
   before anything is queued.
@@ -19,48 +23,62 @@ server has the same split: thin protocol front ends over one dataplane)::
   at most three times, then 503.
 * **Documents** for the metadata routes (model metadata, readiness, Triton's model configuration,
   the repository index, server metadata) as plain dicts each front end serialises its way.
+* **Model control and statistics** (Triton's model repository and statistics extensions):
+  :meth:`DataPlane.repository_index`, :meth:`DataPlane.load_model`,
+  :meth:`DataPlane.unload_model` (the scheduler's explicit model control) and
+  :meth:`DataPlane.model_statistics` (the versions' :mod:`serving.statistics`).
 * **Metrics**: :meth:`record_success` / :meth:`record_failure` feed
-  :class:`~serving.metrics.ServingMetrics`; a failure for a name that is not loaded is labelled
-  ``_unknown`` so junk names cannot grow the label set.
+  :class:`~serving.metrics.ServingMetrics` (a failure for a name that is not loaded is labelled
+  ``_unknown`` there, so junk names cannot grow the label set).
 
 Errors are :class:`~serving.errors.ServingError` subclasses carrying both HTTP and gRPC status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf import json_format
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-from serving.errors import BadRequest, PoolClosed, RepositoryError, Unavailable
+from serving.errors import BadRequest, NotFound, PoolClosed, RepositoryError, Unavailable
 from serving.inference import InferRequest, InferResult
 from serving.metrics import ServingMetrics
 from serving.model_config import new_config
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
+from serving.scheduler import Scheduler
+from serving.scheduler_metrics import SchedulerCollector
 from serving.signature import ModelSignature
+from serving.statistics import ModelStatistics
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "fedserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+]
 PLATFORM = "onnxruntime_onnx"
 #: attempts of one request across pools swapped under it
 SWAP_ATTEMPTS = 3
-
-log = logging.getLogger(__name__)
 
 
 class DataPlane:
     """Lookup, validation, dispatch, retry-on-swap, documents and metrics over one registry.
 
     ``ready`` tells server readiness (e.g. the repository watcher's first load is done) and
-    ``not_ready_reason`` why not;
-    ``metrics`` default to a fresh :class:`ServingMetrics` (its own CollectorRegistry);
-    ``configs(name, version)`` gives a version's ModelConfig (the repository's
-    ``version_config``).
+    ``not_ready_reason`` why not; ``metrics`` default to a fresh :class:`ServingMetrics` (its own
+    CollectorRegistry), to which the scheduler's collector is added; without a ``scheduler`` only
+    loaded versions are served and model control is unavailable; ``configs(name, version)``
+    gives a version's ModelConfig (the repository's ``version_config``).
     """
 
     def __init__(
@@ -71,12 +89,16 @@ class DataPlane:
         ready: Callable[[], bool] | None = None,
         not_ready_reason: Callable[[], str | None] | None = None,
         configs: Callable[[str, int], ModelConfig] | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.registry = registry
         self._not_ready_reason = not_ready_reason or (lambda: None)
         self._configs = configs
         self.metrics = metrics or ServingMetrics(registry)
         self._ready = ready or (lambda: True)
+        self.scheduler = scheduler
+        if scheduler is not None:
+            self.metrics.registry.register(SchedulerCollector(scheduler))
 
     # ---- server
 
@@ -90,19 +112,78 @@ class DataPlane:
         """Why the server is not ready, when something says (e.g. the model store's error)."""
         return self._not_ready_reason()
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        """Every loaded version (Triton's repository extension, read-only)."""
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Triton's repository index: every version the repository serves with its state
+        (READY, LOADING, UNLOADING, UNAVAILABLE) and the reason; only the loaded ones without
+        a scheduler or when ``ready_only``."""
+        if self.scheduler is not None:
+            return self.scheduler.index(ready_only)
         return [
-            {"name": name, "version": str(v), "state": "READY"}
+            {"name": name, "version": str(v), "state": "READY", "reason": ""}
             for name, versions in self.registry.models().items()
             for v in versions
         ]
+
+    async def load_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        """Triton's model load: load ``name``'s served versions now (NotFound: not in the
+        repository; BadRequest: a version failed to load, with the reason; what was loaded stays
+        loaded). A model unloaded through :meth:`unload_model` is served again."""
+        scheduler = self._control()
+        unsupported = sorted(k for k in parameters or {} if k == "config" or k.startswith("file:"))
+        if unsupported:
+            raise BadRequest(
+                f"load parameters {unsupported} are not supported: this server loads models from "
+                "its repository as they are"
+            )
+        await asyncio.to_thread(scheduler.load_model, name)
+
+    async def unload_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        """Triton's model unload: every version of ``name`` is unloaded (in-flight requests
+        finish) and stays unloaded until :meth:`load_model` (NotFound: not in the repository).
+        ``unload_dependents`` is accepted; models here have no dependents."""
+        await asyncio.to_thread(self._control().unload_model, name)
+
+    def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        """Triton's statistics extension: ``{"model_stats": [...]}`` of every loaded version, of
+        ``name``'s loaded versions, or of one version (NotFound for an unknown one)."""
+        return {"model_stats": [s.to_triton() for s in self.statistics(name, version)]}
+
+    def statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[ModelStatistics]:
+        """The :class:`ModelStatistics` objects :meth:`model_statistics` renders (the Prometheus
+        and gRPC front ends read them too)."""
+        if self.scheduler is not None:
+            return self.scheduler.statistics(name, version or None)
+        if name is None:
+            return [pool.stats for pool in self.registry.pools()]
+        if version in (None, ""):
+            return [self.registry.get(name, v).stats for v in self.registry.versions(name)]
+        return [self.registry.get(name, version).stats]
+
+    def _control(self) -> Scheduler:
+        if self.scheduler is None:
+            raise Unavailable("model control needs the repository scheduler; none is running")
+        return self.scheduler
 
     # ---- models
 
     def lookup(self, name: str, version: str | int | None = None) -> EnginePool:
         """The pool serving ``name`` at ``version`` (None or "": the newest loaded); NotFound."""
         return self.registry.get(name, version)
+
+    async def acquire(self, name: str, version: str | int | None = None) -> EnginePool:
+        """:meth:`lookup` for the inference path: a version that is not loaded is loaded (on
+        demand) and awaited; NotFound (not served), Unavailable (still loading after
+        ``serving.load_timeout_s``, or no room). Does not suspend when the version is loaded."""
+        try:
+            return self.registry.get(name, version)
+        except NotFound:
+            if self.scheduler is None:
+                raise
+        return await self.scheduler.acquire(name, version)
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         pool = self.lookup(name, version)
@@ -175,7 +256,7 @@ class DataPlane:
             try:
                 done = await pool.infer_async(request.inputs, n)
             except PoolClosed:
-                fresh = self.lookup(pool.name, version)
+                fresh = await self.acquire(pool.name, version)
                 if fresh is pool:
                     raise
                 if fresh.signature != signature:
@@ -200,7 +281,7 @@ class DataPlane:
         )
 
     def record_failure(self, name: str, status: int) -> None:
-        self.metrics.failure(name if name in self.registry else "_unknown", status)
+        self.metrics.failure(name, status)
 
 
 def _output_names(signature: ModelSignature, request: InferRequest, model: str) -> list[str]:

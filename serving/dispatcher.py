@@ -15,8 +15,12 @@ A worker whose queue would exceed ``max_queue_items`` rows refuses; when every w
 dispatcher raises :class:`~serving.errors.Overloaded` (429) with ``Retry-After`` = the time the
 queued rows take to drain at the measured rate, at least 1 s. A request always fits an empty queue.
 
-Inline runs: when the chosen worker is idle and its EWMA run time is below ``inline_max_s``, the
-caller's thread runs the request directly (:meth:`~serving.worker.Worker.try_inline`).
+Inline runs: the caller's thread (the event loop) runs the request directly
+(:meth:`~serving.worker.Worker.try_inline`) only when the chosen worker is idle and the model's
+runs are far below ``inline_max_s``: its EWMA under ``INLINE_FRACTION`` of it and its longest
+recent run (``peak_s``) under it. The run is stopped after ``INLINE_BOUND`` x ``inline_max_s``
+(at least ``INLINE_BOUND_MIN_S``) and then queued to a worker thread, so one slow input blocks the
+loop for a bounded time and then turns inlining off for that engine until its peak decays.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ from serving.worker import HANDED_OFF, INLINE_DONE, OK, Worker
 
 #: the dispatch policies (``serving.policy``)
 POLICIES = ("least_loaded", "round_robin")
+#: inline only when the EWMA run time is under this fraction of inline_max_s
+INLINE_FRACTION = 0.25
+#: an inline run is stopped after this many inline_max_s ...
+INLINE_BOUND = 10.0
+#: ... but not before this (the watchdog's resolution)
+INLINE_BOUND_MIN_S = 0.01
 
 
 class Dispatcher:
@@ -48,6 +58,8 @@ class Dispatcher:
         self.policy = policy
         self.max_queue_items = int(max_queue_items)
         self.inline_max_s = float(inline_max_s)
+        #: how long an inline run may block the caller before it is stopped and queued
+        self.inline_bound_s = max(INLINE_BOUND * self.inline_max_s, INLINE_BOUND_MIN_S)
         self._rr = 0
 
     def select(self, workers: Sequence[Worker]) -> Worker | None:
@@ -81,9 +93,15 @@ class Dispatcher:
         w = self.select(workers)
         if w is None:
             raise self._none_live(workers)
-        if inline and self.inline_max_s > 0 and w.batches and w.ewma_s < self.inline_max_s:
+        if (
+            inline
+            and self.inline_max_s > 0
+            and w.batches
+            and w.ewma_s < INLINE_FRACTION * self.inline_max_s
+            and w.peak_s < self.inline_max_s
+        ):
             if w.running_items == 0:
-                status = w.try_inline(req)
+                status = w.try_inline(req, self.inline_bound_s)
                 if status == INLINE_DONE:
                     return True
                 if status == HANDED_OFF:

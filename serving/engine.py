@@ -1,7 +1,27 @@
-"""One onnxruntime InferenceSession with chosen providers, warm-up and batch padding.
+"""One onnxruntime InferenceSession with chosen providers, warm-up and batch padding; engines
+that share it; runs that can be stopped; and what the session costs in memory.
 
 Providers (:mod:`serving.providers`): :attr:`Engine.providers` is what the session obtained
 (``session.get_providers()``), not what was asked.
+
+Sharing. :meth:`Engine.clone` makes another engine on the same session: onnxruntime's ``run`` is
+thread-safe, and with one intra-op thread a run executes in the calling thread, so N engines on N
+worker threads use N cores while the weights are held once. That is what lets engines move
+between model versions at the cost of a thread, not of a session load (:mod:`serving.scheduler`).
+With ``intra_op_threads`` > 1 the clones share the session's intra-op pool.
+
+Stopping a run. Every run passes the engine's own ``RunOptions``; :meth:`Engine.terminate` sets its
+``terminate`` flag from another thread (the watchdog), onnxruntime stops between kernels and the
+run raises. The next run gets fresh options. Runs log below onnxruntime's fatal level only: a
+request that makes a kernel fail is answered (and logged) by the worker, once.
+
+Known-good input. :attr:`Engine.probe_feeds` is the warm-up's batch-1 input; :meth:`probe` runs it,
+so a worker can tell a bad request (the probe passes) from a broken engine (it fails too).
+
+Memory (:mod:`serving.memory_probe`): :attr:`session_memory` is the growth of the process's
+resident memory (and of device memory on CUDA) while the session was created, at least the model
+files' size; :attr:`run_memory` the growth during warm-up, i.e. what one run at ``max_batch_size``
+added to onnxruntime's arena (each engine running concurrently may need that much again).
 
 Threads. ``intra_op_threads`` (default 1: the pool runs one engine per core). Sessions with >= 2
 intra-op threads spin while idle and steal cores from the other engines and the event loop, so
@@ -13,7 +33,9 @@ Signature. The engine serves a :class:`~serving.signature.ModelSignature`: the d
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +46,7 @@ import onnxruntime as ort
 
 from serving.batching import pad_rows
 from serving.datatypes import ort_to_v2
+from serving.memory_probe import MemorySample
 from serving.providers import CUDA, resolve_providers, session_providers
 from serving.signature import ModelSignature
 from serving.tensor_spec import TensorSpec
@@ -32,7 +55,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """One InferenceSession. :meth:`run` is thread-safe (onnxruntime releases the GIL inside)."""
+    """One InferenceSession, or a clone sharing another engine's. :meth:`run` is thread-safe
+    across engines; one engine runs one thing at a time (its worker's batch or an inline run)."""
 
     def __init__(
         self,
@@ -59,10 +83,17 @@ class Engine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.requested_providers = resolve_providers(providers)
+        initialize_runtime()
+        before = MemorySample.now()
         self.session = ort.InferenceSession(
             str(self.model_path),
             options,
             providers=session_providers(self.requested_providers, cudnn_conv_algo_search),
+        )
+        created = MemorySample.now()
+        grown = created.growth_since(before)
+        self.session_memory = MemorySample(
+            max(grown.host_bytes, _files_size(self.model_path)), grown.device_bytes
         )
         self.providers: list[str] = self.session.get_providers()
         if self.requested_providers[0] not in self.providers:
@@ -74,9 +105,23 @@ class Engine:
         _check_against_graph(self.signature, graph, self.model_path)
         self.output_names = self.signature.output_names
         self.pad_to = self._pad_target(pad_batches)
+        self.probe_feeds = self.signature.example_feeds(1) if warmup else {}
+        self._options = _run_options()
         self.warmup_seconds = 0.0
+        self.run_memory = MemorySample(0, None if grown.device_bytes is None else 0)
         if warmup:
             self.warmup()
+            self.run_memory = MemorySample.now().growth_since(created)
+
+    def clone(self, name: str) -> Engine:
+        """Another engine on this one's session (same signature, padding and warm-up input; no
+        load, no warm-up; its own run options). Memory is this session's: count it once."""
+        twin = object.__new__(Engine)
+        for attr in _SHARED:
+            setattr(twin, attr, getattr(self, attr))
+        twin.name = name
+        twin._options = _run_options()
+        return twin
 
     def _pad_target(self, pad_batches: bool | str) -> int:
         """Rows every run is padded to: ``max_batch_size`` when padding is on, else 0.
@@ -98,14 +143,26 @@ class Engine:
         return self.signature.max_batch_size if pad else 0
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs the session; outputs by name. Feeds are assumed validated (equal batch dims)."""
+        """Runs the session; outputs by name. Feeds are assumed validated (equal batch dims).
+        Raises onnxruntime's error, also when :meth:`terminate` stopped the run."""
+        options = self._options
+        if options.terminate:  # the previous run was stopped: these options stay stopped
+            options = self._options = _run_options()
         rows = next(iter(feeds.values())).shape[0] if self.pad_to and feeds else 0
         if rows and rows < self.pad_to:
-            values = self.session.run(self.output_names, pad_rows(feeds, self.pad_to))
+            values = self.session.run(self.output_names, pad_rows(feeds, self.pad_to), options)
             values = [v[:rows] for v in values]
         else:
-            values = self.session.run(self.output_names, feeds)
+            values = self.session.run(self.output_names, feeds, options)
         return dict(zip(self.output_names, values, strict=True))
+
+    def terminate(self) -> None:
+        """Stop this engine's current run (thread-safe; onnxruntime checks between kernels)."""
+        self._options.terminate = True
+
+    def probe(self) -> None:
+        """Run the known-good warm-up input (batch 1); raises what the engine raises."""
+        self.run(self.probe_feeds or self.signature.example_feeds(1))
 
     def warmup(self) -> None:
         """One run at batch 1 and one at max_batch_size (allocations, kernel selection)."""
@@ -119,6 +176,68 @@ class Engine:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+#: what a clone shares with the engine it was made from
+_SHARED = (
+    "model_path",
+    "requested_providers",
+    "session",
+    "session_memory",
+    "run_memory",
+    "providers",
+    "signature",
+    "output_names",
+    "pad_to",
+    "probe_feeds",
+    "warmup_seconds",
+)
+
+
+@functools.cache
+def initialize_runtime() -> None:
+    """Create and run one trivial session, once per process: onnxruntime sets up its environment
+    (thread pools, allocators; ~9 MB here) with the first session, which would otherwise be
+    counted to the first model's measured memory."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "init",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros(1, np.float32)})
+
+
+def _run_options() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only: a failing run is reported by the worker
+    return options
+
+
+def _files_size(model_path: Path) -> int:
+    """Bytes of the model file and of every file beside it (external data)."""
+    try:
+        return sum(p.stat().st_size for p in model_path.parent.iterdir() if p.is_file())
+    except OSError:
+        return 0
+
+
+#: a source location and the C++ function signature after it, in onnxruntime's messages
+_SOURCE = re.compile(
+    r"\S+\.(?:h|hpp|cc|cpp|cu|cuh|c):\d+\s+(?:[^()\s]*?[^()]*\([^()]*\)(?: const)?\s+)?"
+)
+
+
+def describe_error(exc: BaseException) -> str:
+    """onnxruntime's message for ``exc`` without source paths and C++ signatures (what a client
+    may read), on one line."""
+    text = _SOURCE.sub("", str(exc)).strip()
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def graph_signature(session: ort.InferenceSession, max_batch_size: int) -> ModelSignature:

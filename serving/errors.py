@@ -96,6 +96,13 @@ class PoolClosed(Unavailable):
     """The version's pool is draining for a swap or shutdown: look the model up again."""
 
 
+class DeadlineExceeded(ServingError):
+    """The model ran longer than ``serving.run_timeout_s`` on the request: 504, never retried
+    (a retry would burn another engine on the same input)."""
+
+    status = 504
+
+
 class RepositoryError(ValueError):
     """A repository operation was refused; the message names the value, the rule and the fix.
 

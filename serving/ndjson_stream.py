@@ -17,7 +17,8 @@ from starlette.types import Receive, Scope, Send
 
 from serving.dataplane import DataPlane
 from serving.errors import PayloadTooLarge, ServingError
-from serving.protocol import decode_request, encode_response
+from serving.json_offload import JsonDecoder
+from serving.protocol import encode_response
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,19 @@ class NDJSONStream(Response):
     media_type = "application/x-ndjson"
 
     def __init__(
-        self, dataplane: DataPlane, name: str, version: str | None, body_limit_bytes: int
+        self,
+        dataplane: DataPlane,
+        name: str,
+        version: str | None,
+        body_limit_bytes: int,
+        decoder: JsonDecoder,
     ) -> None:
         super().__init__(content=None, media_type=self.media_type)
         self.dataplane = dataplane
         self.name = name
         self.version = version
         self.limit = body_limit_bytes
+        self.decoder = decoder
 
     async def _one(self, line: bytes, index: int) -> bytes:
         dataplane = self.dataplane
@@ -55,8 +62,8 @@ class NDJSONStream(Response):
                     f"{self.limit} bytes (serving.body_limit_bytes)"
                 )
             t0 = time.perf_counter()
-            pool = dataplane.lookup(self.name, self.version)
-            ireq = decode_request(line, None, pool.signature.input_map)
+            pool = await dataplane.acquire(self.name, self.version)
+            ireq = await self.decoder.decode(line, None, pool.signature.input_map)
             ireq.outputs = [(name, False) for name, _ in ireq.outputs or []] or None
             ireq.binary_output = False
             result = await dataplane.infer(pool, ireq, self.version)
@@ -84,25 +91,20 @@ class NDJSONStream(Response):
         limit = self.limit
 
         async def reader() -> None:
-            buffer = b""
+            lines = LineSplitter(limit)
             index = 0
             try:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return
-                    buffer += message.get("body", b"")
                     more = message.get("more_body", False)
-                    *lines, buffer = buffer.split(b"\n")
-                    if not more and buffer:
-                        lines.append(buffer)
-                        buffer = b""
-                    for line in lines:
+                    for line in lines.feed(message.get("body", b""), final=not more):
                         if line.strip():
                             await queue.put(asyncio.ensure_future(self._one(line, index)))
                             index += 1
-                    if len(buffer) > limit:
-                        await queue.put(asyncio.ensure_future(self._one(buffer, index)))
+                    if lines.overflow is not None:  # a line over the limit: answer it, stop
+                        await queue.put(asyncio.ensure_future(self._one(lines.overflow, index)))
                         return
                     if not more:
                         return
@@ -127,3 +129,41 @@ class NDJSONStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             task.cancel()
+
+
+class LineSplitter:
+    """Splits a byte stream into lines in time linear in its length: each chunk is scanned once,
+    and a line that spans chunks is joined once, when its end arrives (appending to one growing
+    ``bytes`` and splitting it again per chunk would copy and rescan it every time: quadratic).
+
+    A partial line longer than ``limit`` stops the splitting: :attr:`overflow` then holds what
+    arrived of it (over ``limit`` bytes, answered 413) and the caller stops reading.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.overflow: bytes | None = None
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> list[bytes]:
+        """The lines completed by ``chunk`` (and, when ``final``, the unterminated last one)."""
+        lines: list[bytes] = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if self._parts:
+                lines.append(b"".join([*self._parts, chunk[start:end]]))
+                self._parts, self._size = [], 0
+            else:
+                lines.append(chunk[start:end])
+            start = end + 1
+        if start < len(chunk):
+            self._parts.append(chunk[start:])
+            self._size += len(chunk) - start
+        if self._size > self.limit:
+            self.overflow = b"".join(self._parts)
+            self._parts, self._size = [], 0
+        elif final and self._parts:
+            lines.append(b"".join(self._parts))
+            self._parts, self._size = [], 0
+        return lines

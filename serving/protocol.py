@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,9 +34,12 @@ from serving.inference import InferRequest
 from serving.tensor_spec import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: numpy's own limits on a tensor (its dimensions; 2**40 bytes is past any body limit)
+MAX_RANK = 64
+MAX_BYTES = 2**40
 
 
-def _spec_hint(spec: TensorSpec | None) -> str:
+def spec_hint(spec: TensorSpec | None) -> str:
     return f" (model expects {spec.describe()})" if spec is not None else ""
 
 
@@ -47,18 +51,39 @@ def _load_json(raw: bytes | str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(
+            "request body is not valid JSON: nested deeper than this server parses "
+            f"(about {sys.getrecursionlimit()} levels)"
+        ) from None
 
 
-def _shape_of(item: Mapping[str, Any], name: str, spec: TensorSpec | None) -> tuple[int, ...]:
-    shape = item.get("shape")
-    if not isinstance(shape, list) or not all(
+def check_shape(shape: Any, name: str, dtype: np.dtype, spec: TensorSpec | None) -> tuple[int, ...]:
+    """``shape`` as a tuple when it is a list of non-negative ints numpy can hold; BadRequest
+    naming the input otherwise (every codec's shapes pass here)."""
+    if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise BadRequest(
-            f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}"
-            + _spec_hint(spec)
+            f"input '{name}': 'shape' must be a list of non-negative integers, got "
+            f"{clip(shape)}" + spec_hint(spec)
+        )
+    # numpy refuses more dims, and a zero dim does not excuse a product it cannot index
+    if len(shape) > MAX_RANK or math.prod(d for d in shape if d) * dtype.itemsize > MAX_BYTES:
+        raise BadRequest(
+            f"input '{name}': shape {clip(list(shape))} is larger than any tensor this server "
+            f"holds (at most {MAX_RANK} dims and {MAX_BYTES} bytes)" + spec_hint(spec)
         )
     return tuple(shape)
+
+
+def clip(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters (and safe on absurdly nested input)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deep to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _decode_json_data(
@@ -75,15 +100,16 @@ def _decode_json_data(
     if not isinstance(data, list):
         data = [data]
     try:
-        arr = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        with np.errstate(over="raise"):  # 1e39 as FP32: an error, not a warning and an inf
+            arr = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise BadRequest(
-            f"input '{name}': 'data' is not a list of {datatype} values ({exc})" + _spec_hint(spec)
+            f"input '{name}': 'data' is not a list of {datatype} values ({exc})" + spec_hint(spec)
         ) from None
     if arr.dtype == np.object_ or arr.size != count:
         raise BadRequest(
             f"input '{name}': 'data' has {arr.size} elements but shape {list(shape)} needs {count}"
-            + _spec_hint(spec)
+            + spec_hint(spec)
         )
     return arr.reshape(shape)
 
@@ -118,7 +144,7 @@ def decode_request(
     inputs: dict[str, np.ndarray] = {}
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadRequest(f"each input needs a 'name', got {str(item)[:100]!r}")
+            raise BadRequest(f"each input needs a 'name', got {clip(item)}")
         name = item["name"]
         spec = specs.get(name) if specs is not None else None
         if name in inputs:
@@ -126,10 +152,14 @@ def decode_request(
         datatype = item.get("datatype")
         dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
         if dtype is None:
-            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}" + _spec_hint(spec))
-        shape = _shape_of(item, name, spec)
+            raise BadRequest(f"input '{name}': unknown datatype {clip(datatype)}" + spec_hint(spec))
+        shape = check_shape(item.get("shape"), name, dtype, spec)
         params = item.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            raise BadRequest(
+                f"input '{name}': 'parameters' must be a JSON object, got {clip(params)}"
+            )
+        size = params.get("binary_data_size")
         if size is not None:
             if datatype == "BYTES":
                 raise BadRequest(f"input '{name}': BYTES tensors are not supported by this server")
@@ -137,12 +167,12 @@ def decode_request(
             if not isinstance(size, int) or size != need:
                 raise BadRequest(
                     f"input '{name}': binary_data_size is {size!r} but {datatype} shape "
-                    f"{list(shape)} needs {need} bytes" + _spec_hint(spec)
+                    f"{list(shape)} needs {need} bytes" + spec_hint(spec)
                 )
             if offset + size > len(binary):
                 raise BadRequest(
                     f"input '{name}': binary data missing, need {size} bytes at offset {offset} "
-                    f"but the body has {len(binary)} bytes" + _spec_hint(spec)
+                    f"but the body has {len(binary)} bytes" + spec_hint(spec)
                 )
             arr = np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset)
             inputs[name] = arr.reshape(shape)
@@ -152,7 +182,7 @@ def decode_request(
         else:
             raise BadRequest(
                 f"input '{name}': neither 'data' nor parameters.binary_data_size given"
-                + _spec_hint(spec)
+                + spec_hint(spec)
             )
     if header_length is not None and offset != len(binary):
         raise BadRequest(
@@ -171,8 +201,13 @@ def decode_request(
         outputs = []
         for out in raw_outputs:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-                raise BadRequest(f"each requested output needs a 'name', got {str(out)[:100]!r}")
+                raise BadRequest(f"each requested output needs a 'name', got {clip(out)}")
             oparams = out.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise BadRequest(
+                    f"output '{out['name']}': 'parameters' must be a JSON object, got "
+                    f"{clip(oparams)}"
+                )
             if oparams.get("classification"):
                 raise BadRequest(
                     f"output '{out['name']}': the classification extension is not supported"

@@ -107,6 +107,11 @@ def default_instances(providers: Sequence[str]) -> int:
     (each engine runs 1 intra-op thread), 2 on a GPU (overlaps host work with device work)."""
     if providers and providers[0] == CUDA:
         return 2
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux

@@ -10,18 +10,36 @@ from __future__ import annotations
 import zlib
 
 from starlette.requests import Request as HttpRequest
+from starlette.types import Receive
 
 from serving.errors import BadRequest, PayloadTooLarge
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The whole (decompressed) body of ``request``; raises before reading past ``limit``."""
-    length = request.headers.get("content-length")
+    """The whole (decompressed) body of a Starlette ``request``; see :func:`receive_body`."""
+    headers = request.headers
+    length, encoding = headers.get("content-length"), headers.get("content-encoding")
+    return await receive_body(
+        request.receive,
+        length.encode("latin-1") if length is not None else None,
+        encoding.encode("latin-1") if encoding is not None else None,
+        limit,
+    )
+
+
+async def receive_body(
+    receive: Receive, length: bytes | None, encoding: bytes | None, limit: int
+) -> bytes:
+    """The whole (decompressed) body of an ASGI request whose ``Content-Length`` and
+    ``Content-Encoding`` headers are ``length`` and ``encoding`` (None: absent); raises before
+    reading past ``limit``."""
     if length is not None:
         try:
             size = int(length)
         except ValueError:
-            raise BadRequest(f"Content-Length must be an integer, got {length!r}") from None
+            raise BadRequest(
+                f"Content-Length must be an integer, got {length.decode('latin-1')!r}"
+            ) from None
         if size > limit:
             raise PayloadTooLarge(
                 f"request body of {size} bytes exceeds the limit of {limit} bytes "
@@ -29,17 +47,30 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
             )
     chunks = []
     total = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not chunks and not more:
+            body = chunk  # the usual case: one message, no copy
+            break
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(
                 f"request body exceeds the limit of {limit} bytes (serving.body_limit_bytes)"
             )
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding")
+    else:
+        body = b"".join(chunks)
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"request body exceeds the limit of {limit} bytes (serving.body_limit_bytes)"
+        )
     if encoding:
-        body = decompress(body, encoding.lower(), limit)
+        body = decompress(body, encoding.decode("latin-1").lower(), limit)
     return body
 
 

@@ -4,7 +4,8 @@
 type and its default live here, nowhere else); an unknown key or a value of the wrong type stops
 the server before it loads anything, and :meth:`ServingConfig.validate` checks ranges and choices
 with a message naming the key, the value and what is allowed. The engines, the dispatcher, the
-repository watcher and the HTTP front end each read their part of :class:`ServingConfig`.
+repository watcher, the scheduler and the HTTP front end each read their part of
+:class:`ServingConfig`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,57 @@ from serving.dispatcher import POLICIES
 from serving.providers import CONV_ALGO_SEARCHES
 from serving.store import StoreConfig
 
+#: how model versions are loaded (``serving.load``)
+LOAD_MODES = ("eager", "on_demand")
+
+
+@dataclass
+class BudgetConfig:
+    """``serving.budget.*``: what every loaded model version shares (:mod:`serving.scheduler`)."""
+
+    #: engines (concurrent runs) over all loaded versions, >= 1 per loaded version;
+    #: null = usable cores (CPU) / engines_per_gpu (CUDA)
+    engines: int | None = None
+    #: CUDA: engines on the GPU when engines is null
+    engines_per_gpu: int = 4
+    #: memory the loaded versions may hold (measured as they load: host memory on CPU, device
+    #: memory on CUDA); null = memory_fraction of what is available when the server starts
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.5
+    #: seconds between reassignments of engines by demand (also done on every load and unload)
+    rebalance_s: float = 1.0
+
+    def validate(self) -> None:
+        if self.engines is not None:
+            _at_least("serving.budget.engines", self.engines, 1)
+        _at_least("serving.budget.engines_per_gpu", self.engines_per_gpu, 1)
+        if self.memory_bytes is not None:
+            _at_least("serving.budget.memory_bytes", self.memory_bytes, 1)
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(
+                f"serving.budget.memory_fraction must be in (0, 1], got {self.memory_fraction}"
+            )
+        if not self.rebalance_s > 0:
+            raise ConfigError(f"serving.budget.rebalance_s must be > 0, got {self.rebalance_s}")
+
 
 @dataclass
 class ServingConfig:
-    """``serving.*``: engines, dispatcher, repository watching and request limits."""
+    """``serving.*``: engines, dispatcher, repository watching, the budget and request limits."""
 
-    #: engines per loaded version; null = one per usable core (CPU) / 2 (GPU)
+    #: engines per loaded version, fixed; null = the scheduler spreads serving.budget.engines
+    #: over the loaded versions by demand
     instances: int | None = None
+    #: the engines and memory all loaded versions share
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    #: eager: load what the repository's version policies want at start and on publish, as far
+    #: as the budget allows; on_demand: load a version at its first request. Both load a
+    #: version that is not resident when it is requested, evicting the least recently used
+    load: str = "eager"
+    #: how long a request waits for its version to load before 503 + Retry-After
+    load_timeout_s: float = 30.0
+    #: models ("name", its policy's versions) or versions ("name:version") always resident
+    pin: list[str] = field(default_factory=list)
     #: onnxruntime threads per engine
     intra_op_threads: int = 1
     #: idle intra-op spinning steals cores from the other engines
@@ -58,10 +103,27 @@ class ServingConfig:
     poll_interval_s: float = 0.05
     #: how long an unloaded version may finish its queue
     drain_timeout_s: float = 30.0
-    #: request body limit (413 above); per line for infer_stream
+    #: request body limit (413 above); per line for infer_stream; gRPC's message limit too
     body_limit_bytes: int = 64 * 1024 * 1024
     #: a repository on a model store (repository=s3://...): polling, local cache, retries
     store: StoreConfig = field(default_factory=StoreConfig)
+    #: JSON bodies over this many bytes are decoded in a helper process, off the event loop
+    #: (null: never)
+    json_offload_bytes: int | None = 256 * 1024
+    #: helper processes decoding big JSON bodies (spawned on the first one)
+    json_offload_processes: int = 1
+    #: KServe v2 / Triton gRPC port (GRPCInferenceService); null disables gRPC
+    grpc_port: int | None = 8001
+    #: open HTTP connections + requests in flight before new requests get 503 (null: no limit)
+    max_connections: int | None = 2048
+    #: an idle keep-alive HTTP connection is closed after this many seconds
+    keep_alive_timeout_s: float = 5.0
+    #: a connection must deliver a request's headers within this many seconds of connecting
+    #: (or of its previous response): idle and half-sent connections are closed
+    header_timeout_s: float = 10.0
+    #: Host header values accepted (e.g. [localhost, 127.0.0.1, my.host:8000]); null: any. A
+    #: browser page cannot then reach a localhost server through DNS rebinding
+    allowed_hosts: list[str] | None = None
 
     def validate(self) -> None:
         if self.instances is not None and self.instances < 0:
@@ -75,6 +137,39 @@ class ServingConfig:
         _at_least("serving.replace_attempts", self.replace_attempts, 0)
         _at_least("serving.drain_timeout_s", self.drain_timeout_s, 0)
         _at_least("serving.body_limit_bytes", self.body_limit_bytes, 1)
+        _at_least("serving.json_offload_processes", self.json_offload_processes, 1)
+        if self.json_offload_bytes is not None:
+            _at_least("serving.json_offload_bytes", self.json_offload_bytes, 0)
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(
+                f"serving.grpc_port must be in [0, 65535] or null (no gRPC), got {self.grpc_port}"
+            )
+        if self.max_connections is not None:
+            _at_least("serving.max_connections", self.max_connections, 1)
+        if not self.keep_alive_timeout_s > 0:
+            raise ConfigError(
+                f"serving.keep_alive_timeout_s must be > 0, got {self.keep_alive_timeout_s}"
+            )
+        if not self.header_timeout_s > 0:
+            raise ConfigError(f"serving.header_timeout_s must be > 0, got {self.header_timeout_s}")
+        self.budget.validate()
+        if self.load not in LOAD_MODES:
+            raise ConfigError(f"serving.load must be {' or '.join(LOAD_MODES)}, got {self.load!r}")
+        if not self.load_timeout_s > 0:
+            raise ConfigError(f"serving.load_timeout_s must be > 0, got {self.load_timeout_s}")
+        for pin in self.pin:
+            name, _, version = str(pin).partition(":")
+            if not name or (version and not version.isdigit()):
+                raise ConfigError(
+                    f"serving.pin entries are 'model' or 'model:version', got {pin!r}"
+                )
+        engines = self.budget.engines
+        if engines is not None and len(self.pin) * (self.instances or 1) > engines:
+            raise ConfigError(
+                f"serving.pin keeps {len(self.pin)} versions resident, each with "
+                f">= {self.instances or 1} engine(s), but serving.budget.engines={engines}; "
+                "raise serving.budget.engines or pin fewer"
+            )
         if not self.poll_interval_s > 0:
             raise ConfigError(f"serving.poll_interval_s must be > 0, got {self.poll_interval_s}")
         if self.versions is not None and self.versions < 1:

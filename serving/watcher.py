@@ -1,4 +1,4 @@
-"""Polls the model repository and keeps the registry in step with it, swapping versions live.
+"""Polls the model repository and tells the scheduler what it holds, so versions swap live.
 
 Every ``poll_interval_s`` (default 0.05 s) the watcher stats the repository root and each model
 directory (a few ``stat`` calls, ~20 us): a publish renames a version directory into its model
@@ -6,47 +6,34 @@ directory and retention renames one out, both of which change that directory's m
 model changes the root's. When a stamp changed (or changed within the last 100 ms, so two changes
 in one coarse clock tick are not missed), or at the latest every ``full_poll_s`` (default 1 s), it
 polls the repository in full (as it does once, synchronously, in
-:meth:`RepositoryWatcher.start`): each model's versions are listed. Which versions to serve
-follows the model's ``config.pbtxt`` version policy (Triton's: ``latest {num_versions: k}`` by
-default k=1, ``all``, or ``specific``) unless the ``versions`` argument overrides k. For a wanted
-version that is not loaded yet the watcher
+:meth:`RepositoryWatcher.start`): each model's versions are listed, and which of them may be
+served follows the model's ``config.pbtxt`` version policy (Triton's: ``latest {num_versions: k}``
+by default k=1, ``all``, or ``specific``) unless the ``versions`` argument overrides k.
 
-1. leases it (``ModelRepository.mark_in_use``) so retention cannot delete it while it is served,
-2. verifies it (``ModelRepository.verify``: checksums, onnx checker),
-3. builds its :class:`~serving.pool.EnginePool` (sessions loaded and warmed) off the request path,
-4. adds it to the registry, where it becomes the default if it is the newest,
-
-and only then unloads versions that fell out of the wanted set: removed from the registry first (new
-requests go to the new pool), then closed (queued requests finish), then the lease is released.
-Requests never see a gap, so a swap fails none. A version that fails to verify or load is logged,
-remembered and skipped; whatever was serving keeps serving.
-
-Each load is timed (train->serve latency, benchmarks/train_to_serve.py): :attr:`timings` and one
-``swap timing {json}`` log line per version hold ``published_at`` (metadata ``created``),
-``detected_at``, ``serving_at`` (wall-clock ``time.time()``), ``params_at`` (from the metadata's
-``timing``, when the trainer recorded it) and ``verify_s``, ``load_s``, ``warm_s``, ``swap_s``.
+Each model's candidates and count go to the :class:`~serving.scheduler.Scheduler`
+(:meth:`~serving.scheduler.Scheduler.update`), which loads what its mode wants (verified, warmed,
+within the budget) and then unloads what the new versions supersede; models that left the
+repository are unloaded. A version that failed to load is retried when its directory changes
+(the scheduler keeps the failure with a stamp of the directory; a full poll compares it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Iterable
 from typing import Any
 
 from serving.model_config import version_policy
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
+from serving.scheduler import Scheduler
 from serving.settings import ServingConfig
-from serving.signature import ModelSignature
+from serving.version_loader import PoolFactory
 
 log = logging.getLogger(__name__)
-
-PoolFactory = Callable[..., EnginePool]
 
 
 class RepositoryWatcher:
@@ -62,6 +49,7 @@ class RepositoryWatcher:
         models: Iterable[str] | None = None,
         drain_timeout_s: float = 30.0,
         pool_factory: PoolFactory = EnginePool,
+        scheduler: Scheduler | None = None,
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError(f"serving.poll_interval_s must be > 0, got {poll_interval_s}")
@@ -71,31 +59,52 @@ class RepositoryWatcher:
             )
         self.repository = repository
         self.registry = registry
-        self.settings = settings or ServingConfig()
+        self.scheduler = scheduler or Scheduler(
+            repository,
+            registry,
+            settings,
+            drain_timeout_s=drain_timeout_s,
+            pool_factory=pool_factory,
+        )
+        self.scheduler.rescan = self._rescan
         self.poll_interval_s = float(poll_interval_s)
         self.full_poll_s = max(float(full_poll_s), self.poll_interval_s)
         self.versions = versions
         self.models = set(models) if models else None
-        self.drain_timeout_s = drain_timeout_s
-        self.pool_factory = pool_factory
-        #: (model, version) -> why it was skipped
-        self.failed: dict[tuple[str, int], str] = {}
-        self._loaded: dict[tuple[str, int], tuple[EnginePool, str | None]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
         self.ready = False
-        self.swaps = 0
-        #: (model, version) -> load timing (see the module docstring)
-        self.timings: dict[tuple[str, int], dict[str, float | None]] = {}
         self._stamp: Any = None
+
+    # ---- what the scheduler knows, for callers of the watcher
+
+    @property
+    def failed(self) -> dict[tuple[str, int], str]:
+        """(model, version) -> why it is not served, for versions that failed to load."""
+        return {(v.model, v.version): v.failure for v in self.scheduler.versions() if v.failure}
+
+    @property
+    def timings(self) -> dict[tuple[str, int], dict[str, float | None]]:
+        return self.scheduler.timings
+
+    @property
+    def swaps(self) -> int:
+        return self.scheduler.swaps
 
     # ---- lifecycle
 
     def start(self) -> None:
-        """Load what the repository holds now, then keep polling in a background thread."""
+        """Read the repository, load what the scheduler's mode and pins want, then keep polling
+        in a background thread."""
         self._stamp = self._change_stamp()
-        self.poll_once()
+        with self._poll_lock:
+            self._poll(load=False)
+        try:
+            self.scheduler.start()
+        except BaseException:
+            self.scheduler.stop()  # unload what was loaded, release its leases
+            raise
         self.ready = True
         self._thread = threading.Thread(target=self._run, name="repository-watcher", daemon=True)
         self._thread.start()
@@ -106,8 +115,7 @@ class RepositoryWatcher:
         if self._thread is not None:
             self._thread.join(30)
         with self._poll_lock:
-            for model, version in list(self._loaded):
-                self._unload(model, version)
+            self.scheduler.stop()
         self.ready = False
 
     def _run(self) -> None:
@@ -149,20 +157,30 @@ class RepositoryWatcher:
     def poll_once(self) -> bool:
         """One pass over the repository; True when anything was loaded or unloaded."""
         with self._poll_lock:
-            changed = False
-            present = set(self.repository.list_models())
-            if self.models is not None:
-                present &= self.models
-            for model in sorted(present):
-                try:
-                    changed |= self._sync_model(model)
-                except Exception:  # noqa: BLE001 - one broken model must not stop the others
-                    log.exception("cannot sync model %s", model)
-            for model, version in list(self._loaded):
-                if model not in present:
-                    self._unload(model, version)
-                    changed = True
-            return changed
+            return self._poll(load=True)
+
+    def _poll(self, load: bool) -> bool:
+        changed = False
+        present = set(self.repository.list_models())
+        if self.models is not None:
+            present &= self.models
+        for model in sorted(present):
+            try:
+                candidates, count = self._wanted(model, self.repository.list_versions(model))
+                changed |= self.scheduler.update(model, candidates, count, load=load)
+            except Exception:  # noqa: BLE001 - one broken model must not stop the others
+                log.exception("cannot sync model %s", model)
+        changed |= self.scheduler.forget_others(present)
+        return changed
+
+    def _rescan(self, model: str) -> None:
+        """Tell the scheduler what the repository holds of ``model`` now (loads nothing)."""
+        if model not in self.repository.list_models():
+            return
+        if self.models is not None and model not in self.models:
+            return
+        candidates, count = self._wanted(model, self.repository.list_versions(model))
+        self.scheduler.update(model, candidates, count, load=False)
 
     def _wanted(self, model: str, available: list[int]) -> tuple[list[int], int]:
         """Candidate versions, newest first, and how many of them to serve."""
@@ -185,106 +203,6 @@ class RepositoryWatcher:
         latest = policy.get("latest") or {}
         return newest_first, max(1, int(latest.get("num_versions", 1)))
 
-    def _sync_model(self, model: str) -> bool:
-        available = self.repository.list_versions(model)
-        candidates, count = self._wanted(model, available)
-        loaded = {v for (m, v) in self._loaded if m == model}
-        keep: list[int] = []
-        changed = False
-        for version in candidates:
-            if len(keep) >= count:
-                break
-            if version in loaded:
-                keep.append(version)
-                continue
-            if (model, version) in self.failed:
-                continue
-            if self._load(model, version):
-                keep.append(version)
-                changed = True
-        for version in sorted(loaded - set(keep)):
-            if keep and version > min(keep) and version in available:
-                continue  # never drop a newer loaded version for an older one
-            self._unload(model, version)
-            changed = True
-        if changed and loaded:
-            self.swaps += 1
-        return changed
-
-    def _load(self, model: str, version: int) -> bool:
-        repo = self.repository
-        lease: str | None = None
-        detected_at = time.time()
-        try:
-            lease = repo.mark_in_use(model, version)
-            t0 = time.perf_counter()
-            repo.verify(model, version)
-            verify_s = time.perf_counter() - t0
-            meta = repo.load_metadata(model, version)
-            max_batch = meta.get("max_batch_size")
-            if max_batch is None:
-                max_batch = repo.read_config(model).max_batch_size
-            signature = ModelSignature.build(
-                meta["inputs"],
-                meta["outputs"],
-                int(max_batch),
-                allow_nonfinite=[*self.settings.allow_nonfinite, *meta.get("allow_nonfinite", [])],
-            )
-            t0 = time.perf_counter()
-            pool = self.pool_factory(
-                model,
-                version,
-                repo.model_path(model, version),
-                signature,
-                self.settings,
-            )
-            built_s = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001 - any failure: skip this version, keep serving
-            if lease is not None:
-                try:
-                    repo.release(model, version, lease)
-                except Exception:  # noqa: BLE001
-                    log.exception("cannot release lease on %s:%d", model, version)
-            self.failed[(model, version)] = f"{type(exc).__name__}: {exc}"
-            log.error("skipping %s version %d: %s: %s", model, version, type(exc).__name__, exc)
-            return False
-        self._loaded[(model, version)] = (pool, lease)
-        t0 = time.perf_counter()
-        self.registry.add(pool)
-        swap_s = time.perf_counter() - t0
-        log.info("serving %s version %d (providers %s)", model, version, pool.obtained_providers)
-        warm_s = max(
-            (getattr(getattr(w, "engine", None), "warmup_seconds", 0.0) for w in pool.workers),
-            default=0.0,
-        )
-        trainer = meta.get("timing") if isinstance(meta.get("timing"), dict) else {}
-        timing = {
-            "params_at": _number(trainer.get("params_at")),
-            "published_at": _epoch(meta.get("created")),
-            "detected_at": detected_at,
-            "serving_at": time.time(),
-            "verify_s": verify_s,
-            "load_s": max(0.0, built_s - warm_s),
-            "warm_s": warm_s,
-            "swap_s": swap_s,
-        }
-        self.timings[(model, version)] = timing
-        log.info("swap timing %s", json.dumps({"model": model, "version": version, **timing}))
-        return True
-
-    def _unload(self, model: str, version: int) -> None:
-        pool, lease = self._loaded.pop((model, version))
-        self.registry.remove(model, version)
-        try:
-            pool.close(self.drain_timeout_s)
-        finally:
-            if lease is not None:
-                try:
-                    self.repository.release(model, version, lease)
-                except Exception:  # noqa: BLE001
-                    log.exception("cannot release lease on %s:%d", model, version)
-        log.info("unloaded %s version %d", model, version)
-
 
 def _recent(stamp: Any, window_ns: int = 100_000_000) -> bool:
     """True when a directory in ``stamp`` changed within ``window_ns`` (mtimes are coarse: two
@@ -292,15 +210,3 @@ def _recent(stamp: Any, window_ns: int = 100_000_000) -> bool:
     if not isinstance(stamp, tuple) or not stamp:
         return True
     return time.time_ns() - max(m for _, m in stamp) < window_ns
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _epoch(iso: Any) -> float | None:
-    """``time.time()`` of an ISO-8601 timestamp (metadata ``created``), None if absent/bad."""
-    try:
-        return datetime.fromisoformat(str(iso)).timestamp() if iso else None
-    except (TypeError, ValueError):
-        return None

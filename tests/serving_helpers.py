@@ -147,3 +147,51 @@ def running_server(app: Any, timeout: float = 15.0) -> Iterator[str]:
         if thread.is_alive():
             server.force_exit = True
             thread.join(5)
+
+
+@contextlib.contextmanager
+def running_frontends(
+    dataplane: Any,
+    app: Any,
+    *,
+    token: str | None = None,
+    serving: Any = None,
+    timeout: float = 15.0,
+) -> Iterator[tuple[str, str]]:
+    """Runs ``fedserve-serve``'s HTTP and gRPC front ends (:func:`serving.cli.run_servers`) in a
+    thread's event loop on free 127.0.0.1 ports; yields ``(http_url, grpc_address)`` and always
+    stops them."""
+    import asyncio
+    import dataclasses
+
+    from serving.cli import run_servers
+    from serving.settings import ServeConfig, ServingConfig
+
+    settings = dataclasses.replace(serving or ServingConfig(), grpc_port=free_port())
+    conf = ServeConfig(port=free_port(), token=token, log_level="warning", serving=settings)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    listening = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(
+                run_servers(conf, app, dataplane, stop=stop, banner=lambda _: listening.set())
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failure.append(exc)
+        finally:
+            listening.set()
+            loop.close()
+
+    thread = threading.Thread(target=run, name="frontends", daemon=True)
+    thread.start()
+    if not listening.wait(timeout) or failure:
+        raise RuntimeError(f"front ends did not start: {failure}")
+    try:
+        yield f"http://127.0.0.1:{conf.port}", f"127.0.0.1:{settings.grpc_port}"
+    finally:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)

@@ -368,7 +368,7 @@ def test_cli_serves_until_sigint(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", f"repository={repo.root}", f"port={port}",
-         "serving.instances=1", "log_level=warning"],
+         "serving.instances=1", "log_level=warning", f"serving.grpc_port={free_port()}"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(root)},
     )  # fmt: skip
@@ -392,6 +392,23 @@ def test_cli_serves_until_sigint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert f"http://127.0.0.1:{port}/v2" in out
-    assert "clf: versions [1]" in out
+    assert proc.returncode == 0, out  # uvicorn used to re-raise SIGINT: the cleanup never ran
+    assert f"http://127.0.0.1:{port}/v2" in out and "gRPC" in out
+    assert "clf: versions [1]" in out and "fedserve stopped" in out
     assert repo.leased_versions("clf") == set()
+
+
+def test_serve_help_is_the_serving_template() -> None:
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "--help"],
+        cwd=root, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    ).stdout  # fmt: skip
+    assert out.startswith("fedserve-serve: serve every model")
+    assert "powered by Hydra" not in out and "dataset:" not in out and "strategy:" not in out
+    for key in ("repository=", "serving.grpc_port", "token=", "serving.instances"):
+        assert key in out
+    examples = out.split("Examples:")[1].strip().splitlines()
+    assert sum(line.strip().startswith("fedserve-serve ") for line in examples) == 3
+    assert "token='${oc.env:FEDSERVE_TOKEN}'" in out

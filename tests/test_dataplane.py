@@ -166,8 +166,8 @@ def test_documents(make_pool) -> None:
     assert proto.instance_group[0].count == 1
     assert proto.parameters["policy"].string_value == "least_loaded"
     assert dataplane.repository_index() == [
-        {"name": "clf", "version": "1", "state": "READY"},
-        {"name": "clf", "version": "2", "state": "READY"},
+        {"name": "clf", "version": "1", "state": "READY", "reason": ""},
+        {"name": "clf", "version": "2", "state": "READY", "reason": ""},
     ]
 
 

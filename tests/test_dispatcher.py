@@ -13,7 +13,7 @@ import pytest
 from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
 
 from serving.batching import Request
-from serving.errors import Overloaded, Unavailable
+from serving.errors import DeadlineExceeded, Overloaded, Unavailable
 from serving.pool import EnginePool
 from serving.settings import ServingConfig
 from serving.signature import ModelSignature
@@ -187,16 +187,25 @@ def test_every_engine_failing_answers_503_without_hanging(make_pool) -> None:
             r.wait(10)
 
 
-def test_hung_engine_is_abandoned_by_watchdog(make_pool) -> None:
+def test_hung_run_is_answered_504_not_retried_and_its_engine_abandoned(make_pool) -> None:
+    """A run past run_timeout_s is answered 504 at once and never retried on another engine (that
+    would burn a second core on the same input); a run that does not stop (here a Python sleep,
+    which onnxruntime's terminate flag cannot reach) gets its engine abandoned after the grace,
+    and the requests queued behind it are served elsewhere."""
     pool = make_pool(instances=2, run_timeout_s=0.3, max_batch_size=1)
     hung = pool.workers[0]
     slow_down(hung.engine, 3.0)
     r = Request({"x": np.ones((1, IN_FEATURES), np.float32)}, 1)
-    assert hung.offer(r) == 0
+    behind = Request({"x": np.ones((1, IN_FEATURES), np.float32)}, 1)
+    assert hung.offer(r) == 0 and hung.offer(behind) == 0
     t0 = time.monotonic()
-    r.wait(5)
-    assert time.monotonic() - t0 < 2.0
-    assert hung.dead and r.engine != hung.name
+    with pytest.raises(DeadlineExceeded, match="run_timeout_s=0.3 s"):
+        r.wait(5)
+    assert time.monotonic() - t0 < 1.5
+    assert r.engine == hung.name and r.error.status == 504 and hung.timeouts == 1
+    behind.wait(5)
+    assert behind.engine != hung.name
+    assert hung.dead and hung not in pool.workers
 
 
 def test_close_drains_queue_then_refuses(make_pool) -> None:

@@ -27,9 +27,9 @@ class ShapeRecorder:
     def __init__(self, session: Any) -> None:
         self.session, self.shapes = session, []
 
-    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+    def run(self, names: Any, feeds: dict[str, np.ndarray], options: Any = None) -> Any:
         self.shapes.append(feeds["x"].shape)
-        return self.session.run(names, feeds)
+        return self.session.run(names, feeds, options)
 
 
 def test_padded_engine_runs_one_shape_and_returns_only_the_real_rows(model_path: Path) -> None:

@@ -139,3 +139,47 @@ def test_encode_json_and_binary_outputs() -> None:
     size = head["outputs"][0]["parameters"]["binary_data_size"]
     got = np.frombuffer(body[hl : hl + size], np.float32).reshape(2, 3)
     np.testing.assert_array_equal(got, out["logits"])
+
+
+def _one_input(**overrides: object) -> dict:
+    item = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    return {"inputs": [{**item, **overrides}]}
+
+
+MALFORMED = {
+    "output parameters not an object": (
+        {**_one_input(), "outputs": [{"name": "logits", "parameters": [1, 2]}]},
+        "output 'logits': 'parameters' must be a JSON object, got [1, 2]",
+    ),
+    "input parameters not an object": (
+        _one_input(parameters="yes"),
+        "input 'x': 'parameters' must be a JSON object, got 'yes'",
+    ),
+    "a zero dim beside one numpy cannot hold": (
+        _one_input(shape=[0, 2**63], data=[]),
+        "input 'x': shape [0, 9223372036854775808] is larger than any tensor",
+    ),
+    "a dim of 2**62": (
+        _one_input(shape=[2**62, 0], data=[]),
+        "is larger than any tensor this server holds",
+    ),
+    "65 dims": (_one_input(shape=[1] * 65, data=[1]), "at most 64 dims"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_bad_requests(case: str) -> None:
+    doc, needle = MALFORMED[case]
+    with pytest.raises(BadRequest) as info:
+        decode_request(json.dumps(doc).encode(), None, SPECS)
+    assert needle in info.value.message
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_bad_request() -> None:
+    for depth in (1_000, 100_000):
+        body = b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(BadRequest, match="not valid JSON|'inputs'|'name'"):
+            decode_request(body, None, SPECS)
+    deep_item = {"inputs": [json.loads("[" * 900 + "]" * 900)]}  # under the limit, odd item
+    with pytest.raises(BadRequest, match="each input needs a 'name'"):
+        decode_request(json.dumps(deep_item).encode(), None, SPECS)

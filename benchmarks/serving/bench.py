@@ -13,12 +13,14 @@ weights, exported through ``server/export.py`` into a temporary model repository
    sending binary-v2 requests of 1 and of 64 rows, and vs a no-op FastAPI endpoint on the same
    uvicorn settings (uvloop + httptools, one worker) that reads the same body and answers the same
    bytes;
-2. **ray**: the same load against Ray Serve (2 onnxruntime replicas of 1 thread, ``@serve.batch``
+2. **interop**: our HTTP and gRPC front ends next to NVIDIA Triton's (PyTriton, its own venv) and
+   the raw onnxruntime ceiling (:mod:`benchmarks.serving.section_interop`; gRPC load from h2load);
+3. **ray**: the same load against Ray Serve (2 onnxruntime replicas of 1 thread, ``@serve.batch``
    of up to 64 rows with a 1 ms wait, ``max_ongoing_requests=64``), paired with our server;
-3. **policy**: least-loaded vs round-robin when one of the two engines is 4x slower (it sleeps
+4. **policy**: least-loaded vs round-robin when one of the two engines is 4x slower (it sleeps
    3x its run time after each run: slower without taking CPU from the others; inline runs off so
    a sleeping engine never holds the event loop);
-4. **dispatch**: the dispatcher's overhead per request in-process, with a null engine (no model).
+5. **dispatch**: the dispatcher's overhead per request in-process, with a null engine (no model).
 
 Method. The machine is small (2 cores) and shared, so the compared measurements are interleaved:
 each round measures every contender once (ceiling, ours, no-op; or ours, Ray; or least-loaded,
@@ -55,10 +57,12 @@ from typing import Any
 from benchmarks.common import RESULTS
 from benchmarks.serving.ceiling import ceiling_once
 from benchmarks.serving.config import BATCHES, MODELS, SECTIONS
+from benchmarks.serving.grpc_load import h2load_available
 from benchmarks.serving.load import wrk_available
 from benchmarks.serving.models import export_models
 from benchmarks.serving.section_dispatch import dispatch_section
 from benchmarks.serving.section_http import http_section
+from benchmarks.serving.section_interop import interop_section
 from benchmarks.serving.section_policy import policy_section
 from benchmarks.serving.section_ray import ray_section
 from benchmarks.serving.tables import report
@@ -141,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"sections are {SECTIONS}, models {tuple(MODELS)}")
     if args.providers == "cuda" and "ray" in sections:
         ap.error("--providers cuda: the ray section runs Ray Serve on the CPU only; add --skip-ray")
-    if sections & {"http", "ray", "policy"} and not wrk_available():
+    if sections & {"http", "interop", "ray", "policy"} and not wrk_available():
         ap.error("wrk is needed for the load sections: apt-get install wrk")
+    if "interop" in sections and not h2load_available():
+        ap.error("the interop section's gRPC load needs h2load: apt-get install nghttp2-client")
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {
         "machine": machine(args.providers),
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     b: ceiling_once(info, b, args.ceiling_s, args.providers)["rows_per_s"]
                     for b in BATCHES
                 }
+            if "interop" in sections:
+                res["interop"] = interop_section(name, info, repo, args)
             if "policy" in sections:
                 res["policy"] = policy_section(name, info, repo, expected[name], args)
         if "ray" in sections and infos:

@@ -7,7 +7,7 @@ MODELS: dict[str, tuple[tuple[int, int, int], int]] = {
     "cnn": ((1, 28, 28), 10),
     "resnet18": ((3, 32, 32), 10),
 }
-SECTIONS = ("http", "ray", "policy", "dispatch")
+SECTIONS = ("http", "interop", "ray", "policy", "dispatch")
 #: closed-loop client connections of every HTTP load
 CONNECTIONS = 32
 #: rows per request of every HTTP load

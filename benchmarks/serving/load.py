@@ -114,7 +114,7 @@ class LoadResult:
         return asdict(self)
 
 
-def _proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds (user + system, all threads) of each live process in ``pids``."""
     out = {}
     for pid in pids:
@@ -146,7 +146,7 @@ def _window_cpu(
     }
 
 
-def _machine_busy() -> tuple[float, float]:
+def machine_busy() -> tuple[float, float]:
     """(busy jiffies, total jiffies) from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
@@ -216,8 +216,8 @@ def wrk_load(
                 if proc.poll() is not None:
                     return
                 current = sorted(set(pids) | set(server_pids() if callable(server_pids) else ()))
-                client = _proc_cpu_seconds([proc.pid]).get(proc.pid, float("nan"))
-                samples.append((_proc_cpu_seconds(current), *_machine_busy(), client))
+                client = proc_cpu_seconds([proc.pid]).get(proc.pid, float("nan"))
+                samples.append((proc_cpu_seconds(current), *machine_busy(), client))
 
         sampler = threading.Thread(target=sample_edges, daemon=True)
         sampler.start()

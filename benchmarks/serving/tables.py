@@ -130,6 +130,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"does {bound:,.0f} images per core-second at its best batch size, "
                 f"{bound / noop_core:.2f} x the no-op's {noop_core:,.0f} requests per core-second"
             )
+        if "interop" in res:
+            lines.append("")
+            lines.extend(interop_lines(res["interop"]))
         ray = results.get("ray", {})
         if f"{name}_b1" in ray:
             lines.append("")
@@ -211,3 +214,47 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def interop_lines(r: dict[str, Any]) -> list[str]:
+    """The interop table (ours over HTTP and gRPC, Triton over both, the ceiling) and its
+    targets."""
+    lines = [
+        "ours (fedserve-serve, HTTP: wrk 32 connections; gRPC: h2load 4 connections x 8 streams) "
+        "vs NVIDIA Triton through PyTriton (2 instances of a 1-thread onnxruntime session, "
+        "max_batch_size 64, 1 ms dynamic batching) vs the raw onnxruntime ceiling"
+    ]
+    rows = []
+    for b in BATCHES:
+        s = r[f"b{b}"]
+        c = s["ceiling"]
+        rows.append(
+            [f"ceiling, batch {b}", "-", fmt(c["rows_per_s"]), fmt(c["p50_ms"], 2),
+             fmt(c["p99_ms"], 2), "-", "-", f"{c['cores']:.2f}", fmt(c["rows_per_core_s"]), "-"]
+        )  # fmt: skip
+        for key in ("ours http", "ours grpc", "triton http", "triton grpc"):
+            proto = key.split()[1]
+            ratio = f"{s[f'{proto}_vs_triton']:.2f}" if key.startswith("ours") else "1.00"
+            rows.append([f"{key}, batch {b}", *load_cells(s[key]), ratio])
+    lines.append(table(["contender", *LOAD_HEADERS, "x Triton req/s"], rows))
+    b1, b64 = r["b1"], r["b64"]
+    verdict = []
+    for proto in ("http", "grpc"):
+        ratio = b1[f"{proto}_vs_triton"]
+        p99_ok = b1[f"ours {proto}"]["p99_ms"] <= b1[f"triton {proto}"]["p99_ms"]
+        verdict.append(
+            f"{proto} batch 1 >= 1.5 x Triton req/s: {ratio:.2f} ({met(ratio >= 1.5)}), p99 <= "
+            f"Triton's: {fmt(b1[f'ours {proto}']['p99_ms'], 1)} vs "
+            f"{fmt(b1[f'triton {proto}']['p99_ms'], 1)} ms ({met(p99_ok)})"
+        )
+    for proto in ("http", "grpc"):
+        ratio = b64[f"{proto}_vs_ceiling"]
+        per_core = b64[f"ours {proto}"]["rows_per_core_s"] / b64["ceiling"]["rows_per_core_s"]
+        verdict.append(
+            f"{proto} batch 64 >= 0.9 x ceiling: images/s {ratio:.2f} ({met(ratio >= 0.9)}), per "
+            f"server core-second {per_core:.2f} ({met(per_core >= 0.9)})"
+        )
+    g = b1["grpc_vs_http"]
+    verdict.append(f"gRPC batch 1 >= HTTP batch 1: {g:.2f} ({met(g >= 1.0)})")
+    lines.extend(f"target: {v}" for v in verdict)
+    return lines

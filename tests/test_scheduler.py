@@ -1,0 +1,406 @@
+"""The scheduler center (serving/scheduler.py) on tiny models: on-demand loads shared by concurrent
+first requests, LRU eviction that never takes a version with requests in flight, pins, budget
+violations refused, engines following demand without a failed request, hot swap within the
+budget, a bounded wait for a load, memory measured at load, and a version that failed to load
+retried once its directory changes (issue 14, serving item 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from serving_helpers import IN_FEATURES, classifier_weights, publish_classifier, running_server
+
+from serving.api import create_app
+from serving.config_schema import ConfigError
+from serving.dataplane import DataPlane
+from serving.engine import Engine
+from serving.errors import BadRequest, NotFound, Unavailable
+from serving.pool import EnginePool
+from serving.registry import ModelRegistry
+from serving.repository import ModelRepository
+from serving.scheduler import Scheduler
+from serving.scheduler_budget import Budget
+from serving.settings import BudgetConfig, ServingConfig
+from serving.tensor_spec import TensorSpec
+from serving.watcher import RepositoryWatcher
+
+X = np.ones((1, IN_FEATURES), np.float32)
+
+
+def sized_pool(sizes: dict[str, int], delay_s: float = 0.0) -> type[EnginePool]:
+    """Real pools whose memory is declared per model instead of measured: what these tests
+    check is the scheduler's policy, and RSS growth in a test process is noise."""
+
+    class SizedPool(EnginePool):
+        built: list[str] = []
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(delay_s)
+            super().__init__(*args, **kwargs)
+            SizedPool.built.append(self.key)
+
+        def memory_bytes(self, engines: int | None = None) -> int:
+            return sizes.get(self.name, 1000)
+
+    return SizedPool
+
+
+class Served:
+    def __init__(self, repo: ModelRepository, watcher: RepositoryWatcher, pools: type) -> None:
+        self.repo = repo
+        self.watcher = watcher
+        self.scheduler = watcher.scheduler
+        self.registry = watcher.registry
+        self.pools = pools
+        self.dataplane = DataPlane(self.registry, scheduler=self.scheduler)
+
+    def use(self, name: str) -> np.ndarray:
+        """One request to ``name`` through the scheduler (loading it if needed)."""
+        return self.scheduler.request(name).result(30).infer({"x": X})["logits"]
+
+    def state(self, name: str) -> tuple[str, str]:
+        view = next(v for v in self.scheduler.versions() if v.model == name)
+        return view.state, view.reason
+
+
+@contextlib.contextmanager
+def scheduled(
+    tmp: Path,
+    models: tuple[str, ...],
+    *,
+    sizes: dict[str, int] | None = None,
+    memory: int = 10_000,
+    engines: int = 8,
+    load: str = "on_demand",
+    pin: tuple[str, ...] = (),
+    delay_s: float = 0.0,
+    load_timeout_s: float = 30.0,
+) -> Iterator[Served]:
+    repo = ModelRepository(tmp / "repo")
+    for name in models:
+        publish_classifier(repo, tmp, name=name, seed=1)
+    registry = ModelRegistry()
+    settings = ServingConfig(
+        providers="cpu",
+        inline_max_ms=0,
+        load=load,
+        pin=list(pin),
+        load_timeout_s=load_timeout_s,
+        budget=BudgetConfig(rebalance_s=3600),  # engines move on loads/unloads and when told
+    )
+    pools = sized_pool(sizes or {}, delay_s)
+    budget = Budget(
+        engines=engines, engines_per_version=None, memory_bytes=memory, memory_kind="host"
+    )
+    scheduler = Scheduler(repo, registry, settings, pool_factory=pools, budget=budget)
+    watcher = RepositoryWatcher(repo, registry, settings, scheduler=scheduler)
+    watcher.start()
+    try:
+        yield Served(repo, watcher, pools)
+    finally:
+        watcher.stop()
+
+
+def test_concurrent_first_requests_share_one_load(tmp_path: Path) -> None:
+    with scheduled(tmp_path, ("a",), delay_s=0.3) as s:
+        assert s.state("a") == ("UNAVAILABLE", "not loaded")  # on demand: nothing at start
+
+        async def first_requests() -> list[EnginePool]:
+            return await asyncio.gather(*(s.dataplane.acquire("a") for _ in range(8)))
+
+        pools = asyncio.run(first_requests())
+        assert len({id(p) for p in pools}) == 1 and s.pools.built == ["a:1"]
+        counters = s.scheduler.counters()["a"]
+        assert counters.loads == 1
+        assert counters.cold_start_buckets[-1] == 1 and counters.cold_start_sum >= 0.3
+
+
+def test_least_recently_used_idle_version_is_evicted_first(tmp_path: Path) -> None:
+    sizes = {"a": 4000, "b": 4000, "c": 4000}  # the budget (10,000) holds two
+    with scheduled(tmp_path, ("a", "b", "c"), sizes=sizes) as s:
+        s.use("a")
+        s.use("b")
+        s.use("a")  # b is now the least recently used
+        s.use("c")
+        assert s.state("a")[0] == "READY" and s.state("c")[0] == "READY"
+        assert s.state("b") == ("UNAVAILABLE", "evicted (least recently used) to load c:1")
+        s.use("b")  # now a is the least recently used
+        assert s.state("a")[0] == "UNAVAILABLE" and s.state("c")[0] == "READY"
+        assert {n: c.evictions for n, c in s.scheduler.counters().items()} == {
+            "a": 1,
+            "b": 1,
+            "c": 0,
+        }
+        assert s.scheduler.peak_memory_bytes <= 10_000
+        assert s.repo.leased_versions("b") == {1} and s.repo.leased_versions("a") == set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Requests whose first value is 777 wait in the engine until the event is set."""
+    opened = threading.Event()
+    run = Engine.run
+
+    def gated(self: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if next(iter(feeds.values())).flat[0] == 777:
+            opened.wait(10)
+        return run(self, feeds)
+
+    monkeypatch.setattr(Engine, "run", gated)
+    return opened
+
+
+def test_a_version_with_requests_in_flight_is_never_evicted(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    sizes = {"a": 4000, "b": 4000, "c": 4000}
+    with scheduled(tmp_path, ("a", "b", "c"), sizes=sizes, load_timeout_s=0.5) as s:
+        held = np.full((1, IN_FEATURES), 777, np.float32)
+        in_flight = s.scheduler.request("a").result(10).infer
+        with cf_thread(in_flight, {"x": held}) as slow:
+            s.use("b")  # a is the least recently used, but has a request in flight
+            s.use("c")
+            assert s.state("a")[0] == "READY" and s.state("b")[0] == "UNAVAILABLE"
+            with cf_thread(s.scheduler.request("c").result(10).infer, {"x": held}) as slow_c:
+                # every resident version is busy: the load waits, then gives up with 503
+                with pytest.raises(Unavailable) as info:
+                    asyncio.run(s.dataplane.acquire("b"))
+                assert "still loading after serving.load_timeout_s=0.5 s" in info.value.message
+                assert int(info.value.headers["Retry-After"]) >= 1
+                deadline = time.monotonic() + 10
+                while s.state("b")[0] == "LOADING" and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert "every other version is pinned or has requests in flight" in s.state("b")[1]
+                assert s.state("a")[0] == s.state("c")[0] == "READY"
+                gate.set()
+                slow_c.result(10)
+            w, b = classifier_weights(1)
+            np.testing.assert_allclose(slow.result(10)["logits"], held @ w + b, rtol=1e-5)
+        s.use("b")  # both idle again: the least recently used goes
+        assert s.state("b")[0] == "READY"
+
+
+@contextlib.contextmanager
+def cf_thread(fn: Any, *args: Any) -> Iterator[Any]:
+    """Runs ``fn(*args)`` in a thread; yields a future-like handle with ``result(timeout)``."""
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(fn, *args)
+        time.sleep(0.1)  # let it reach the engine
+        yield fut
+
+
+def test_pinned_versions_stay_resident(tmp_path: Path) -> None:
+    sizes = {"a": 4000, "b": 4000, "c": 4000, "d": 4000}
+    with scheduled(tmp_path, ("a", "b", "c", "d"), sizes=sizes, pin=("a",)) as s:
+        assert s.state("a")[0] == "READY"  # loaded at start, though nothing asked for it
+        for name in ("b", "c", "d", "b"):
+            s.use(name)
+            assert s.state("a")[0] == "READY"
+        assert next(v for v in s.scheduler.versions() if v.model == "a").pinned
+        assert s.scheduler.counters()["a"].evictions == 0
+
+
+def test_a_budget_too_small_for_the_pins_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        with scheduled(tmp_path, ("a", "b", "c"), engines=2, pin=("a", "b", "c")):
+            pass
+    message = str(info.value)
+    assert "serving.pin keeps 3 versions resident" in message
+    assert "serving.budget.engines=2" in message
+    with pytest.raises(ConfigError, match="serving.pin keeps 3 versions .*budget.engines=2"):
+        ServingConfig(pin=["a", "b", "c"], budget=BudgetConfig(engines=2)).validate()
+
+    repo = ModelRepository(tmp_path / "repo")
+    sizes = {"a": 6000, "b": 6000}
+    with pytest.raises(ConfigError) as info:
+        with scheduled(tmp_path / "mem", ("a", "b"), sizes=sizes, pin=("a", "b")):
+            pass
+    assert "pinned version b:1 cannot be loaded" in str(info.value)
+    assert "serving.budget.memory_bytes=10000 (12000 held)" in str(info.value)
+    mem_repo = ModelRepository(tmp_path / "mem" / "repo")
+    assert mem_repo.leased_versions("a") == set() and repo.leased_versions("a") == set()
+
+
+def test_a_version_bigger_than_the_budget_is_refused_naming_both_sizes(tmp_path: Path) -> None:
+    with scheduled(tmp_path, ("a", "big"), sizes={"a": 1000, "big": 20_000}) as s:
+        s.use("a")
+        with pytest.raises(BadRequest) as info:
+            s.scheduler.load_model("big")
+        assert info.value.status == 400
+        assert "holds 20000 bytes (measured at load)" in info.value.message
+        assert "more than serving.budget.memory_bytes=10000" in info.value.message
+        assert s.state("a")[0] == "READY"  # what was loaded stays loaded
+        with pytest.raises(NotFound, match="holds 20000 bytes"):  # remembered, not reloaded
+            s.scheduler.request("big")
+        assert s.pools.built.count("big:1") == 1
+    with scheduled(tmp_path / "tiny", ("a",), memory=100) as s:  # the files alone are larger
+        with pytest.raises(NotFound, match=r"needs at least \d+ bytes \(its files\), more than"):
+            asyncio.run(s.dataplane.acquire("a"))
+        assert s.pools.built == []
+
+
+def test_a_request_waits_for_a_load_up_to_the_bound_then_503(tmp_path: Path) -> None:
+    with scheduled(tmp_path, ("a",), delay_s=1.0, load_timeout_s=0.2) as s:
+        with pytest.raises(Unavailable) as info:
+            asyncio.run(s.dataplane.acquire("a"))
+        assert info.value.status == 503 and info.value.headers["Retry-After"] == "1"
+        assert "still loading after serving.load_timeout_s=0.2 s" in info.value.message
+        deadline = time.monotonic() + 10
+        while s.state("a")[0] != "READY" and time.monotonic() < deadline:
+            time.sleep(0.02)  # the load went on without the request
+        assert asyncio.run(s.dataplane.acquire("a")).version == 1
+        assert s.pools.built == ["a:1"]
+
+
+def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None:
+    with scheduled(tmp_path, ("a", "b"), engines=4, load="eager") as s:
+        s.scheduler.rebalance()
+        assert {k: v for k, v in s.scheduler.rebalance().items()} == {"a:1": 2, "b:1": 2}
+        failures: list[str] = []
+
+        def traffic(name: str, seconds: float) -> None:
+            def client() -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    try:
+                        s.registry.get(name).infer({"x": X})
+                    except Exception as exc:  # noqa: BLE001 - counted
+                        failures.append(repr(exc))
+
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for _ in range(8):  # the other version's smoothed demand halves each round
+                time.sleep(seconds / 9)
+                s.scheduler.rebalance()  # engines move while requests run
+            for t in threads:
+                t.join(30)
+
+        traffic("a", 2.0)
+        assert s.scheduler.rebalance() == {"a:1": 3, "b:1": 1}
+        traffic("b", 2.0)
+        assert s.scheduler.rebalance() == {"a:1": 1, "b:1": 3}
+        assert failures == []
+        pools = [s.registry.get("a"), s.registry.get("b")]
+        assert all(p.engine_failures == 0 and not p.draining for p in pools)
+        assert sum(len(p.workers) for p in pools) == 4  # never more engines than the budget
+
+
+def test_hot_swap_within_a_budget_that_holds_one_version(tmp_path: Path) -> None:
+    """The newest version replaces its predecessor although both do not fit at once: the old
+    one is retired (in-flight requests finish, new ones wait for the new version)."""
+    with scheduled(tmp_path, ("clf",), sizes={"clf": 6000}, load="eager", engines=2) as s:
+        app = create_app(s.dataplane)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]}
+        seen: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def client(url: str) -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post(f"{url}/v2/models/clf/infer", json=body)
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                    else:
+                        seen.append(r.json()["model_version"])
+
+        with running_server(app) as url:
+            threads = [threading.Thread(target=client, args=(url,)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 15
+            while len(seen) < 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            publish_classifier(s.repo, tmp_path, name="clf", seed=2)
+            s.watcher.poll_once()
+            deadline = time.monotonic() + 15
+            while "2" not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert failures == []
+        assert "1" in seen and "2" in seen and seen[-1] == "2"
+        assert s.scheduler.peak_memory_bytes <= 10_000
+        assert s.registry.models() == {"clf": [2]}
+
+
+def test_memory_is_measured_when_a_version_loads(tmp_path: Path) -> None:
+    """A 4 MB weight: the measured size is at least the weights and shows in the statistics."""
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((1024, 1024)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "wide.onnx"))
+    repo = ModelRepository(tmp_path / "repo")
+    repo.publish(
+        "wide",
+        tmp_path / "wide.onnx",
+        inputs=[TensorSpec("x", "FP32", [-1, 1024])],
+        outputs=[TensorSpec("y", "FP32", [-1, 1024])],
+        max_batch_size=8,
+    )
+    registry = ModelRegistry()
+    settings = ServingConfig(providers="cpu", budget=BudgetConfig(engines=2))
+    watcher = RepositoryWatcher(repo, registry, settings)
+    watcher.start()
+    try:
+        watcher.scheduler.rebalance()  # engines settled: the arena's share is counted per engine
+        pool = registry.get("wide")
+        memory = pool.memory_bytes()
+        assert weights.nbytes <= memory < 16 * weights.nbytes
+        stats = DataPlane(registry, scheduler=watcher.scheduler).model_statistics("wide")
+        usage = stats["model_stats"][0]["memory_usage"]
+        assert usage == [{"type": "CPU", "id": 0, "byte_size": memory}]
+        assert watcher.scheduler.memory_used() == memory
+    finally:
+        watcher.stop()
+
+
+def test_a_version_that_failed_to_load_is_retried_when_its_directory_changes(
+    tmp_path: Path,
+) -> None:
+    """Before: a version that failed verification once (say, caught mid-copy) was skipped
+    forever, even after its directory became complete and valid."""
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, seed=1)
+    registry = ModelRegistry()
+    watcher = RepositoryWatcher(repo, registry, ServingConfig(instances=1, providers="cpu"))
+    watcher.poll_once()
+    try:
+        v2 = publish_classifier(repo, tmp_path, seed=2)
+        model_file = repo.model_path("clf", v2)
+        good = model_file.read_bytes()
+        model_file.write_bytes(good[: len(good) // 2])  # half copied
+        watcher.poll_once()
+        assert registry.get("clf").version == 1 and ("clf", v2) in watcher.failed
+        watcher.poll_once()  # unchanged: not tried again
+        assert registry.get("clf").version == 1
+        model_file.write_bytes(good)  # the copy completes
+        watcher.poll_once()
+        assert registry.get("clf").version == v2 and ("clf", v2) not in watcher.failed
+        assert registry.models() == {"clf": [v2]}
+    finally:
+        watcher.stop()
