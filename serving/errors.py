@@ -114,3 +114,8 @@ class RepositoryError(ValueError):
 class StoreError(OSError):
     """A call to a model store (an fsspec URL such as ``s3://bucket/prefix``) failed; the message
     is one line naming the URL, the call and the store library's error."""
+
+
+class StoreKeyMissing(StoreError):
+    """The model store answered that no object is at the key (a 404): the store works, the
+    object is not there (not written yet, or deleted since it was listed)."""

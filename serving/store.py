@@ -7,8 +7,14 @@ standard environment and config files (for S3: ``AWS_ACCESS_KEY_ID``, ``AWS_PROF
 ``AWS_ENDPOINT_URL``, ``~/.aws/``; fsspec's ``FSSPEC_S3_*`` variables), never from the command line.
 
 :class:`Store` is the few calls the repository makes, each turned into a :class:`StoreError` of
-one line naming the URL, the call and the library's error on failure. Keys are relative to the
-URL's path (``"digits/3/model.onnx"``).
+one line naming the URL, the call and the library's error on failure (:class:`StoreKeyMissing`
+when the store says the object is not there). Keys are relative to the URL's path
+(``"digits/3/model.onnx"``).
+
+Every listing and every read asks the store: the filesystem is opened with fsspec's listing
+cache off. With it on, s3fs answers ``cat_file``'s size lookup from cached listings and keeps
+a cached listing of a directory below the one a listing refreshes, so a listing of a version
+taken before its manifest was written hid that manifest for good ("file not found", no GET).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from serving.errors import StoreError
+from serving.errors import StoreError, StoreKeyMissing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url)
+            self.fs, root = fsspec.core.url_to_fs(self.url, use_listings_cache=False)
         except ImportError as exc:  # the protocol's package is missing
             raise StoreError(f"model store {self.url}: {exc}") from None
         except ValueError as exc:
@@ -87,21 +93,25 @@ class Store:
         return f"{self.root}/{key}" if key else self.root
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)``; any failure becomes one line naming the URL and ``what``."""
+        """``fn(*args, **kwargs)``; any failure becomes one line naming the URL and ``what``:
+        StoreKeyMissing for an object that is not there, StoreError for the rest."""
         try:
             return fn(*args, **kwargs)
         except StoreError:
             raise
+        except FileNotFoundError as exc:
+            raise StoreKeyMissing(
+                f"model store {self.url}: {what} failed: {_one_line(exc)}"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - every store library has its own errors
             raise StoreError(f"model store {self.url}: {what} failed: {_one_line(exc)}") from None
 
     # ---- reading
 
     def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, Entry]:
-        """Every object under ``prefix`` (``maxdepth`` levels deep; fresh, never from fsspec's
-        listing cache): one recursive LIST on object stores."""
+        """Every object under ``prefix`` (``maxdepth`` levels deep): one recursive LIST on
+        object stores."""
         path = self.path(prefix)
-        self.fs.invalidate_cache(path)
         found = self.call(f"list {path}", self.fs.find, path, maxdepth=maxdepth, detail=True)
         strip = len(self.root) + 1
         out = {}

@@ -12,8 +12,9 @@ the thread
 3. downloads each wanted version that is not cached yet (the newest ones by the config's version
    policy, or ``serving.versions``) into a ``.tmp-*`` directory, checks every file's size and
    sha256 against the manifest, and renames it into place: the watcher then finds it as it
-   finds a local publish (a version failing its checksums is logged and skipped until its
-   manifest changes);
+   finds a local publish (a version failing its checksums, or missing a file, is logged and
+   skipped until its manifest changes; one whose manifest is gone by the time it is read is
+   not committed any more: skipped, not a store failure);
 4. drops versions the store no longer has, and evicts the least recently used versions while the
    cache holds more than ``serving.store.cache_max_bytes`` (never a leased one: what is served);
 5. mirrors the cache's leases into the store (:mod:`serving.leases`), so the trainer's retention
@@ -39,7 +40,7 @@ import uuid
 from pathlib import Path
 
 from serving.config_schema import ConfigError
-from serving.errors import RepositoryError, StoreError
+from serving.errors import RepositoryError, StoreError, StoreKeyMissing
 from serving.fsutil import atomic_write, fsync_dir, remove_path, sha256_file
 from serving.layout import CONFIG_FILE, TMP_PREFIX, VERSION_RE
 from serving.leases import LeaseHolder
@@ -180,7 +181,13 @@ class StoreMirror:
             stamp = model.manifest(version).stamp
             if self._rejected.get((name, version)) == stamp:
                 continue
-            if version in cached or self._download(name, version, model):
+            try:
+                present = version in cached or self._download(name, version)
+            except StoreKeyMissing as exc:
+                # deletion removes the manifest first: the version went after the listing
+                log.info("%s version %d is no longer committed: %s", name, version, exc)
+                continue
+            if present:
                 wanted += 1
                 self._wanted.add((name, version))
                 self._used.setdefault((name, version), time.time())
@@ -214,9 +221,11 @@ class StoreMirror:
             log.warning("model %s: %s; mirroring the newest version", name, exc)
             return {}
 
-    def _download(self, name: str, version: int, model: RemoteModel) -> bool:
+    def _download(self, name: str, version: int) -> bool:
         """Fetch a committed version into the cache; False (logged) when its files do not match
-        its manifest. StoreError propagates: the store failed, not the version."""
+        its manifest (a file it names missing included). StoreKeyMissing when the manifest is
+        gone (the version is not committed any more); StoreError propagates: the store failed,
+        not the version."""
         where = self.store.path(f"{name}/{version}/{MANIFEST_FILE}")
         started = time.perf_counter()
         mdir = self.cache.root / name
@@ -228,7 +237,10 @@ class StoreMirror:
             )
             for file, (size, digest) in files.items():
                 path = tmp / file
-                self.store.download(f"{name}/{version}/{file}", path)
+                try:
+                    self.store.download(f"{name}/{version}/{file}", path)
+                except StoreKeyMissing as exc:
+                    raise RepositoryError(f"a file its manifest names is missing: {exc}") from None
                 actual_size, actual = path.stat().st_size, sha256_file(path)
                 if (actual_size, actual) != (size, digest):
                     raise RepositoryError(

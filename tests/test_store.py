@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -160,6 +161,78 @@ def test_version_failing_its_checksums_is_skipped(
         with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
             assert mirror.sync()
         assert caplog.text == ""  # not downloaded again until its manifest changes
+    finally:
+        mirror.stop()
+
+
+def test_a_version_listed_before_its_manifest_is_served_once_committed(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server lists the store while a version's files are in place and its manifest is not
+    written yet; once it is, the next sync serves that version (a stale listing cache used to
+    hide the manifest from every later read: "file not found" for good)."""
+    trainer = StoreRepository(Store(url))
+    fresh_s3fs()  # the server is another process: its own filesystem instance
+    mirror = mirror_of(url, tmp_path)
+    original = Store.write
+
+    def server_syncs_before_the_commit(self: Store, key: str, data: bytes) -> None:
+        if self is trainer.store and key.endswith(MANIFEST_FILE):
+            assert mirror.sync()
+        original(self, key, data)
+
+    try:
+        publish_clf(trainer, tmp_path, 1)
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [1]
+        monkeypatch.setattr(Store, "write", server_syncs_before_the_commit)
+        publish_clf(trainer, tmp_path, 2)
+        monkeypatch.undo()
+        assert mirror.sync(), mirror.problem
+        assert mirror.cache.list_versions("clf") == [1, 2]
+    finally:
+        mirror.stop()
+
+
+def test_a_version_deleted_while_the_server_reads_it_is_no_store_failure(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes a version's manifest first: between the server's listing and its read
+    of the manifest the version stopped being committed, and the next newest is served."""
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    mirror = mirror_of(url, tmp_path)
+    listing = Store.listing
+    deleted: list[int] = []
+
+    def retention_runs_after_the_listing(self: Store, *args: Any, **kwargs: Any) -> Any:
+        found = listing(self, *args, **kwargs)
+        if self is mirror.store and not deleted:
+            repo.store.remove([f"clf/2/{MANIFEST_FILE}"])
+            deleted.append(2)
+        return found
+
+    monkeypatch.setattr(Store, "listing", retention_runs_after_the_listing)
+    try:
+        assert mirror.sync() and mirror.problem is None
+        assert mirror.cache.list_versions("clf") == [1]
+    finally:
+        mirror.stop()
+
+
+def test_a_version_missing_a_file_is_skipped_not_a_store_failure(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    Store(url).remove(["clf/2/model.onnx"])
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
+            assert mirror.sync() and mirror.problem is None
+        assert "skipping clf version 2" in caplog.text and "clf/2/model.onnx" in caplog.text
+        assert mirror.cache.list_versions("clf") == [1]
     finally:
         mirror.stop()
 
