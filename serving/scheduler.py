@@ -14,10 +14,14 @@ versions, newest first, and how many its version policy serves). What is loaded 
   first requests share one load (one future per version); a request waits up to
   ``serving.load_timeout_s``, then gets 503 with ``Retry-After`` while the load goes on. Requests
   load non-resident versions in eager mode too.
-* **hot swap**: a model with a loaded version is in use, so its newest wanted version is loaded as
-  soon as it is published (both modes); then the versions it supersedes are unloaded (drained,
-  nothing fails). Never is a newer loaded version dropped for an older one.
+* **hot swap**: a model with a loaded version is in use, so a version published for it (or fixed
+  after a failure) that is newer than its loaded ones is loaded at once (both modes); then the
+  versions it supersedes under the policy are unloaded (drained, nothing fails). Never is a newer
+  loaded version dropped for an older one.
 * **pins** (``serving.pin``): loaded at start and never evicted.
+
+A request without a version goes to the newest loaded version of the model (Triton's rule); when
+none is loaded, the newest version the policy serves is loaded for it.
 
 Making room: a load first reserves what the version is expected to hold (its last measurement,
 else the largest measured version of the same model, else its files' size: a session holds at
@@ -183,10 +187,10 @@ class Scheduler:
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._rebalancer: threading.Thread | None = None
-        #: (model, version) -> load timing (see :mod:`serving.version_loader`)
         #: re-reads one model from the repository (set by the watcher): what an explicit load
         #: does first, as Triton's load re-reads the model
         self.rescan: Callable[[str], None] | None = None
+        #: (model, version) -> load timing (see :mod:`serving.version_loader`)
         self.timings: dict[tuple[str, int], dict[str, float | None]] = {}
         self.swaps = 0
         self.peak_memory_bytes = 0
@@ -197,9 +201,15 @@ class Scheduler:
     def update(self, model: str, candidates: list[int], count: int, *, load: bool = True) -> bool:
         """The repository holds ``candidates`` of ``model`` (newest first) and its policy serves
         ``count`` of them. Loads what the mode wants (waiting for it), then unloads what the
-        newly loaded versions supersede. True when anything was loaded or unloaded."""
+        newly loaded versions supersede. True when anything was loaded or unloaded.
+
+        What is loaded: a pinned version always; in eager mode every served version that fits
+        without evicting anything; in both modes, for a model in use (a version loaded), a
+        served version that is new (published, or fixed after a failure, since the last update)
+        and newer than its newest loaded one: a hot swap, evicting if needed."""
         with self._lock:
             m = self._models.setdefault(model, _Model())
+            previous = set(m.candidates)
             m.candidates, m.count = list(candidates), int(count)
             for v in candidates:
                 if v not in m.versions:
@@ -207,9 +217,9 @@ class Scheduler:
             for v in [v for v, ver in m.versions.items() if v not in candidates]:
                 if m.versions[v].state == UNAVAILABLE and m.versions[v].future is None:
                     del m.versions[v]
-            self._retry_changed(m)
-            in_use = self._in_use(m)
-            wanted_now = load and not m.unloaded and (not self.on_demand or in_use)
+            fresh = (set(candidates) - previous) | self._retry_changed(m)
+            in_use = [v for v, ver in m.versions.items() if ver.state in (READY, LOADING)]
+            newest_in_use = max(in_use, default=0)
             loaded_before = [v for v, ver in m.versions.items() if ver.state == READY]
         if not load:
             return False
@@ -222,10 +232,14 @@ class Scheduler:
             if ver.state == READY:
                 keep.append(v)
                 continue
-            if ver.failure is not None or not (wanted_now or self._pinned(ver)):
+            if ver.failure is not None or m.unloaded:
+                continue
+            swap = bool(in_use) and v in fresh and v > newest_in_use
+            pinned = self._pinned(ver)
+            if not (pinned or swap or not self.on_demand):
                 continue
             try:
-                self._ensure_loading(ver, evict=in_use or self._pinned(ver)).result()
+                self._ensure_loading(ver, evict=pinned or swap).result()
             except (LoadError, Refused, ServingError):
                 continue
             keep.append(v)
@@ -536,7 +550,8 @@ class Scheduler:
                 raise Unavailable("the server is stopping")
             ver.future = Future()
             ver.evict = evict
-            ver.state, ver.reason = LOADING, "loading"
+            if ver.state != UNLOADING:  # else the load starts once the unload is done
+                ver.state, ver.reason = LOADING, "loading"
             fut = ver.future
         try:
             self._loader.submit(self._load_job, ver)
@@ -568,6 +583,15 @@ class Scheduler:
 
     def _load(self, ver: _Version) -> EnginePool:
         """Make room, load, measure, publish (runs on the loader thread)."""
+        deadline = time.monotonic() + self.drain_timeout_s + 1.0
+        while True:  # requested again while its unload drains: let the unload finish
+            with self._lock:
+                if ver.state != UNLOADING:
+                    ver.state, ver.reason = LOADING, "loading"
+                    break
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{ver.key} is still being unloaded; retry")
+            time.sleep(ROOM_POLL_S)
         need = self._estimate(ver)
         budget = self.budget.memory_bytes
         if need > budget:
@@ -630,26 +654,34 @@ class Scheduler:
     def _publish(self, ver: _Version, timing: dict[str, float | None]) -> None:
         pool = ver.pool
         assert pool is not None
+        cold = ""
         with self._lock:
             m = self._models.get(ver.model)
-            ver.state, ver.reason = READY, ""
-            if m is not None:
+            gone = m is None or m.versions.get(ver.version) is not ver
+            if m is not None and not gone:
+                ver.state, ver.reason = READY, ""
                 m.loads += 1
                 if ver.waiting_since:
-                    self._observe_cold_start(m, time.monotonic() - ver.waiting_since)
-            ver.waiting_since = 0.0
-            self.peak_memory_bytes = max(self.peak_memory_bytes, self._used())
+                    seconds = time.monotonic() - ver.waiting_since
+                    self._observe_cold_start(m, seconds)
+                    cold = f", cold start {seconds:.3f} s"
+                ver.waiting_since = 0.0
+                self.peak_memory_bytes = max(self.peak_memory_bytes, self._used())
+        if gone:  # the model left the repository while this version loaded
+            self._discard(ver)
+            raise LoadError(f"{ver.key} was removed from the repository while it loaded")
         t0 = time.perf_counter()
         self.registry.add(pool)
         timing["swap_s"] = time.perf_counter() - t0
         timing["serving_at"] = time.time()
         self.timings[(ver.model, ver.version)] = timing
         log.info(
-            "serving %s version %d (providers %s, %.1f MB)",
+            "serving %s version %d (providers %s, %.1f MB%s)",
             ver.model,
             ver.version,
             pool.obtained_providers,
             pool.memory_bytes() / 1e6,
+            cold,
         )
         log.info("swap timing %s", _json({"model": ver.model, "version": ver.version, **timing}))
 
@@ -669,13 +701,17 @@ class Scheduler:
             ver.failure_stamp = self._stamp(ver)
             ver.state, ver.reason = UNAVAILABLE, reason
 
-    def _retry_changed(self, m: _Model) -> None:
-        """Forget failures whose version directory changed since (lock held)."""
+    def _retry_changed(self, m: _Model) -> set[int]:
+        """Forget failures whose version directory changed since; returns those versions (lock
+        held)."""
+        cleared = set()
         for ver in m.versions.values():
             if ver.failure is not None and self._stamp(ver) != ver.failure_stamp:
                 log.info("%s changed since it failed to load; trying it again", ver.key)
                 ver.failure = ver.failure_stamp = None
                 ver.state, ver.reason = UNAVAILABLE, "not loaded"
+                cleared.add(ver.version)
+        return cleared
 
     def _stamp(self, ver: _Version) -> Any:
         """Names, sizes and mtimes of the version directory's files (None if unreadable)."""
@@ -757,6 +793,8 @@ class Scheduler:
                     )
                     self._unload(victim, reason, eviction=victim.model != ver.model)
                 continue
+            if self._stop.is_set():
+                raise Unavailable("the server is stopping")
             if not waitable or time.monotonic() > deadline:
                 raise Unavailable(
                     f"cannot load version {ver.version} of model '{ver.model}': {shortage}; "
@@ -843,8 +881,10 @@ class Scheduler:
         finally:
             release(self.repository, ver.model, ver.version, lease)
             with self._lock:
-                ver.pool = ver.lease = None
-                ver.state, ver.reason = UNAVAILABLE, reason
+                if ver.pool is pool:
+                    ver.pool = ver.lease = None
+                if ver.state == UNLOADING:
+                    ver.state, ver.reason = UNAVAILABLE, reason
             self._kick.set()
         log.info("unloaded %s version %d (%s)", ver.model, ver.version, reason)
 

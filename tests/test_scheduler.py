@@ -86,6 +86,7 @@ def scheduled(
     pin: tuple[str, ...] = (),
     delay_s: float = 0.0,
     load_timeout_s: float = 30.0,
+    versions: int | None = None,
 ) -> Iterator[Served]:
     repo = ModelRepository(tmp / "repo")
     for name in models:
@@ -104,7 +105,7 @@ def scheduled(
         engines=engines, engines_per_version=None, memory_bytes=memory, memory_kind="host"
     )
     scheduler = Scheduler(repo, registry, settings, pool_factory=pools, budget=budget)
-    watcher = RepositoryWatcher(repo, registry, settings, scheduler=scheduler)
+    watcher = RepositoryWatcher(repo, registry, settings, scheduler=scheduler, versions=versions)
     watcher.start()
     try:
         yield Served(repo, watcher, pools)
@@ -202,6 +203,25 @@ def cf_thread(fn: Any, *args: Any) -> Iterator[Any]:
         yield fut
 
 
+def test_a_version_loaded_again_while_its_unload_drains_ends_up_loaded(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    with scheduled(tmp_path, ("a",)) as s:
+        held = np.full((1, IN_FEATURES), 777, np.float32)
+        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": held}) as slow:
+            with cf_thread(s.scheduler.unload_model, "a") as unloading:
+                assert s.state("a")[0] == "UNLOADING"  # draining the request in flight
+                with cf_thread(s.scheduler.load_model, "a") as loading:
+                    gate.set()
+                    unloading.result(10)
+                    loading.result(10)
+            slow.result(10)
+        assert s.state("a") == ("READY", "")
+        pool = s.registry.get("a")
+        assert pool.ready and s.scheduler.request("a").result(1) is pool
+        assert s.pools.built == ["a:1", "a:1"]
+
+
 def test_pinned_versions_stay_resident(tmp_path: Path) -> None:
     sizes = {"a": 4000, "b": 4000, "c": 4000, "d": 4000}
     with scheduled(tmp_path, ("a", "b", "c", "d"), sizes=sizes, pin=("a",)) as s:
@@ -297,6 +317,23 @@ def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None
         pools = [s.registry.get("a"), s.registry.get("b")]
         assert all(p.engine_failures == 0 and not p.draining for p in pools)
         assert sum(len(p.workers) for p in pools) == 4  # never more engines than the budget
+
+
+def test_on_demand_loads_the_asked_versions_and_swaps_in_new_ones(tmp_path: Path) -> None:
+    """Every version served (serving.versions): a poll loads nothing a request did not ask for,
+    except a version published while its model is in use (the hot swap)."""
+    with scheduled(tmp_path, ("clf",), versions=10) as s:
+        for seed in (2, 3):
+            publish_classifier(s.repo, tmp_path, name="clf", seed=seed)
+        s.watcher.poll_once()
+        assert s.pools.built == []
+        s.scheduler.request("clf", 1).result(10)
+        s.watcher.poll_once()
+        assert s.pools.built == ["clf:1"]  # versions 2 and 3 were there before: not loaded
+        publish_classifier(s.repo, tmp_path, name="clf", seed=4)
+        s.watcher.poll_once()
+        assert s.pools.built == ["clf:1", "clf:4"] and s.registry.models() == {"clf": [1, 4]}
+        assert s.scheduler.request("clf").result(10).version == 4  # the default: the newest
 
 
 def test_hot_swap_within_a_budget_that_holds_one_version(tmp_path: Path) -> None:
