@@ -23,16 +23,19 @@ versions, newest first, and how many its version policy serves). What is loaded 
 A request without a version goes to the newest loaded version of the model (Triton's rule); when
 none is loaded, the newest version the policy serves is loaded for it.
 
-Making room: a load first reserves what the version is expected to hold (its last measurement,
-else the largest measured version of the same model, else its files' size: a session holds at
-least its weights). When that would exceed the memory budget, or no engine is left for it, the
-least recently used version that is not pinned and has nothing in flight (no request queued or
-running) is unloaded, then the next, until it fits. A version with requests in flight is never
-evicted; if only in-flight versions are left, the load waits for one to go idle (up to the load
-timeout), then gives up with 503. A swap may instead retire the version it replaces (new requests
-then wait for the new version; in-flight ones finish). After the load, the measured size replaces
-the reservation; a version larger than the whole budget is unloaded again and refused, with a
-message naming both sizes, and remembered as such.
+Making room: a load first reserves what the version is expected to hold: its last measurement,
+else the largest measured version of the same model, else its files' size times
+``FIRST_LOAD_MARGIN`` plus the largest run memory measured so far (a session holds its weights
+plus an arena region for its runs: measured here 0.3 / 6.8 / 45.1 MB sessions for 0.2 / 6.7 /
+44.7 MB files, and 1.1-3.3 MB of run memory), so the reservation errs upwards; it is capped at the
+budget. When that would exceed the memory budget, or no engine is left for it, the least recently
+used version that is not pinned and has nothing in flight (no request queued or running) is
+unloaded, then the next, until it fits. A version with requests in flight is never evicted; if
+only in-flight versions are left, the load waits for one to go idle (up to the load timeout),
+then gives up with 503. A swap may instead retire the version it replaces (new requests then wait
+for the new version; in-flight ones finish). After the load, the measured size replaces the
+reservation; a version larger than the whole budget is unloaded again and refused, with a message
+naming both sizes, and remembered as such.
 
 Engines follow demand (``serving.instances`` unset): a new version gets one engine (taken from
 the version holding the most when none is free); every ``serving.budget.rebalance_s`` and after
@@ -81,6 +84,9 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: how often a load waiting for an in-flight version to go idle looks again
 ROOM_POLL_S = 0.02
+#: a never-measured model's reservation: its files' size times this, plus the largest run memory
+#: measured so far
+FIRST_LOAD_MARGIN = 1.25
 
 
 class Refused(Exception):
@@ -108,6 +114,8 @@ class _Version:
     measured: int = 0
     failure: str | None = None
     failure_stamp: Any = None
+    #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
+    verified_stamp: Any = None
     last_load_s: float = 0.0
 
     @property
@@ -194,6 +202,8 @@ class Scheduler:
         self.timings: dict[tuple[str, int], dict[str, float | None]] = {}
         self.swaps = 0
         self.peak_memory_bytes = 0
+        #: the most working memory (what runs leave in the arena) a loaded version has measured
+        self._largest_run_bytes = 0
         log.info("scheduler budget: %s", self.budget.describe())
 
     # ---- the repository's view (fed by the watcher)
@@ -592,16 +602,16 @@ class Scheduler:
             if time.monotonic() > deadline:
                 raise Unavailable(f"{ver.key} is still being unloaded; retry")
             time.sleep(ROOM_POLL_S)
-        need = self._estimate(ver)
+        need, floor = self._estimate(ver)
         budget = self.budget.memory_bytes
-        if need > budget:
+        if floor > budget:
             self._record_failure(
                 ver,
-                f"version {ver.version} of model '{ver.model}' needs at least {need} bytes "
+                f"version {ver.version} of model '{ver.model}' needs at least {floor} bytes "
                 f"(its files), more than serving.budget.memory_bytes={budget}",
             )
             raise LoadError(ver.failure)
-        self._make_room(ver, need)
+        self._make_room(ver, min(need, budget))
         with self._engines_lock:
             return self._load_reserved(ver)
 
@@ -613,6 +623,7 @@ class Scheduler:
         if self.budget.engines_per_version is None:
             self._free_an_engine()
         t0 = time.perf_counter()
+        stamp = self._stamp(ver)
         try:
             loaded = load_version(
                 self.repository,
@@ -622,6 +633,7 @@ class Scheduler:
                 pool_factory=self.pool_factory,
                 engines=engines,
                 stats=ver.stats,
+                verified=stamp is not None and stamp == ver.verified_stamp,
             )
         except LoadError as exc:
             with self._lock:
@@ -633,6 +645,8 @@ class Scheduler:
         measured = pool.memory_bytes()
         with self._lock:
             ver.pool, ver.lease, ver.reserved = pool, loaded.lease, 0
+            ver.verified_stamp = stamp
+            self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
             ver.measured = measured
             ver.last_load_s = time.perf_counter() - t0
         if measured > budget:
@@ -725,20 +739,22 @@ class Scheduler:
         except (OSError, AttributeError, ValueError):
             return None
 
-    def _estimate(self, ver: _Version) -> int:
-        """Bytes a version is expected to hold before it is measured (see the module docstring)."""
+    def _estimate(self, ver: _Version) -> tuple[int, int]:
+        """(bytes to reserve, bytes it holds at least) before a version is measured (see the
+        module docstring); the floor is 0 when its files cannot be read."""
+        try:
+            path = self.repository.model_path(ver.model, ver.version)
+            files = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+        except (OSError, AttributeError):
+            files = 0
         if ver.measured:
-            return ver.measured
+            return ver.measured, files
         with self._lock:
             m = self._models.get(ver.model)
             same_model = [o.measured for o in m.versions.values() if o.measured] if m else []
         if same_model:
-            return max(same_model)
-        try:
-            path = self.repository.model_path(ver.model, ver.version)
-            return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
-        except (OSError, AttributeError):
-            return 0
+            return max(same_model), files
+        return int(files * FIRST_LOAD_MARGIN) + self._largest_run_bytes, files
 
     # ---- making room
 
