@@ -39,7 +39,8 @@ naming both sizes, and remembered as such.
 
 Engines follow demand (``serving.instances`` unset): a new version gets one engine (taken from
 the version holding the most when none is free); every ``serving.budget.rebalance_s`` and after
-each load and unload the engines are re-spread by measured demand with hysteresis
+loads and unloads (at most every ``REBALANCE_MIN_S``) the engines are re-spread by measured
+demand with hysteresis, each version getting what its demand needs, the rest left free
 (:mod:`serving.scheduler_allocation`). A moved engine is drained first: its queued requests go to
 the version's other engines, its running batch finishes, then it starts on the other version.
 With ``serving.instances`` set, every loaded version has that many engines, fixed.
@@ -84,6 +85,8 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: how often a load waiting for an in-flight version to go idle looks again
 ROOM_POLL_S = 0.02
+#: the least time between two rounds of engine reassignment
+REBALANCE_MIN_S = 0.2
 #: a never-measured model's reservation: its files' size times this, plus the largest run memory
 #: measured so far
 FIRST_LOAD_MARGIN = 1.25
@@ -934,9 +937,10 @@ class Scheduler:
         period = self.settings.budget.rebalance_s
         while not self._stop.is_set():
             self._kick.wait(period)
-            self._kick.clear()
-            if self._stop.is_set():
+            # loads and unloads kick it; under churn, one round per REBALANCE_MIN_S is enough
+            if self._stop.wait(min(REBALANCE_MIN_S, period)):
                 return
+            self._kick.clear()
             try:
                 self.rebalance()
             except Exception:  # noqa: BLE001 - the rebalancer must survive a bad round

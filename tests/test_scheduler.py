@@ -90,6 +90,7 @@ def scheduled(
     delay_s: float = 0.0,
     load_timeout_s: float = 30.0,
     versions: int | None = None,
+    max_batch_size: int = 64,
 ) -> Iterator[Served]:
     repo = ModelRepository(tmp / "repo")
     for name in models:
@@ -101,6 +102,7 @@ def scheduled(
         load=load,
         pin=list(pin),
         load_timeout_s=load_timeout_s,
+        max_batch_size=max_batch_size,
         budget=BudgetConfig(rebalance_s=3600),  # engines move on loads/unloads and when told
     )
     pools = sized_pool(sizes or {}, delay_s)
@@ -293,10 +295,18 @@ def test_a_request_waits_for_a_load_up_to_the_bound_then_503(tmp_path: Path) -> 
         assert s.pools.built == ["a:1"]
 
 
-def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None:
-    with scheduled(tmp_path, ("a", "b"), engines=4, load="eager") as s:
-        s.scheduler.rebalance()
-        assert {k: v for k, v in s.scheduler.rebalance().items()} == {"a:1": 2, "b:1": 2}
+def test_engines_follow_demand_without_failing_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Engine.run
+
+    def busy(self: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.003)  # a model that keeps an engine busy for 3 ms a request
+        return run(self, feeds)
+
+    monkeypatch.setattr(Engine, "run", busy)
+    with scheduled(tmp_path, ("a", "b"), engines=4, load="eager", max_batch_size=1) as s:
+        assert s.scheduler.rebalance() == {"a:1": 1, "b:1": 1}  # no demand: the rest stays free
         failures: list[str] = []
 
         def traffic(name: str, seconds: float) -> None:
@@ -324,7 +334,7 @@ def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None
         assert failures == []
         pools = [s.registry.get("a"), s.registry.get("b")]
         assert all(p.engine_failures == 0 and not p.draining for p in pools)
-        assert sum(len(p.workers) for p in pools) == 4  # never more engines than the budget
+        assert sum(len(p.workers) for p in pools) <= 4  # never more engines than the budget
 
 
 def test_on_demand_loads_the_asked_versions_and_swaps_in_new_ones(tmp_path: Path) -> None:
