@@ -10,8 +10,9 @@ and after its warm-up, and reports the growth. What that measures, honestly:
   for one ResNet-18 session swung between 75 and 144 MB from one load to the next, while the heap
   grew by 45.1 MB every time (its weights are 44.7 MB). It still counts what other threads
   allocate during the load (an over-estimate: in-flight request buffers, another session's arena
-  growing), so loads are made one at a time (:mod:`serving.scheduler`) and the caller floors the
-  figure at the model files' size. What it does not count: the transient copies a session
+  growing; another load made at the same time), so the scheduler keeps a version's smallest
+  measurement (:mod:`serving.scheduler`) and the caller floors the figure at the model files'
+  size. What it does not count: the transient copies a session
   creation frees before it returns (the parsed file; they are reused by the next load), and
   memory a library maps itself (ONNX external data is mmapped: the files' size covers it). Where
   ``mallinfo2`` is missing (not glibc >= 2.33) the resident set size is used instead.

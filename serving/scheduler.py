@@ -51,8 +51,10 @@ changes (a non-atomic copy completing, a fixed file). The model control API (:me
 :meth:`unload_model`, :meth:`index`) is Triton's explicit model control: a model unloaded through it
 stays unloaded, and is not loaded on demand, until it is loaded through it again.
 
-Locking: one lock guards the state; loads run one at a time on a loader thread (so each load's
-memory measurement is its own); pools are built, closed and drained outside the lock.
+Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads
+(making room is one at a time); pools are built, closed and drained outside the lock. Two loads
+at once can only add to each other's memory measurement (the heap grows for both), so a version
+keeps the smallest of its measurements as its estimate: the figure errs upwards, never down.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 ROOM_POLL_S = 0.02
 #: the least time between two rounds of engine reassignment
 REBALANCE_MIN_S = 0.2
+#: loads made at once (a small model's cold start need not wait behind a big one's)
+LOAD_THREADS = 2
 #: a never-measured model's reservation: its files' size times this, plus the largest run memory
 #: measured so far
 FIRST_LOAD_MARGIN = 1.25
@@ -192,8 +196,13 @@ class Scheduler:
         #: held while engines are moved or a new version takes its first: the engine count
         #: never exceeds the budget because two of these race
         self._engines_lock = threading.Lock()
+        #: engines claimed by loads in progress (not yet in a published pool)
+        self._claimed = 0
+        #: held while a load picks and unloads its victims, so two loads never evict for the
+        #: same shortage twice
+        self._room_lock = threading.Lock()
         self._models: dict[str, _Model] = {}
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="scheduler-load")
+        self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="scheduler-load")
         self._demand = DemandMeter(settings.budget.rebalance_s)
         self._kick = threading.Event()
         self._stop = threading.Event()
@@ -615,16 +624,20 @@ class Scheduler:
             )
             raise LoadError(ver.failure)
         self._make_room(ver, min(need, budget))
-        with self._engines_lock:
-            return self._load_reserved(ver)
-
-    def _load_reserved(self, ver: _Version) -> EnginePool:
-        """Load a version that holds its reservation, measure it and publish it (engines lock
-        held, so no rebalance hands its first engine elsewhere meanwhile)."""
-        budget = self.budget.memory_bytes
         engines = self.budget.engines_per_version or 1
-        if self.budget.engines_per_version is None:
-            self._free_an_engine()
+        with self._engines_lock:  # its engines are claimed: no rebalance hands them elsewhere
+            if self.budget.engines_per_version is None:
+                self._free_an_engine()
+            self._claimed += engines
+        try:
+            return self._load_reserved(ver, engines)
+        finally:
+            with self._engines_lock:
+                self._claimed -= engines
+
+    def _load_reserved(self, ver: _Version, engines: int) -> EnginePool:
+        """Load a version that holds its reservation and its engines, measure it, publish it."""
+        budget = self.budget.memory_bytes
         t0 = time.perf_counter()
         stamp = self._stamp(ver)
         try:
@@ -650,7 +663,8 @@ class Scheduler:
             ver.pool, ver.lease, ver.reserved = pool, loaded.lease, 0
             ver.verified_stamp = stamp
             self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
-            ver.measured = measured
+            # concurrent loads can only add to a measurement: the smallest is the closest
+            ver.measured = min(measured, ver.measured) if ver.measured else measured
             ver.last_load_s = time.perf_counter() - t0
         if measured > budget:
             self._discard(ver)
@@ -784,6 +798,10 @@ class Scheduler:
     def _make_room(self, ver: _Version, need: int) -> None:
         """Reserve ``need`` bytes and a resident slot for ``ver``, evicting as allowed (see the
         module docstring). Raises Refused (no eviction allowed) or Unavailable (gave up)."""
+        with self._room_lock:
+            self._make_room_locked(ver, need)
+
+    def _make_room_locked(self, ver: _Version, need: int) -> None:
         deadline = time.monotonic() + self.load_timeout_s
         fitting = self.budget.versions_fitting()
         while True:
@@ -924,7 +942,7 @@ class Scheduler:
             ]
         for pool in pools:
             pool.reap()
-        held = sum(p.engine_count + len(p.draining) for p in pools)
+        held = sum(p.engine_count + len(p.draining) for p in pools) + self._claimed
         if held < engines or not pools:
             return
         richest = max(pools, key=lambda p: p.engine_count)
@@ -960,7 +978,7 @@ class Scheduler:
         if self.budget.engines_per_version is not None or total is None or not pools:
             return {k: p.engine_count for k, p in pools.items()}
         with self._engines_lock:
-            return self._rebalance(pools, total)
+            return self._rebalance(pools, total - self._claimed)
 
     def _rebalance(self, pools: dict[str, EnginePool], total: int) -> dict[str, int]:
         now = time.monotonic()
