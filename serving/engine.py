@@ -18,10 +18,15 @@ request that makes a kernel fail is answered (and logged) by the worker, once.
 Known-good input. :attr:`Engine.probe_feeds` is the warm-up's batch-1 input; :meth:`probe` runs it,
 so a worker can tell a bad request (the probe passes) from a broken engine (it fails too).
 
-Memory (:mod:`serving.memory_probe`): :attr:`session_memory` is the growth of the process's
-resident memory (and of device memory on CUDA) while the session was created, at least the model
-files' size; :attr:`run_memory` the growth during warm-up, i.e. what one run at ``max_batch_size``
-added to onnxruntime's arena (each engine running concurrently may need that much again).
+Memory (:mod:`serving.memory_probe`): :attr:`session_memory` is the growth of the process's heap
+in use (and of device memory on CUDA) while the session was created, at least the model files'
+size; :attr:`run_memory` the growth during warm-up (batch 1 and ``max_batch_size``), i.e. what runs
+leave in onnxruntime's arena. On the CPU every run ends with arena shrinkage
+(``memory.enable_memory_arena_shrinkage``), so what concurrent runs of several engines add is freed
+when they end (measured: four concurrent 64-row CNN runs left 17.3 MB in the arena without it,
+nothing with it, at the same speed): a version holds ``session + run`` however many engines it
+has (:attr:`arena_shrinks`). On CUDA the device arena is not shrunk (freeing device memory
+synchronises the device), so each engine may hold one run's activations.
 
 Threads. ``intra_op_threads`` (default 1: the pool runs one engine per core). Sessions with >= 2
 intra-op threads spin while idle and steal cores from the other engines and the event loop, so
@@ -106,7 +111,8 @@ class Engine:
         self.output_names = self.signature.output_names
         self.pad_to = self._pad_target(pad_batches)
         self.probe_feeds = self.signature.example_feeds(1) if warmup else {}
-        self._options = _run_options()
+        self.arena_shrinks = self.providers[:1] != [CUDA]
+        self._options = _run_options(self.arena_shrinks)
         self.warmup_seconds = 0.0
         self.run_memory = MemorySample(0, None if grown.device_bytes is None else 0)
         if warmup:
@@ -120,7 +126,7 @@ class Engine:
         for attr in _SHARED:
             setattr(twin, attr, getattr(self, attr))
         twin.name = name
-        twin._options = _run_options()
+        twin._options = _run_options(self.arena_shrinks)
         return twin
 
     def _pad_target(self, pad_batches: bool | str) -> int:
@@ -147,7 +153,7 @@ class Engine:
         Raises onnxruntime's error, also when :meth:`terminate` stopped the run."""
         options = self._options
         if options.terminate:  # the previous run was stopped: these options stay stopped
-            options = self._options = _run_options()
+            options = self._options = _run_options(self.arena_shrinks)
         rows = next(iter(feeds.values())).shape[0] if self.pad_to and feeds else 0
         if rows and rows < self.pad_to:
             values = self.session.run(self.output_names, pad_rows(feeds, self.pad_to), options)
@@ -191,6 +197,7 @@ _SHARED = (
     "pad_to",
     "probe_feeds",
     "warmup_seconds",
+    "arena_shrinks",
 )
 
 
@@ -213,9 +220,11 @@ def initialize_runtime() -> None:
     session.run(None, {"x": np.zeros(1, np.float32)})
 
 
-def _run_options() -> ort.RunOptions:
+def _run_options(shrink_cpu_arena: bool) -> ort.RunOptions:
     options = ort.RunOptions()
     options.log_severity_level = 4  # fatal only: a failing run is reported by the worker
+    if shrink_cpu_arena:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
 
 

@@ -27,8 +27,9 @@ Engines: ``engines`` (the scheduler's share, :mod:`serving.scheduler`), else ``i
 engine); every further engine is a :meth:`clone <serving.engine.Engine.clone>` on the same session,
 so :meth:`EnginePool.add_engine` costs a thread and :meth:`EnginePool.remove_engine` hands the
 removed engine's queue to the others and lets it finish its running batch (drain) before it goes.
-Memory (:meth:`EnginePool.memory_bytes`): the session's measured size plus, per engine the pool
-has ever had at once, one warm-up run's measured working memory (the arena keeps it).
+Memory (:meth:`EnginePool.memory_bytes`): the session's measured size plus the warm-up's measured
+working memory; on CUDA, where the arena is not shrunk after a run, that working memory once per
+engine the pool has had at once (see :mod:`serving.engine`).
 
 Failure (:mod:`serving.worker`): a request the model fails on is answered 400 and the engine stays;
 an engine that also fails its known-good input is taken out of the dispatch set at once. The
@@ -152,6 +153,7 @@ class EnginePool:
         zero = MemorySample(0, None)
         self.session_memory: MemorySample = getattr(first, "session_memory", zero)
         self.run_memory: MemorySample = getattr(first, "run_memory", zero)
+        self._per_engine_runs = not getattr(first, "arena_shrinks", True)
         self._report_memory()
         self._watchdog: threading.Thread | None = None
         if settings.run_timeout_s > 0 or self.dispatcher.inline_max_s > 0:
@@ -310,8 +312,9 @@ class EnginePool:
 
     def memory_bytes(self, engines: int | None = None) -> int:
         """Memory this version holds in the budget's kind (device memory on CUDA, else host) with
-        ``engines`` engines (default: the most it has had at once; the arena does not shrink)."""
-        k = max(engines or 0, self.peak_engines)
+        ``engines`` engines (default: the most it has had at once, when each engine's runs keep
+        their own activations; see the module docstring)."""
+        k = max(engines or 0, self.peak_engines) if self._per_engine_runs else 1
         if self.on_gpu:
             session = self.session_memory.device_bytes or 0
             run = self.run_memory.device_bytes or 0
@@ -319,9 +322,14 @@ class EnginePool:
             session, run = self.session_memory.host_bytes, self.run_memory.host_bytes
         return session + k * run
 
+    def working_bytes(self) -> int:
+        """One engine's run memory in the budget's kind (what a warm-up left in the arena)."""
+        run = self.run_memory
+        return (run.device_bytes or 0) if self.on_gpu else run.host_bytes
+
     def memory_usage(self) -> list[tuple[str, int, int]]:
         """(kind, device, bytes) held: host memory always, device memory on CUDA."""
-        k = self.peak_engines
+        k = self.peak_engines if self._per_engine_runs else 1
         usage = [("CPU", 0, self.session_memory.host_bytes + k * self.run_memory.host_bytes)]
         if self.on_gpu:
             usage.append(("GPU", 0, self.memory_bytes()))

@@ -14,25 +14,33 @@ versions, newest first, and how many its version policy serves). What is loaded 
   first requests share one load (one future per version); a request waits up to
   ``serving.load_timeout_s``, then gets 503 with ``Retry-After`` while the load goes on. Requests
   load non-resident versions in eager mode too.
-* **hot swap**: a model with a loaded version is in use, so its newest wanted version is loaded as
-  soon as it is published (both modes); then the versions it supersedes are unloaded (drained,
-  nothing fails). Never is a newer loaded version dropped for an older one.
+* **hot swap**: a model with a loaded version is in use, so a version published for it (or fixed
+  after a failure) that is newer than its loaded ones is loaded at once (both modes); then the
+  versions it supersedes under the policy are unloaded (drained, nothing fails). Never is a newer
+  loaded version dropped for an older one.
 * **pins** (``serving.pin``): loaded at start and never evicted.
 
-Making room: a load first reserves what the version is expected to hold (its last measurement,
-else the largest measured version of the same model, else its files' size: a session holds at
-least its weights). When that would exceed the memory budget, or no engine is left for it, the
-least recently used version that is not pinned and has nothing in flight (no request queued or
-running) is unloaded, then the next, until it fits. A version with requests in flight is never
-evicted; if only in-flight versions are left, the load waits for one to go idle (up to the load
-timeout), then gives up with 503. A swap may instead retire the version it replaces (new requests
-then wait for the new version; in-flight ones finish). After the load, the measured size replaces
-the reservation; a version larger than the whole budget is unloaded again and refused, with a
-message naming both sizes, and remembered as such.
+A request without a version goes to the newest loaded version of the model (Triton's rule); when
+none is loaded, the newest version the policy serves is loaded for it.
+
+Making room: a load first reserves what the version is expected to hold: its last measurement,
+else the largest measured version of the same model, else its files' size times
+``FIRST_LOAD_MARGIN`` plus the largest run memory measured so far (a session holds its weights
+plus an arena region for its runs: measured here 0.3 / 6.8 / 45.1 MB sessions for 0.2 / 6.7 /
+44.7 MB files, and 1.1-3.3 MB of run memory), so the reservation errs upwards; it is capped at the
+budget. When that would exceed the memory budget, or no engine is left for it, the least recently
+used version that is not pinned and has nothing in flight (no request queued or running) is
+unloaded, then the next, until it fits. A version with requests in flight is never evicted; if
+only in-flight versions are left, the load waits for one to go idle (up to the load timeout),
+then gives up with 503. A swap may instead retire the version it replaces (new requests then wait
+for the new version; in-flight ones finish). After the load, the measured size replaces the
+reservation; a version larger than the whole budget is unloaded again and refused, with a message
+naming both sizes, and remembered as such.
 
 Engines follow demand (``serving.instances`` unset): a new version gets one engine (taken from
 the version holding the most when none is free); every ``serving.budget.rebalance_s`` and after
-each load and unload the engines are re-spread by measured demand with hysteresis
+loads and unloads (at most every ``REBALANCE_MIN_S``) the engines are re-spread by measured
+demand with hysteresis, each version getting what its demand needs, the rest left free
 (:mod:`serving.scheduler_allocation`). A moved engine is drained first: its queued requests go to
 the version's other engines, its running batch finishes, then it starts on the other version.
 With ``serving.instances`` set, every loaded version has that many engines, fixed.
@@ -43,8 +51,10 @@ changes (a non-atomic copy completing, a fixed file). The model control API (:me
 :meth:`unload_model`, :meth:`index`) is Triton's explicit model control: a model unloaded through it
 stays unloaded, and is not loaded on demand, until it is loaded through it again.
 
-Locking: one lock guards the state; loads run one at a time on a loader thread (so each load's
-memory measurement is its own); pools are built, closed and drained outside the lock.
+Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads
+(making room is one at a time); pools are built, closed and drained outside the lock. Two loads
+at once can only add to each other's memory measurement (the heap grows for both), so a version
+keeps the smallest of its measurements as its estimate: the figure errs upwards, never down.
 """
 
 from __future__ import annotations
@@ -77,6 +87,13 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: how often a load waiting for an in-flight version to go idle looks again
 ROOM_POLL_S = 0.02
+#: the least time between two rounds of engine reassignment
+REBALANCE_MIN_S = 0.2
+#: loads made at once (a small model's cold start need not wait behind a big one's)
+LOAD_THREADS = 2
+#: a never-measured model's reservation: its files' size times this, plus the largest run memory
+#: measured so far
+FIRST_LOAD_MARGIN = 1.25
 
 
 class Refused(Exception):
@@ -104,6 +121,8 @@ class _Version:
     measured: int = 0
     failure: str | None = None
     failure_stamp: Any = None
+    #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
+    verified_stamp: Any = None
     last_load_s: float = 0.0
 
     @property
@@ -177,19 +196,26 @@ class Scheduler:
         #: held while engines are moved or a new version takes its first: the engine count
         #: never exceeds the budget because two of these race
         self._engines_lock = threading.Lock()
+        #: engines claimed by loads in progress (not yet in a published pool)
+        self._claimed = 0
+        #: held while a load picks and unloads its victims, so two loads never evict for the
+        #: same shortage twice
+        self._room_lock = threading.Lock()
         self._models: dict[str, _Model] = {}
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="scheduler-load")
+        self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="scheduler-load")
         self._demand = DemandMeter(settings.budget.rebalance_s)
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._rebalancer: threading.Thread | None = None
-        #: (model, version) -> load timing (see :mod:`serving.version_loader`)
         #: re-reads one model from the repository (set by the watcher): what an explicit load
         #: does first, as Triton's load re-reads the model
         self.rescan: Callable[[str], None] | None = None
+        #: (model, version) -> load timing (see :mod:`serving.version_loader`)
         self.timings: dict[tuple[str, int], dict[str, float | None]] = {}
         self.swaps = 0
         self.peak_memory_bytes = 0
+        #: the most working memory (what runs leave in the arena) a loaded version has measured
+        self._largest_run_bytes = 0
         log.info("scheduler budget: %s", self.budget.describe())
 
     # ---- the repository's view (fed by the watcher)
@@ -197,9 +223,15 @@ class Scheduler:
     def update(self, model: str, candidates: list[int], count: int, *, load: bool = True) -> bool:
         """The repository holds ``candidates`` of ``model`` (newest first) and its policy serves
         ``count`` of them. Loads what the mode wants (waiting for it), then unloads what the
-        newly loaded versions supersede. True when anything was loaded or unloaded."""
+        newly loaded versions supersede. True when anything was loaded or unloaded.
+
+        What is loaded: a pinned version always; in eager mode every served version that fits
+        without evicting anything; in both modes, for a model in use (a version loaded), a
+        served version that is new (published, or fixed after a failure, since the last update)
+        and newer than its newest loaded one: a hot swap, evicting if needed."""
         with self._lock:
             m = self._models.setdefault(model, _Model())
+            previous = set(m.candidates)
             m.candidates, m.count = list(candidates), int(count)
             for v in candidates:
                 if v not in m.versions:
@@ -207,9 +239,9 @@ class Scheduler:
             for v in [v for v, ver in m.versions.items() if v not in candidates]:
                 if m.versions[v].state == UNAVAILABLE and m.versions[v].future is None:
                     del m.versions[v]
-            self._retry_changed(m)
-            in_use = self._in_use(m)
-            wanted_now = load and not m.unloaded and (not self.on_demand or in_use)
+            fresh = (set(candidates) - previous) | self._retry_changed(m)
+            in_use = [v for v, ver in m.versions.items() if ver.state in (READY, LOADING)]
+            newest_in_use = max(in_use, default=0)
             loaded_before = [v for v, ver in m.versions.items() if ver.state == READY]
         if not load:
             return False
@@ -222,10 +254,14 @@ class Scheduler:
             if ver.state == READY:
                 keep.append(v)
                 continue
-            if ver.failure is not None or not (wanted_now or self._pinned(ver)):
+            if ver.failure is not None or m.unloaded:
+                continue
+            swap = bool(in_use) and v in fresh and v > newest_in_use
+            pinned = self._pinned(ver)
+            if not (pinned or swap or not self.on_demand):
                 continue
             try:
-                self._ensure_loading(ver, evict=in_use or self._pinned(ver)).result()
+                self._ensure_loading(ver, evict=pinned or swap).result()
             except (LoadError, Refused, ServingError):
                 continue
             keep.append(v)
@@ -536,7 +572,8 @@ class Scheduler:
                 raise Unavailable("the server is stopping")
             ver.future = Future()
             ver.evict = evict
-            ver.state, ver.reason = LOADING, "loading"
+            if ver.state != UNLOADING:  # else the load starts once the unload is done
+                ver.state, ver.reason = LOADING, "loading"
             fut = ver.future
         try:
             self._loader.submit(self._load_job, ver)
@@ -568,27 +605,41 @@ class Scheduler:
 
     def _load(self, ver: _Version) -> EnginePool:
         """Make room, load, measure, publish (runs on the loader thread)."""
-        need = self._estimate(ver)
+        deadline = time.monotonic() + self.drain_timeout_s + 1.0
+        while True:  # requested again while its unload drains: let the unload finish
+            with self._lock:
+                if ver.state != UNLOADING:
+                    ver.state, ver.reason = LOADING, "loading"
+                    break
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{ver.key} is still being unloaded; retry")
+            time.sleep(ROOM_POLL_S)
+        need, floor = self._estimate(ver)
         budget = self.budget.memory_bytes
-        if need > budget:
+        if floor > budget:
             self._record_failure(
                 ver,
-                f"version {ver.version} of model '{ver.model}' needs at least {need} bytes "
+                f"version {ver.version} of model '{ver.model}' needs at least {floor} bytes "
                 f"(its files), more than serving.budget.memory_bytes={budget}",
             )
             raise LoadError(ver.failure)
-        self._make_room(ver, need)
-        with self._engines_lock:
-            return self._load_reserved(ver)
-
-    def _load_reserved(self, ver: _Version) -> EnginePool:
-        """Load a version that holds its reservation, measure it and publish it (engines lock
-        held, so no rebalance hands its first engine elsewhere meanwhile)."""
-        budget = self.budget.memory_bytes
+        self._make_room(ver, min(need, budget))
         engines = self.budget.engines_per_version or 1
-        if self.budget.engines_per_version is None:
-            self._free_an_engine()
+        with self._engines_lock:  # its engines are claimed: no rebalance hands them elsewhere
+            if self.budget.engines_per_version is None:
+                self._free_an_engine()
+            self._claimed += engines
+        try:
+            return self._load_reserved(ver, engines)
+        finally:
+            with self._engines_lock:
+                self._claimed -= engines
+
+    def _load_reserved(self, ver: _Version, engines: int) -> EnginePool:
+        """Load a version that holds its reservation and its engines, measure it, publish it."""
+        budget = self.budget.memory_bytes
         t0 = time.perf_counter()
+        stamp = self._stamp(ver)
         try:
             loaded = load_version(
                 self.repository,
@@ -598,6 +649,7 @@ class Scheduler:
                 pool_factory=self.pool_factory,
                 engines=engines,
                 stats=ver.stats,
+                verified=stamp is not None and stamp == ver.verified_stamp,
             )
         except LoadError as exc:
             with self._lock:
@@ -609,7 +661,10 @@ class Scheduler:
         measured = pool.memory_bytes()
         with self._lock:
             ver.pool, ver.lease, ver.reserved = pool, loaded.lease, 0
-            ver.measured = measured
+            ver.verified_stamp = stamp
+            self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
+            # concurrent loads can only add to a measurement: the smallest is the closest
+            ver.measured = min(measured, ver.measured) if ver.measured else measured
             ver.last_load_s = time.perf_counter() - t0
         if measured > budget:
             self._discard(ver)
@@ -630,26 +685,34 @@ class Scheduler:
     def _publish(self, ver: _Version, timing: dict[str, float | None]) -> None:
         pool = ver.pool
         assert pool is not None
+        cold = ""
         with self._lock:
             m = self._models.get(ver.model)
-            ver.state, ver.reason = READY, ""
-            if m is not None:
+            gone = m is None or m.versions.get(ver.version) is not ver
+            if m is not None and not gone:
+                ver.state, ver.reason = READY, ""
                 m.loads += 1
                 if ver.waiting_since:
-                    self._observe_cold_start(m, time.monotonic() - ver.waiting_since)
-            ver.waiting_since = 0.0
-            self.peak_memory_bytes = max(self.peak_memory_bytes, self._used())
+                    seconds = time.monotonic() - ver.waiting_since
+                    self._observe_cold_start(m, seconds)
+                    cold = f", cold start {seconds:.3f} s"
+                ver.waiting_since = 0.0
+                self.peak_memory_bytes = max(self.peak_memory_bytes, self._used())
+        if gone:  # the model left the repository while this version loaded
+            self._discard(ver)
+            raise LoadError(f"{ver.key} was removed from the repository while it loaded")
         t0 = time.perf_counter()
         self.registry.add(pool)
         timing["swap_s"] = time.perf_counter() - t0
         timing["serving_at"] = time.time()
         self.timings[(ver.model, ver.version)] = timing
         log.info(
-            "serving %s version %d (providers %s, %.1f MB)",
+            "serving %s version %d (providers %s, %.1f MB%s)",
             ver.model,
             ver.version,
             pool.obtained_providers,
             pool.memory_bytes() / 1e6,
+            cold,
         )
         log.info("swap timing %s", _json({"model": ver.model, "version": ver.version, **timing}))
 
@@ -669,13 +732,17 @@ class Scheduler:
             ver.failure_stamp = self._stamp(ver)
             ver.state, ver.reason = UNAVAILABLE, reason
 
-    def _retry_changed(self, m: _Model) -> None:
-        """Forget failures whose version directory changed since (lock held)."""
+    def _retry_changed(self, m: _Model) -> set[int]:
+        """Forget failures whose version directory changed since; returns those versions (lock
+        held)."""
+        cleared = set()
         for ver in m.versions.values():
             if ver.failure is not None and self._stamp(ver) != ver.failure_stamp:
                 log.info("%s changed since it failed to load; trying it again", ver.key)
                 ver.failure = ver.failure_stamp = None
                 ver.state, ver.reason = UNAVAILABLE, "not loaded"
+                cleared.add(ver.version)
+        return cleared
 
     def _stamp(self, ver: _Version) -> Any:
         """Names, sizes and mtimes of the version directory's files (None if unreadable)."""
@@ -689,20 +756,22 @@ class Scheduler:
         except (OSError, AttributeError, ValueError):
             return None
 
-    def _estimate(self, ver: _Version) -> int:
-        """Bytes a version is expected to hold before it is measured (see the module docstring)."""
+    def _estimate(self, ver: _Version) -> tuple[int, int]:
+        """(bytes to reserve, bytes it holds at least) before a version is measured (see the
+        module docstring); the floor is 0 when its files cannot be read."""
+        try:
+            path = self.repository.model_path(ver.model, ver.version)
+            files = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+        except (OSError, AttributeError):
+            files = 0
         if ver.measured:
-            return ver.measured
+            return ver.measured, files
         with self._lock:
             m = self._models.get(ver.model)
             same_model = [o.measured for o in m.versions.values() if o.measured] if m else []
         if same_model:
-            return max(same_model)
-        try:
-            path = self.repository.model_path(ver.model, ver.version)
-            return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
-        except (OSError, AttributeError):
-            return 0
+            return max(same_model), files
+        return int(files * FIRST_LOAD_MARGIN) + self._largest_run_bytes, files
 
     # ---- making room
 
@@ -729,6 +798,10 @@ class Scheduler:
     def _make_room(self, ver: _Version, need: int) -> None:
         """Reserve ``need`` bytes and a resident slot for ``ver``, evicting as allowed (see the
         module docstring). Raises Refused (no eviction allowed) or Unavailable (gave up)."""
+        with self._room_lock:
+            self._make_room_locked(ver, need)
+
+    def _make_room_locked(self, ver: _Version, need: int) -> None:
         deadline = time.monotonic() + self.load_timeout_s
         fitting = self.budget.versions_fitting()
         while True:
@@ -757,6 +830,8 @@ class Scheduler:
                     )
                     self._unload(victim, reason, eviction=victim.model != ver.model)
                 continue
+            if self._stop.is_set():
+                raise Unavailable("the server is stopping")
             if not waitable or time.monotonic() > deadline:
                 raise Unavailable(
                     f"cannot load version {ver.version} of model '{ver.model}': {shortage}; "
@@ -843,8 +918,10 @@ class Scheduler:
         finally:
             release(self.repository, ver.model, ver.version, lease)
             with self._lock:
-                ver.pool = ver.lease = None
-                ver.state, ver.reason = UNAVAILABLE, reason
+                if ver.pool is pool:
+                    ver.pool = ver.lease = None
+                if ver.state == UNLOADING:
+                    ver.state, ver.reason = UNAVAILABLE, reason
             self._kick.set()
         log.info("unloaded %s version %d (%s)", ver.model, ver.version, reason)
 
@@ -865,7 +942,7 @@ class Scheduler:
             ]
         for pool in pools:
             pool.reap()
-        held = sum(p.engine_count + len(p.draining) for p in pools)
+        held = sum(p.engine_count + len(p.draining) for p in pools) + self._claimed
         if held < engines or not pools:
             return
         richest = max(pools, key=lambda p: p.engine_count)
@@ -878,9 +955,10 @@ class Scheduler:
         period = self.settings.budget.rebalance_s
         while not self._stop.is_set():
             self._kick.wait(period)
-            self._kick.clear()
-            if self._stop.is_set():
+            # loads and unloads kick it; under churn, one round per REBALANCE_MIN_S is enough
+            if self._stop.wait(min(REBALANCE_MIN_S, period)):
                 return
+            self._kick.clear()
             try:
                 self.rebalance()
             except Exception:  # noqa: BLE001 - the rebalancer must survive a bad round
@@ -900,7 +978,7 @@ class Scheduler:
         if self.budget.engines_per_version is not None or total is None or not pools:
             return {k: p.engine_count for k, p in pools.items()}
         with self._engines_lock:
-            return self._rebalance(pools, total)
+            return self._rebalance(pools, total - self._claimed)
 
     def _rebalance(self, pools: dict[str, EnginePool], total: int) -> dict[str, int]:
         now = time.monotonic()

@@ -11,13 +11,16 @@ period: the first term is the load being offered, the second the backlog to clea
 period. Each sample is smoothed (``SMOOTHING``) so one burst does not move engines.
 
 Allocation (:func:`allocate`): every version keeps at least one engine; the rest of the budget is
-shared in proportion to demand (evenly while nothing is measured), which gives each version its
-ideal, fractional share ``ideal_i = 1 + spare * demand_i / sum(demand)``. Free engines go, one at a
-time, to the version furthest below its ideal. An engine moves from version i (the one furthest
-above its ideal) to version j (furthest below) only while ``(held_i - ideal_i) + (ideal_j -
-held_j) > 1 + HYSTERESIS``: the move must bring both closer to their ideal by a margin. Right after
-a move the reverse move's sum is ``2 - (that sum) < 1 - HYSTERESIS``, so allocations do not flap
-unless demand itself changes by more than the margin.
+shared in proportion to demand, which gives each version its ideal, fractional share
+``ideal_i = 1 + spare * demand_i / sum(demand)``, but no more than it needs: ``1 + HEADROOM *
+demand_i`` (twice the engines it keeps busy). What nobody needs stays free, so a version loaded
+next takes a free engine instead of draining one. Free engines go, one at a time, to the version
+furthest below its ideal while one is below it by more than half an engine. An engine moves from
+version i (the one furthest above its ideal) to version j (furthest below) only while
+``(held_i - ideal_i) + (ideal_j - held_j) > 1 + HYSTERESIS``: the move must bring both closer to
+their ideal by a margin. Right after a move the reverse move's sum is ``2 - (that sum) <
+1 - HYSTERESIS``, so allocations do not flap unless demand itself changes by more than the margin;
+a version above its ideal by more than ``1 + HYSTERESIS`` gives an engine back to the free ones.
 """
 
 from __future__ import annotations
@@ -34,18 +37,21 @@ SMOOTHING = 0.5
 HYSTERESIS = 0.5
 #: run time per row assumed before a version has run anything
 UNMEASURED_ROW_S = 1e-4
+#: a version's share is capped at 1 + HEADROOM x its demand (in engines)
+HEADROOM = 2.0
 
 
 def ideal_shares(demand: Mapping[K, float], total: int) -> dict[K, float]:
-    """Each version's fractional engine share: 1 each, the spare in proportion to demand."""
+    """Each version's fractional engine share: 1 each, the spare in proportion to demand, capped
+    at what it needs (``1 + HEADROOM * demand``)."""
     n = len(demand)
     if n == 0:
         return {}
     spare = max(0, total - n)
     weight = sum(demand.values())
     if weight <= 0:
-        return {k: 1 + spare / n for k in demand}
-    return {k: 1 + spare * d / weight for k, d in demand.items()}
+        return {k: 1.0 for k in demand}
+    return {k: 1 + min(spare * d / weight, HEADROOM * d) for k, d in demand.items()}
 
 
 def allocate(
@@ -54,7 +60,8 @@ def allocate(
     total: int,
     hysteresis: float = HYSTERESIS,
 ) -> dict[K, int]:
-    """Engines per version for a budget of ``total`` (see the module docstring).
+    """Engines per version for a budget of ``total`` (see the module docstring); their sum may
+    be below ``total`` (free engines).
 
     ``held`` is the current allocation (same keys as ``demand``); a version never gets fewer
     than 1. When ``total`` is below the number of versions every version keeps 1."""
@@ -69,14 +76,20 @@ def allocate(
     while sum(target.values()) > max(total, len(target)):  # over budget: shed from the richest
         k = min((k for k in target if target[k] > 1), key=gap)
         target[k] -= 1
-    while sum(target.values()) < total:  # free engines: to the neediest
-        target[max(target, key=gap)] += 1
+    while sum(target.values()) < total:  # free engines: to the neediest, while one needs one
+        k = max(target, key=gap)
+        if gap(k) <= 0.5:
+            break
+        target[k] += 1
     while True:
         donors = [k for k in target if target[k] > 1]
         if not donors:
             return target
         i = min(donors, key=gap)
         j = max(target, key=gap)
+        if -gap(i) > 1 + hysteresis and gap(j) <= 0.5:  # more than it needs: give one back
+            target[i] -= 1
+            continue
         if i == j or -gap(i) + gap(j) <= 1 + hysteresis:
             return target
         target[i] -= 1

@@ -4,7 +4,8 @@
 
 1. leases the version (``repository.mark_in_use``) so retention cannot delete it while it is
    served,
-2. verifies it (``repository.verify``: checksums, onnx checker),
+2. verifies it (``repository.verify``: checksums, onnx checker), unless the caller knows it was
+   verified already and has not changed since (``verified``: a reload after an eviction),
 3. builds its :class:`~serving.signature.ModelSignature` from the metadata (or ``config.pbtxt``'s
    ``max_batch_size``),
 4. builds its :class:`~serving.pool.EnginePool` (the session loaded, measured and warmed).
@@ -56,6 +57,7 @@ def load_version(
     pool_factory: PoolFactory = EnginePool,
     engines: int | None = None,
     stats: ModelStatistics | None = None,
+    verified: bool = False,
 ) -> LoadedVersion:
     """Lease, verify and load ``model`` ``version`` (see the module docstring)."""
     detected_at = time.time()
@@ -63,7 +65,8 @@ def load_version(
     try:
         lease = repository.mark_in_use(model, version)
         t0 = time.perf_counter()
-        repository.verify(model, version)
+        if not verified:
+            repository.verify(model, version)
         verify_s = time.perf_counter() - t0
         meta = repository.load_metadata(model, version)
         max_batch = meta.get("max_batch_size")

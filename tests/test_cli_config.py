@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving_helpers import publish_classifier
 
 from server.launcher import FLWR_ENV
+from serving.repository import ModelRepository
 
 BIN = Path(sys.executable).parent
 
@@ -55,6 +57,9 @@ def test_fedserve_train_names_the_key_and_the_type_in_one_line(
         ("port=http", "key port, expected int"),
         ("serving.warmup=no", "serving.warmup=no: expected a bool"),
         ("serving.policy=fastest", "serving.policy must be least_loaded or round_robin"),
+        ("serving.load=lazy", "serving.load must be eager or on_demand, got 'lazy'"),
+        ("serving.pin=[a:x]", "serving.pin entries are 'model' or 'model:version', got 'a:x'"),
+        ("serving.budget.memory_fraction=2", "serving.budget.memory_fraction must be in (0, 1]"),
     ],
 )
 def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(
@@ -76,3 +81,31 @@ def test_fedserve_serve_defaults_come_from_the_schema(tmp_path: Path) -> None:
         Path(__file__).resolve().parents[1] / "conf" / "serve.yaml"
     ).read_text().split("defaults:")[1].split("_self_")[0].replace("serve_schema", "")
     assert ServeConfig().serving == ServingConfig()
+
+
+def test_fedserve_serve_refuses_a_budget_the_pins_do_not_fit(tmp_path: Path) -> None:
+    """At config time when the engine budget is given; at start when only the loads tell (the
+    pinned version's files alone exceed the memory budget); one line, exit 2, no lease left."""
+    repo = ModelRepository(tmp_path / "repo")
+    for name in ("a", "b", "c"):
+        publish_classifier(repo, tmp_path, name=name)
+    cases = [
+        (
+            ["serving.instances=2", "serving.budget.engines=4", "serving.pin=[a,b,c]"],
+            "serving.pin keeps 3 versions resident, each with >= 2 engine(s), but "
+            "serving.budget.engines=4",
+        ),
+        (
+            ["serving.budget.memory_bytes=100", "serving.pin=[a]"],
+            "pinned version a:1 cannot be loaded: version 1 of model 'a' needs at least",
+        ),
+    ]
+    for overrides, needle in cases:
+        result = _run(
+            "fedserve-serve", [f"repository={repo.root}", "log_level=warning", *overrides], tmp_path
+        )
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], result.stderr
+        assert "serving.budget.memory_bytes=100" in lines[0] or "engines=4" in lines[0]
+    assert all(repo.leased_versions(name) == set() for name in ("a", "b", "c"))

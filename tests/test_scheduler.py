@@ -53,6 +53,9 @@ def sized_pool(sizes: dict[str, int], delay_s: float = 0.0) -> type[EnginePool]:
         def memory_bytes(self, engines: int | None = None) -> int:
             return sizes.get(self.name, 1000)
 
+        def working_bytes(self) -> int:
+            return 0
+
     return SizedPool
 
 
@@ -86,6 +89,8 @@ def scheduled(
     pin: tuple[str, ...] = (),
     delay_s: float = 0.0,
     load_timeout_s: float = 30.0,
+    versions: int | None = None,
+    max_batch_size: int = 64,
 ) -> Iterator[Served]:
     repo = ModelRepository(tmp / "repo")
     for name in models:
@@ -97,6 +102,7 @@ def scheduled(
         load=load,
         pin=list(pin),
         load_timeout_s=load_timeout_s,
+        max_batch_size=max_batch_size,
         budget=BudgetConfig(rebalance_s=3600),  # engines move on loads/unloads and when told
     )
     pools = sized_pool(sizes or {}, delay_s)
@@ -104,7 +110,7 @@ def scheduled(
         engines=engines, engines_per_version=None, memory_bytes=memory, memory_kind="host"
     )
     scheduler = Scheduler(repo, registry, settings, pool_factory=pools, budget=budget)
-    watcher = RepositoryWatcher(repo, registry, settings, scheduler=scheduler)
+    watcher = RepositoryWatcher(repo, registry, settings, scheduler=scheduler, versions=versions)
     watcher.start()
     try:
         yield Served(repo, watcher, pools)
@@ -176,8 +182,13 @@ def test_a_version_with_requests_in_flight_is_never_evicted(
                 # every resident version is busy: the load waits, then gives up with 503
                 with pytest.raises(Unavailable) as info:
                     asyncio.run(s.dataplane.acquire("b"))
-                assert "still loading after serving.load_timeout_s=0.5 s" in info.value.message
-                assert int(info.value.headers["Retry-After"]) >= 1
+                # the request's wait and the load's wait for room share serving.load_timeout_s:
+                # whichever ends first answers
+                assert info.value.status == 503 and int(info.value.headers["Retry-After"]) >= 1
+                assert (
+                    "still loading after serving.load_timeout_s=0.5 s" in info.value.message
+                    or "has requests in flight" in info.value.message
+                )
                 deadline = time.monotonic() + 10
                 while s.state("b")[0] == "LOADING" and time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -200,6 +211,25 @@ def cf_thread(fn: Any, *args: Any) -> Iterator[Any]:
         fut = ex.submit(fn, *args)
         time.sleep(0.1)  # let it reach the engine
         yield fut
+
+
+def test_a_version_loaded_again_while_its_unload_drains_ends_up_loaded(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    with scheduled(tmp_path, ("a",)) as s:
+        held = np.full((1, IN_FEATURES), 777, np.float32)
+        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": held}) as slow:
+            with cf_thread(s.scheduler.unload_model, "a") as unloading:
+                assert s.state("a")[0] == "UNLOADING"  # draining the request in flight
+                with cf_thread(s.scheduler.load_model, "a") as loading:
+                    gate.set()
+                    unloading.result(10)
+                    loading.result(10)
+            slow.result(10)
+        assert s.state("a") == ("READY", "")
+        pool = s.registry.get("a")
+        assert pool.ready and s.scheduler.request("a").result(1) is pool
+        assert s.pools.built == ["a:1", "a:1"]
 
 
 def test_pinned_versions_stay_resident(tmp_path: Path) -> None:
@@ -265,10 +295,18 @@ def test_a_request_waits_for_a_load_up_to_the_bound_then_503(tmp_path: Path) -> 
         assert s.pools.built == ["a:1"]
 
 
-def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None:
-    with scheduled(tmp_path, ("a", "b"), engines=4, load="eager") as s:
-        s.scheduler.rebalance()
-        assert {k: v for k, v in s.scheduler.rebalance().items()} == {"a:1": 2, "b:1": 2}
+def test_engines_follow_demand_without_failing_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Engine.run
+
+    def busy(self: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.003)  # a model that keeps an engine busy for 3 ms a request
+        return run(self, feeds)
+
+    monkeypatch.setattr(Engine, "run", busy)
+    with scheduled(tmp_path, ("a", "b"), engines=4, load="eager", max_batch_size=1) as s:
+        assert s.scheduler.rebalance() == {"a:1": 1, "b:1": 1}  # no demand: the rest stays free
         failures: list[str] = []
 
         def traffic(name: str, seconds: float) -> None:
@@ -296,7 +334,24 @@ def test_engines_follow_demand_without_failing_a_request(tmp_path: Path) -> None
         assert failures == []
         pools = [s.registry.get("a"), s.registry.get("b")]
         assert all(p.engine_failures == 0 and not p.draining for p in pools)
-        assert sum(len(p.workers) for p in pools) == 4  # never more engines than the budget
+        assert sum(len(p.workers) for p in pools) <= 4  # never more engines than the budget
+
+
+def test_on_demand_loads_the_asked_versions_and_swaps_in_new_ones(tmp_path: Path) -> None:
+    """Every version served (serving.versions): a poll loads nothing a request did not ask for,
+    except a version published while its model is in use (the hot swap)."""
+    with scheduled(tmp_path, ("clf",), versions=10) as s:
+        for seed in (2, 3):
+            publish_classifier(s.repo, tmp_path, name="clf", seed=seed)
+        s.watcher.poll_once()
+        assert s.pools.built == []
+        s.scheduler.request("clf", 1).result(10)
+        s.watcher.poll_once()
+        assert s.pools.built == ["clf:1"]  # versions 2 and 3 were there before: not loaded
+        publish_classifier(s.repo, tmp_path, name="clf", seed=4)
+        s.watcher.poll_once()
+        assert s.pools.built == ["clf:1", "clf:4"] and s.registry.models() == {"clf": [1, 4]}
+        assert s.scheduler.request("clf").result(10).version == 4  # the default: the newest
 
 
 def test_hot_swap_within_a_budget_that_holds_one_version(tmp_path: Path) -> None:

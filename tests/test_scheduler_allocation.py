@@ -14,9 +14,13 @@ def test_spare_engines_follow_demand_and_every_version_keeps_one() -> None:
     assert sum(target.values()) == 7
 
 
-def test_without_demand_the_budget_is_split_evenly() -> None:
-    assert ideal_shares({"a": 0.0, "b": 0.0}, 6) == {"a": 3.0, "b": 3.0}
-    assert allocate({"a": 0.0, "b": 0.0}, {"a": 1, "b": 1}, total=6) == {"a": 3, "b": 3}
+def test_a_version_gets_what_its_demand_needs_and_the_rest_stays_free() -> None:
+    assert ideal_shares({"a": 0.0, "b": 0.0}, 6) == {"a": 1.0, "b": 1.0}
+    assert allocate({"a": 0.0, "b": 0.0}, {"a": 1, "b": 1}, total=6) == {"a": 1, "b": 1}
+    # a keeps 0.5 engine busy: it needs 1 + 2 x 0.5 = 2, not the 5 spare ones
+    assert allocate({"a": 0.5, "b": 0.0}, {"a": 1, "b": 1}, total=7) == {"a": 2, "b": 1}
+    # demand gone: engines go back to the free ones (held 4, ideal 1)
+    assert allocate({"a": 0.0, "b": 0.0}, {"a": 4, "b": 1}, total=6) == {"a": 2, "b": 1}
 
 
 def test_engines_move_to_the_busy_version() -> None:

@@ -1,0 +1,400 @@
+"""Many model versions under one budget: static-equal vs LRU-only vs ours (issue 15).
+
+    flock /work/notes/bench.lock .venv/bin/python -m benchmarks.scheduler.bench [--quick]
+
+The repository (:mod:`benchmarks.scheduler.repository`): 16 versions from real training runs,
+built once and cached. Each version is first loaded alone (load + warm-up, median of 3), which
+gives its memory and its cold-start reference. The memory budget is a third of the versions'
+total; the engine budget (``--engines``) is the same for all three contenders, each a
+``fedserve-serve`` subprocess:
+
+* **static-equal** (Triton's way): the versions that fit the memory budget, smallest first and at
+  most one per engine, are loaded at start with ``engines / n`` engines each
+  (``serving.instances``); the others are not in its repository, so their requests fail (404);
+* **LRU-only** (ModelMesh's / Ray multiplexing's way): ``serving.load=on_demand``, least recently
+  used eviction, one engine per loaded version (``serving.instances=1``);
+* **ours**: on demand, LRU eviction, engines follow demand (``serving.instances`` unset).
+
+The load (:mod:`benchmarks.scheduler.workload`, :mod:`benchmarks.scheduler.client`): Poisson
+arrivals at ``--rate`` requests/s of one-row requests, Zipf(s=1.1) over the versions with a new
+random ranking every ``--phase-s`` seconds, the same requests for every contender. Reported per
+contender, medians over ``--repeats`` runs (contenders interleaved, order rotated): successful
+requests/s, failed requests, p50/p99 latency overall and per popularity class, cold starts (the
+scheduler's "cold start" log lines: first request to a non-resident version until it serves)
+p50/p99 and their p99 ratio to that version's load + warm-up alone, the scheduler's peak memory
+(sum of the loaded versions' measured sizes) against the budget and the server's peak RSS, loads
+and evictions. Results: ``benchmarks/results/scheduler[-quick].json`` and ``.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from benchmarks.common import RESULTS, ROOT, machine, median, table, write_json
+from benchmarks.scheduler.client import Record, run
+from benchmarks.scheduler.repository import CACHE, default_mnist, ensure_repository
+from benchmarks.scheduler.workload import CLASSES, Target, schedule
+from server.processes import free_port, stop_process_group
+from serving.engine import Engine
+from serving.repository import ModelRepository
+from serving.signature import ModelSignature
+from serving.v2_client import V2Client, encode_request
+
+CONTENDERS = ("static-equal", "LRU-only", "ours")
+COLD_START = re.compile(r"serving (\S+) version (\d+) \(.*cold start ([\d.]+) s\)")
+SWAP_TIMING = re.compile(r"swap timing (\{.*\})")
+
+
+def discover(repo: ModelRepository) -> tuple[list[Target], dict[str, ModelSignature]]:
+    """Every version of the repository as a load target (a one-row random input)."""
+    rng = np.random.default_rng(0)
+    targets, signatures = [], {}
+    for name in repo.list_models():
+        for version in repo.list_versions(name):
+            meta = repo.load_metadata(name, version)
+            sig = ModelSignature.build(meta["inputs"], meta["outputs"], meta["max_batch_size"])
+            spec = sig.inputs[0]
+            shape = [1, *[d if d > 0 else 1 for d in spec.shape[1:]]]
+            body, header = encode_request({spec.name: rng.standard_normal(shape, np.float32)})
+            assert header is not None
+            path = f"/v2/models/{name}/versions/{version}/infer"
+            targets.append(Target(name, version, path, body, header))
+            signatures[f"{name}:{version}"] = sig
+    return targets, signatures
+
+
+def measure_alone(
+    repo: ModelRepository, targets: list[Target], signatures: dict[str, ModelSignature]
+) -> dict[str, dict[str, float]]:
+    """Per version: load + warm-up seconds and measured memory, each loaded alone (median of 3)."""
+    out = {}
+    for t in targets:
+        seconds, memory = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine = Engine(repo.model_path(t.name, t.version), signatures[t.key], providers="cpu")
+            seconds.append(time.perf_counter() - t0)
+            memory.append(engine.session_memory.host_bytes + engine.run_memory.host_bytes)
+            engine.close()
+        out[t.key] = {"load_warm_s": median(seconds), "memory_bytes": median(memory)}
+    return out
+
+
+def static_choice(
+    targets: list[Target], alone: dict[str, dict[str, float]], budget: int, engines: int
+) -> list[Target]:
+    """The versions static-equal loads: smallest first while they fit, one engine each at most."""
+    chosen, used = [], 0
+    for t in sorted(targets, key=lambda t: (alone[t.key]["memory_bytes"], t.key)):
+        size = int(alone[t.key]["memory_bytes"])
+        if used + size > budget or len(chosen) >= engines:
+            continue
+        chosen.append(t)
+        used += size
+    return chosen
+
+
+def static_repository(source: Path, chosen: list[Target], dest: Path) -> Path:
+    """A repository holding only ``chosen`` (version directories hard-linked when possible)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for t in chosen:
+        mdir = dest / t.name
+        if not mdir.exists():
+            mdir.mkdir(parents=True)
+            shutil.copy2(source / t.name / "config.pbtxt", mdir / "config.pbtxt")
+        shutil.copytree(
+            source / t.name / str(t.version), mdir / str(t.version), copy_function=_link
+        )
+    return dest
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def server(overrides: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``fedserve-serve`` with ``overrides`` on a free port, its output in ``log_path``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", f"port={port}", "log_level=warning", *overrides]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with V2Client(base, timeout=5.0) as client:
+                client.wait_until_ready(300, process=proc)
+            yield base, proc
+        finally:
+            stop_process_group(proc, grace=30.0, first=signal.SIGINT)
+
+
+class RssPeak:
+    """Samples a process's resident memory every 0.2 s; ``peak`` is the largest sample."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+def scrape(base: str) -> dict[str, float]:
+    """Sums over models of the scheduler's counters and its peak memory, from /metrics."""
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    sums = {"loads": 0.0, "evictions": 0.0, "peak": 0.0, "budget": 0.0}
+    keys = {
+        "fedserve_scheduler_loads_total": "loads",
+        "fedserve_scheduler_evictions_total": "evictions",
+        "fedserve_scheduler_memory_peak_bytes": "peak",
+        "fedserve_scheduler_budget_memory_bytes": "budget",
+    }
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in keys:
+            sums[keys[name]] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def summarise(
+    records: list[Record],
+    seconds: float,
+    cold: list[tuple[str, float]],
+    loads: list[tuple[str, float]],
+    alone: dict[str, dict[str, float]],
+    server_stats: dict[str, float],
+    rss_peak: int,
+) -> dict[str, Any]:
+    """One run's figures; ``cold`` are the cold starts and ``loads`` every load's own duration
+    (verify + load + warm-up, from the server's log), each with its version."""
+    ok = [r for r in records if r.status == 200]
+    in_run = [s / alone[k]["load_warm_s"] for k, s in loads]
+    out: dict[str, Any] = {
+        "throughput_rps": len(ok) / seconds,
+        "failed": len(records) - len(ok),
+        "failed_by_status": _counts(r.status for r in records if r.status != 200),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "p50_ms": _pct([r.latency_s for r in ok], 50),
+        "p99_ms": _pct([r.latency_s for r in ok], 99),
+        "loads": server_stats["loads"],
+        "evictions": server_stats["evictions"],
+        "peak_memory_bytes": server_stats["peak"],
+        "rss_peak_bytes": rss_peak,
+        "cold_starts": len(cold),
+        "cold_p50_ms": _pct([s for _, s in cold], 50),
+        "cold_p99_ms": _pct([s for _, s in cold], 99),
+        "cold_ratio_p99": (
+            float(np.percentile([s / alone[k]["load_warm_s"] for k, s in cold], 99))
+            if cold
+            else float("nan")
+        ),
+        # the floor of that ratio: a load's own duration in the run over the same load alone
+        "load_ratio_p50": float(np.percentile(in_run, 50)) if in_run else float("nan"),
+        "load_ratio_p99": float(np.percentile(in_run, 99)) if in_run else float("nan"),
+        "slow_requests_share": sum(1 for r in ok if r.latency_s > 0.1) / max(1, len(ok)),
+    }
+    for name, _, _ in CLASSES:
+        lat = [r.latency_s for r in ok if r.popularity == name]
+        out[f"{name}_p50_ms"] = _pct(lat, 50)
+        out[f"{name}_p99_ms"] = _pct(lat, 99)
+        out[f"{name}_ok"] = len(lat)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def _counts(statuses: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    return counts
+
+
+def run_contender(
+    contender: str,
+    args: argparse.Namespace,
+    repo_dir: Path,
+    targets: list[Target],
+    arrivals: list[Any],
+    alone: dict[str, dict[str, float]],
+    budget: int,
+    static: list[Target],
+    log_path: Path,
+) -> dict[str, Any]:
+    common = [
+        "serving.providers=cpu",
+        "serving.versions=100",
+        f"serving.budget.memory_bytes={budget}",
+        f"serving.budget.engines={args.engines}",
+    ]
+    if contender == "static-equal":
+        source = static_repository(repo_dir, static, CACHE / "static_repository")
+        per = max(1, args.engines // max(1, len(static)))
+        overrides = [
+            f"repository={source}",
+            *common,
+            "serving.load=eager",
+            f"serving.instances={per}",
+        ]
+    elif contender == "LRU-only":
+        overrides = [
+            f"repository={repo_dir}",
+            *common,
+            "serving.load=on_demand",
+            "serving.instances=1",
+        ]
+    else:
+        overrides = [f"repository={repo_dir}", *common, "serving.load=on_demand"]
+    with server(overrides, log_path) as (base, proc):
+        rss = RssPeak(proc.pid)
+        records = run(base, targets, arrivals, connections=args.connections)
+        rss_peak = rss.stop()
+        stats = scrape(base)
+    log_text = log_path.read_text(errors="replace")
+    cold = [
+        (f"{m.group(1)}:{m.group(2)}", float(m.group(3))) for m in COLD_START.finditer(log_text)
+    ]
+    loads = []
+    for m in SWAP_TIMING.finditer(log_text):
+        t = json.loads(m.group(1))
+        loads.append((f"{t['model']}:{t['version']}", t["verify_s"] + t["load_s"] + t["warm_s"]))
+    return summarise(records, args.phases * args.phase_s, cold, loads, alone, stats, rss_peak)
+
+
+def report(results: dict[str, list[dict[str, Any]]], budget: int, args: argparse.Namespace) -> str:
+    def med(contender: str, key: str) -> float:
+        return median([r[key] for r in results[contender]])
+
+    rows = []
+    metrics = [
+        ("throughput (ok req/s)", "throughput_rps", 1),
+        ("failed requests", "failed", 1),
+        ("p50 ms", "p50_ms", 1),
+        ("p99 ms", "p99_ms", 1),
+        *[(f"{c} p50 / p99 ms", f"{c}", 0) for c, _, _ in CLASSES],
+        ("cold starts", "cold_starts", 1),
+        ("cold start p50 / p99 ms", "cold", 0),
+        ("cold p99 / (load+warm alone)", "cold_ratio_p99", 1),
+        ("a load in the run / alone, p50 / p99", "load_ratio", 0),
+        ("requests over 100 ms (share)", "slow_requests_share", 1),
+        ("peak memory MB (budget)", "peak_memory_bytes", 2),
+        ("server peak RSS MB", "rss_peak_bytes", 2),
+        ("loads / evictions", "loads", 3),
+    ]
+    for label, key, kind in metrics:
+        row = [label]
+        for c in CONTENDERS:
+            if kind == 1:
+                row.append(med(c, key))
+            elif kind == 2:
+                extra = f" ({budget / 1e6:.0f})" if key == "peak_memory_bytes" else ""
+                row.append(f"{med(c, key) / 1e6:.1f}{extra}")
+            elif kind == 3:
+                row.append(f"{med(c, 'loads'):.0f} / {med(c, 'evictions'):.0f}")
+            elif key == "cold":
+                row.append(f"{med(c, 'cold_p50_ms'):.0f} / {med(c, 'cold_p99_ms'):.0f}")
+            elif key == "load_ratio":
+                row.append(f"{med(c, 'load_ratio_p50'):.1f} / {med(c, 'load_ratio_p99'):.1f}")
+            else:
+                row.append(f"{med(c, key + '_p50_ms'):.1f} / {med(c, key + '_p99_ms'):.1f}")
+        rows.append(row)
+    ratio = med("ours", "throughput_rps") / med("static-equal", "throughput_rps")
+    rows.append(["ours / static-equal throughput", "", "", f"{ratio:.2f}x"])
+    return table(["median of runs", *CONTENDERS], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 run, 2 phases of 10 s")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=150.0, help="requests/s (Poisson)")
+    parser.add_argument("--phases", type=int, default=4, help="hot-set phases per run")
+    parser.add_argument("--phase-s", type=float, default=30.0, help="seconds per phase")
+    parser.add_argument("--engines", type=int, default=8, help="serving.budget.engines")
+    parser.add_argument("--memory-share", type=float, default=1 / 3, help="budget / total")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--zipf-s", type=float, default=1.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mnist", type=Path, default=default_mnist())
+    parser.add_argument("--rebuild", action="store_true", help="train the repository again")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.phases, args.phase_s = 1, 2, 10.0
+    suffix = "-quick" if args.quick else ""
+    repo_dir = ensure_repository(args.mnist, args.rebuild)
+    repo = ModelRepository(repo_dir)
+    targets, signatures = discover(repo)
+    alone = measure_alone(repo, targets, signatures)
+    total = sum(v["memory_bytes"] for v in alone.values())
+    budget = int(total * args.memory_share)
+    static = static_choice(targets, alone, budget, args.engines)
+    print(
+        f"{len(targets)} versions, {total / 1e6:.1f} MB measured in all; memory budget "
+        f"{budget / 1e6:.1f} MB, {args.engines} engines; static-equal holds "
+        f"{[t.key for t in static]}",
+        flush=True,
+    )
+    arrivals = schedule(len(targets), args.rate, args.phases, args.phase_s, args.zipf_s, args.seed)
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
+    logs = CACHE / "logs"
+    for rep in range(args.repeats):
+        order = CONTENDERS[rep % 3 :] + CONTENDERS[: rep % 3]
+        for contender in order:
+            log_path = logs / f"{contender}-{rep}{suffix}.log"
+            res = run_contender(
+                contender, args, repo_dir, targets, arrivals, alone, budget, static, log_path
+            )
+            results[contender].append(res)
+            print(f"run {rep} {contender}: {json.dumps(res)}", flush=True)
+    text = report(results, budget, args)
+    print(text, flush=True)
+    write_json(
+        RESULTS / f"scheduler{suffix}.json",
+        {
+            "command": "python -m benchmarks.scheduler.bench " + " ".join(sys.argv[1:]),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": machine(),
+            "versions": {t.key: alone[t.key] for t in targets},
+            "memory_budget_bytes": budget,
+            "static_equal_holds": [t.key for t in static],
+            "runs": results,
+            "table": text,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
