@@ -92,14 +92,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     train_config = ConfigRecord({"task": task_config(cfg), "reply": "delta"})
     evaluate_config = ConfigRecord({"task": task_config(cfg)})
     check_partitions(cfg, cfg.num_clients)
-    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
+    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.discovery_timeout_s)
     if strategy is None:
         final = run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, sink)
     else:
         # The query carries the task: every client loads its data (and warms up) before it
         # answers, and version 1's seconds count from start(), as later versions' do from the
         # one before.
-        strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
+        strategy.ensure_partitions(grid, cfg.strategy.discovery_timeout_s, train_config)
         strategy.start(
             grid,
             to_array_record(initial),

@@ -152,8 +152,30 @@ def test_sync_round_proceeds_after_timeout_with_min_replies() -> None:
     )
     sink = Recorder()
     server.start(grid, to_array_record(small_model()), num_rounds=2, sink=sink)
+    # the fake grid answers the expired message as Flower does ("Message Unavailable"): that is
+    # a timeout, not a rejected error
     assert [(e.num_accepted, e.num_timed_out) for e in sink.events] == [(3, 1), (3, 1)]
+    assert all(e.num_rejected == 0 for e in sink.events)
     assert grid.clock.now == pytest.approx(10.0, abs=0.2)  # two rounds of 5 s timeouts
+    assert server.state.counters["timed_out"] == 2 and "rejected_error" not in server.state.counters
+
+
+def test_async_counts_an_expired_message_as_a_timeout() -> None:
+    """Flower answers a message whose TTL (the reply deadline) ran out with an error reply; the
+    async loop records it as timed out (and gives the slot away), not as a client error."""
+    server, grid = make(
+        3,
+        latency=lambda p, i, m: 50.0 if p == 2 and i == 0 else 1.0,
+        mode="async",
+        buffer_size=2,
+        concurrency=3,
+        round_timeout_s=3.5,
+    )
+    sink = Recorder()
+    server.start(grid, to_array_record(small_model()), num_rounds=6, sink=sink)
+    assert sum(e.num_timed_out for e in sink.events) == 1
+    assert all(e.num_rejected == 0 for e in sink.events)
+    assert server.state.counters["timed_out"] == 1
 
 
 def test_sync_retries_a_round_with_too_few_replies() -> None:

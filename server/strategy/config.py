@@ -37,8 +37,11 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0  # federated evaluation on clients' validation splits
     min_replies: int = 1
-    round_timeout_s: float = 600.0
+    round_timeout_s: float = 600.0  # a round's deadline (async: a reply's), the messages' TTL
     max_round_retries: int = 3
+    # start-up: waiting for the nodes, and their partition-id answers (each client loads its data
+    # first), whatever the round deadline
+    discovery_timeout_s: float = 600.0
     # async (FedBuff)
     buffer_size: int = 5
     concurrency: int = 10
@@ -81,6 +84,7 @@ class StrategyConfig:
             )
         check_positive("strategy.min_replies", self.min_replies)
         check_positive("strategy.round_timeout_s", self.round_timeout_s)
+        check_positive("strategy.discovery_timeout_s", self.discovery_timeout_s)
         check_non_negative("strategy.max_round_retries", self.max_round_retries)
         check_positive("strategy.buffer_size", self.buffer_size)
         check_positive("strategy.concurrency", self.concurrency)

@@ -2,11 +2,12 @@
 
 Each round samples ``⌈fraction_train · N⌉`` partitions, pushes the global arrays to their nodes
 and pulls replies as they arrive, validating and folding each at once, until every node replied or
-``min(round_timeout_s, timeout)`` passed. With at least ``min_replies`` accepted replies the server
-optimizer makes the next version; otherwise the round is retried with a new cohort, up to
-``max_round_retries`` times, then :class:`RoundFailedError` stops the run (the last good version
-was already handed to the version sink, i.e. checkpointed by the app). A sink asking to stop ends
-the run after that version (nothing is in flight between two sync rounds).
+``min(round_timeout_s, timeout)`` passed (also the messages' TTL: Flower's "Message Unavailable"
+answer for an expired one counts as a timeout, not an error). With at least ``min_replies``
+accepted replies the server optimizer makes the next version; otherwise the round is retried with
+a new cohort, up to ``max_round_retries`` times, then :class:`RoundFailedError` stops the run (the
+last good version was already handed to the version sink, i.e. checkpointed by the app). A sink
+asking to stop ends the run after that version (nothing is in flight between two sync rounds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from server.strategy.cohort import train_messages
+from server.strategy.messaging import expired
 from server.strategy.run import RunContext
 from server.strategy.state import ServerState
 
@@ -52,10 +54,15 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
                 else:
                     pending[message_id] = partition
             deadline = ctx.messenger.clock() + ctx.timeout
+            late: list[object] = []
             for reply in ctx.messenger.collect(pending, deadline):
-                pending.pop(reply.metadata.reply_to_message_id)
-                state.fold(reply, start_version=state.version, staleness=0)
-            timed_out = len(pending)
+                partition = pending.pop(reply.metadata.reply_to_message_id)
+                if expired(reply):
+                    late.append(partition)
+                else:
+                    state.fold(reply, start_version=state.version, staleness=0)
+            late.extend(pending.values())
+            timed_out = len(late)
             if timed_out:
                 log.warning(
                     "round %d: %d of %d clients did not reply within %.1fs (partitions %s)",
@@ -63,7 +70,7 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
                     timed_out,
                     len(cohort),
                     ctx.timeout,
-                    sorted(pending.values()),  # type: ignore[type-var]
+                    sorted(late),  # type: ignore[type-var]
                 )
             if agg.num_accepted >= cfg.min_replies:
                 break
