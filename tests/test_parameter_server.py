@@ -235,6 +235,7 @@ def test_async_staleness_weights_on_a_scripted_arrival_order() -> None:
         buffer_size=2,
         concurrency=3,
         max_staleness=1,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     server.drain_timeout = 60.0
     sink = Recorder()
@@ -268,6 +269,7 @@ def test_async_drops_replies_staler_than_max_staleness() -> None:
         concurrency=2,
         max_staleness=0,
         round_timeout_s=30.0,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     sink = Recorder()
     server.start(grid, to_array_record({"w": np.zeros(2, np.float32)}), 2, sink=sink)
@@ -403,6 +405,7 @@ def test_async_selection_spreads_updates_over_fast_clients(selection: str) -> No
         concurrency=2,
         max_staleness=20,
         selection=selection,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     server.start(grid, to_array_record(small_model()), num_rounds=30)
     sent = Counter(s.partition for s in grid.log)

@@ -61,6 +61,7 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
                     late.append(partition)
                 else:
                     state.fold(reply, start_version=state.version, staleness=0)
+            agg.settle()  # the norm filter's warm-up may hold the first replies of a run
             late.extend(pending.values())
             timed_out = len(late)
             if timed_out:
