@@ -99,8 +99,12 @@ class ModelRepository(RepositoryReader):
         num_versions: int | None = 1,
         instance_count: int = 1,
         max_queue_delay_microseconds: int = 100,
+        version: int | None = None,
     ) -> int:
         """Publish an ONNX file as the next version of ``model_name``; return the version.
+
+        ``version``: publish as exactly this number instead, which must be above every version
+        the model ever had (versions only grow; RepositoryError otherwise).
 
         ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
         ``external_data`` is the file the graph's external tensors refer to; it is stored as
@@ -137,7 +141,13 @@ class ModelRepository(RepositoryReader):
                 existing = None
             config_text = updated_config(existing, prepared, str(config_path))
             clean_tmp(mdir, self.stale_tmp_seconds)
-            version = next_version(mdir)
+            following = next_version(mdir)
+            if version is not None and version < following:
+                raise RepositoryError(
+                    f"cannot publish {name!r} version {version}: version {following - 1} or "
+                    "higher was published before (versions only grow)"
+                )
+            version = following if version is None else validate_version(version)
             tmp = mdir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:

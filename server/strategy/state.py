@@ -41,7 +41,9 @@ from server.strategy.staleness import StalenessPolicy
 #: under "strategy" and the state holds no history)
 STATE_FORMAT = 3
 
-RESUME_KEYS = ("mode", "optimizer", "aggregation")
+#: what the saved state's structure depends on (the app checks the rest of the config before a
+#: resume, server/resume.py, where a deliberate change of e.g. mode can be allowed)
+RESUME_KEYS = ("optimizer",)
 
 
 class ServerState:
