@@ -205,8 +205,10 @@ def test_sync_gives_up_after_max_round_retries() -> None:
     server, grid = make(
         3, latency=lambda p, i, m: math.inf, round_timeout_s=2.0, max_round_retries=2
     )
-    with pytest.raises(RoundFailedError, match="round 1 failed 3 time"):
+    with pytest.raises(RoundFailedError, match="round 1 failed 3 time") as failed:
         server.start(grid, to_array_record(small_model()), num_rounds=2)
+    assert "0 accepted, rejected {}, 3 timed out after 2s" in str(failed.value)
+    assert "raise strategy.round_timeout_s" in str(failed.value)
     assert len(grid.log) == 3 * 3
     assert grid.clock.now == pytest.approx(6.0, abs=0.2)
     assert server.state.version == 0

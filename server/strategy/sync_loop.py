@@ -26,6 +26,20 @@ class RoundFailedError(RuntimeError):
     """A sync round got fewer than ``min_replies`` accepted replies in every retry."""
 
 
+def _advice(timed_out: int, rejected: int) -> str:
+    """What to set, after the outcome of the last attempt."""
+    if timed_out and timed_out >= rejected:
+        return (
+            "Clients did not reply in time: raise strategy.round_timeout_s (in a simulation "
+            "the clients share one actor per CPU core, so a round takes ~cohort/cores times a "
+            "client's time), or lower strategy.min_replies"
+        )
+    return (
+        "Replies were rejected: see the 'rejected reply from node' lines above and the "
+        "clients' logs, or lower strategy.min_replies"
+    )
+
+
 def run_sync(state: ServerState, ctx: RunContext) -> None:
     """Make versions, one per round, until ``ctx`` says the run is finished."""
     cfg = state.cfg
@@ -92,9 +106,10 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
         else:
             raise RoundFailedError(
                 f"round {server_round} failed {attempts} time(s): fewer than "
-                f"strategy.min_replies={cfg.min_replies} accepted replies each time; the last "
-                f"good global version is {state.version}. Check the clients' logs, or raise "
-                "strategy.round_timeout_s / max_round_retries, or lower min_replies"
+                f"strategy.min_replies={cfg.min_replies} accepted replies each time (the last: "
+                f"{agg.num_accepted} accepted, rejected {dict(agg.rejected)}, {timed_out} timed "
+                f"out after {ctx.timeout:g}s); the last good global version is "
+                f"{state.version}. {_advice(timed_out, agg.num_rejected)}"
             )
         state.round = server_round
         ctx.make_version(state, timed_out=timed_out)
