@@ -71,7 +71,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     numbering = None
     if publisher is not None:
         name = cfg.export.model_name
-        newest = publisher.repository.latest(name) or 0
+        newest = max(publisher.repository.list_versions(name), default=0)
         numbering = VersionNumbering.start(str(cfg.repository), name, newest, restored)
 
     strategy = None

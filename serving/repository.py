@@ -54,7 +54,7 @@ from serving.leases import DEFAULT_TTL_S, LeaseHolder, is_lease_file, live_versi
 from serving.repository_reader import RepositoryReader
 from serving.staging import prepare_version, updated_config, write_version
 from serving.tensor_spec import TensorSpec
-from serving.version_state import clean_tmp, next_version, record_version
+from serving.version_state import chosen_version, clean_tmp, next_version, record_version
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,7 @@ class ModelRepository(RepositoryReader):
                 existing = None
             config_text = updated_config(existing, prepared, str(config_path))
             clean_tmp(mdir, self.stale_tmp_seconds)
-            following = next_version(mdir)
-            if version is not None and version < following:
-                raise RepositoryError(
-                    f"cannot publish {name!r} version {version}: version {following - 1} or "
-                    "higher was published before (versions only grow)"
-                )
-            version = following if version is None else validate_version(version)
+            version = chosen_version(name, version, next_version(mdir))
             tmp = mdir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:

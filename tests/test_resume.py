@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fake_grid import FakeGrid
 from process_marker import wait_until_marked_gone
+from repository_helpers import make_onnx
 from runs import run_train
 from test_early_stop import NODES, _scripted_experiment, weights_or_delta_client
 
@@ -18,7 +19,9 @@ import server.experiment as experiment
 from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from server.config import ExperimentConfig
 from server.resume import ResumeError, check_resume
+from serving.errors import RepositoryError
 from serving.repository import ModelRepository
+from serving.store_repository import open_repository
 from task.config import ConfigError
 
 ADAM = {"name": "fedadam", "optimizer": "adam", "server_lr": 0.05}
@@ -242,3 +245,22 @@ def test_a_fresh_run_numbers_on_from_the_repositorys_newest(
     assert _published(repo) == {1: 1, 2: 2, 3: 1, 4: 2}
     saved = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
     assert saved is not None and saved["publish"]["base"] == 2
+
+
+@pytest.mark.parametrize("kind", ["directory", "store"])
+def test_publishing_as_a_given_version_only_goes_up(tmp_path: Path, kind: str) -> None:
+    """The ``version=`` of both repository kinds: a number at or below one the model ever had
+    is refused, whatever retention deleted since."""
+    import uuid
+
+    location = tmp_path / "repo" if kind == "directory" else f"memory://r-{uuid.uuid4().hex}/repo"
+    repo = open_repository(location)
+    src = tmp_path / "m.onnx"
+    make_onnx(src)
+    assert repo.publish("m", src, max_batch_size=4, version=3) == 3
+    assert repo.publish("m", src, max_batch_size=4) == 4
+    for stale in (2, 4):
+        with pytest.raises(RepositoryError, match=f"version {stale}: version 4 or higher"):
+            repo.publish("m", src, max_batch_size=4, version=stale)
+    assert repo.publish("m", src, max_batch_size=4, version=9) == 9
+    assert repo.list_versions("m") == [3, 4, 9]
