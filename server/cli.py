@@ -23,6 +23,7 @@ from server.config import ExperimentConfig
 from server.config_loader import CONF_DIR, check_overrides, experiment_from_hydra, register_schemas
 from server.launcher import local_superlink
 from server.publisher import check_repository
+from server.resume import check_resume
 from server.run_lock import RunDirectoryLocked, run_lock
 from serving.config_schema import config_errors_exit, run_cli
 from serving.store import is_remote
@@ -67,6 +68,7 @@ def train_job(cfg: DictConfig) -> float:
     if experiment.export.enabled:
         check_repository(experiment.repository)
     output_dir = Path(experiment.output_dir or hydra_cfg.runtime.output_dir).resolve()
+    check_resume(experiment, output_dir)  # a refused resume costs no SuperLink/Ray start-up
     output_dir.mkdir(parents=True, exist_ok=True)
     task_overrides = list(hydra_cfg.overrides.task)
     (output_dir / "overrides.txt").write_text(" ".join(task_overrides))

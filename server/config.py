@@ -26,6 +26,8 @@ class ExperimentConfig(TaskConfig):
     output_dir: str | None = None
     repository: str | None = "model_repository"
     resume: bool = False
+    # keys (or sections) a resumed run may deliberately change (server/resume.py)
+    resume_allow_changes: list[str] = field(default_factory=list)
     stop_at_accuracy: float | None = None  # stop after the first version reaching this test acc
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

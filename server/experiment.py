@@ -1,10 +1,12 @@
 """One federated experiment on a Grid: the wiring of data, model, strategy and version sink.
 
-The run builds the task (data, model, central evaluator), the publisher (export into the model
-repository), the history (restored from the checkpoint when resuming) and the app's version sink
-(:class:`ExperimentSink`: evaluate → export → history → checkpoint), then runs the configured
-strategy, which feeds every new global version to that sink. The same function runs under
-``flwr run .``, ``fedserve-train`` and a real deployment.
+The run first checks a resume (:mod:`server.resume`: nothing is written before it passed), then
+builds the task (data, model, central evaluator), the publisher (export into the model repository,
+numbered after the global version: :mod:`server.version_numbering`), the history (restored from
+the checkpoint when resuming) and the app's version sink (:class:`ExperimentSink`: evaluate →
+export → history → checkpoint), then runs the configured strategy, which feeds every new global
+version to that sink. The same function runs under ``flwr run .``, ``fedserve-train`` and a real
+deployment.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from server.central_evaluation import CentralEvaluator
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server.config import ExperimentConfig
 from server.flower_fedavg import run_flower_fedavg
 from server.history import History
 from server.publisher import Publisher
+from server.resume import check_resume, checkpoint_path
 from server.strategy.messaging import to_array_record
 from server.strategy.parameter_server import ParameterServer
+from server.version_numbering import VersionNumbering
 from server.version_sink import ExperimentSink
-from task.config import ConfigError
 from task.federated import check_partitions, dataset_key, shared_dataset
 from task.models import build_model
 from task.params import get_arrays
@@ -54,12 +56,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     With ``cfg.stop_at_accuracy`` set, the run ends after the first version whose central test
     accuracy reaches it (that version is still exported and checkpointed).
     """
-    if cfg.resume and cfg.strategy.implementation == "flower_fedavg":
-        raise ConfigError(
-            "resume=true needs strategy.implementation=parameter_server; flower_fedavg is the "
-            "reference strategy and keeps no server state to resume"
-        )
     output_dir = Path(cfg.output_dir or "outputs")
+    restored = check_resume(cfg, output_dir)  # before anything is written (config.json too)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -70,36 +68,38 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> ExperimentResult:
     evaluator = CentralEvaluator(model, data.test_x, data.test_y, device)
     initial = get_arrays(model)
     publisher = Publisher.create(cfg, data.test_x[:64], model)
+    numbering = None
+    if publisher is not None:
+        name = cfg.export.model_name
+        newest = max(publisher.repository.list_versions(name), default=0)
+        numbering = VersionNumbering.start(str(cfg.repository), name, newest, restored)
 
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    restored = load_checkpoint(checkpoint_path) if cfg.resume else None
-    if cfg.resume and restored is None:
-        log.warning("resume=true but no checkpoint at %s: starting from scratch", checkpoint_path)
     strategy = None
     if cfg.strategy.implementation == "parameter_server":
         strategy = ParameterServer(cfg.strategy, seed=cfg.seed)
-    if strategy is not None and restored is not None:  # flower_fedavg never resumes (above)
-        strategy.state.load_state_dict(restored)  # refuses another format or strategy first
+    if strategy is not None and restored is not None:  # flower_fedavg never resumes (checked)
+        strategy.state.load_state_dict(restored)
         history = History.from_dict(restored["history"])
-        log.info("resuming from %s at version %d", checkpoint_path, restored["version"])
     else:
         history = History()
         loss, acc = evaluator(initial)
         history.initial = {"test_loss": loss, "test_acc": acc}
         log.info("initial model: test acc %.4f | test loss %.4f", acc, loss)
-    sink = ExperimentSink(cfg, evaluator, history, output_dir, checkpoint_path, publisher)
+    sink = ExperimentSink(
+        cfg, evaluator, history, output_dir, checkpoint_path(output_dir), publisher, numbering
+    )
 
     train_config = ConfigRecord({"task": task_config(cfg), "reply": "delta"})
     evaluate_config = ConfigRecord({"task": task_config(cfg)})
     check_partitions(cfg, cfg.num_clients)
-    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.round_timeout_s)
+    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.strategy.discovery_timeout_s)
     if strategy is None:
         final = run_flower_fedavg(grid, cfg, initial, train_config, evaluate_config, sink)
     else:
         # The query carries the task: every client loads its data (and warms up) before it
         # answers, and version 1's seconds count from start(), as later versions' do from the
         # one before.
-        strategy.ensure_partitions(grid, cfg.strategy.round_timeout_s, train_config)
+        strategy.ensure_partitions(grid, cfg.strategy.discovery_timeout_s, train_config)
         strategy.start(
             grid,
             to_array_record(initial),

@@ -341,13 +341,15 @@ def export_and_publish(
     exporter: str = DEFAULT_EXPORTER,
     best_metric: str = BEST_METRIC,
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
+    version: int | None = None,
 ) -> ExportResult:
     """Export ``model``, check it on ``sample_batch`` (a real test batch), publish, retain.
 
     ``metadata`` carries ``global_version``, ``round``, ``metrics`` and ``config``; an ``export``
     section (exporter, opset, atol, max_abs_diff, versions) is added. Retention keeps the newest
     ``cfg.keep_last`` and, with ``cfg.keep_best``, the best ``metrics[best_metric]``.
-    Nothing is published when export or the parity check fails.
+    Nothing is published when export or the parity check fails. ``version``: the repository
+    version to publish as (default: the next).
     """
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedserve-export-") as tmp:
@@ -381,6 +383,7 @@ def export_and_publish(
             metadata=meta,
             max_batch_size=cfg.max_batch_size,
             external_data=info.external_data,
+            version=version,
         )
     removed = repo.apply_retention(
         model_name, cfg.keep_last, best_metric if cfg.keep_best else None

@@ -82,9 +82,12 @@ class Publisher:
             or (self.cfg.export.on_best and is_best)
         )
 
-    def publish(self, arrays: dict[str, np.ndarray], entry: HistoryEntry) -> int | None:
-        """Export ``arrays`` as the next repository version and add the export's timing to
-        ``entry``; returns that version, or None after a failure (logged, never raised)."""
+    def publish(
+        self, arrays: dict[str, np.ndarray], entry: HistoryEntry, version: int | None = None
+    ) -> int | None:
+        """Export ``arrays`` as repository ``version`` (default: the next) and add the export's
+        timing to ``entry``; returns that version, or None after a failure (logged, never
+        raised)."""
         started = time.perf_counter()
         cfg = self.cfg
         set_arrays(self.model, arrays)
@@ -104,6 +107,7 @@ class Publisher:
                     cfg.export.model_name,
                     metadata,
                     cfg.export,
+                    version=version,
                 )
         except Exception:  # noqa: BLE001 - an export failure must never stop training
             log.exception("export of global version %d failed; training goes on", entry.version)

@@ -54,7 +54,7 @@ from serving.leases import DEFAULT_TTL_S, LeaseHolder, is_lease_file, live_versi
 from serving.repository_reader import RepositoryReader
 from serving.staging import prepare_version, updated_config, write_version
 from serving.tensor_spec import TensorSpec
-from serving.version_state import clean_tmp, next_version, record_version
+from serving.version_state import chosen_version, clean_tmp, next_version, record_version
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ class ModelRepository(RepositoryReader):
         num_versions: int | None = 1,
         instance_count: int = 1,
         max_queue_delay_microseconds: int = 100,
+        version: int | None = None,
     ) -> int:
         """Publish an ONNX file as the next version of ``model_name``; return the version.
+
+        ``version``: publish as exactly this number instead, which must be above every version
+        the model ever had (versions only grow; RepositoryError otherwise).
 
         ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
         ``external_data`` is the file the graph's external tensors refer to; it is stored as
@@ -137,7 +141,7 @@ class ModelRepository(RepositoryReader):
                 existing = None
             config_text = updated_config(existing, prepared, str(config_path))
             clean_tmp(mdir, self.stale_tmp_seconds)
-            version = next_version(mdir)
+            version = chosen_version(name, version, next_version(mdir))
             tmp = mdir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:

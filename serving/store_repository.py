@@ -48,6 +48,7 @@ from serving.staging import prepare_version, updated_config, write_version
 from serving.store import Store, is_remote
 from serving.store_layout import MANIFEST_FILE, RemoteModel, manifest_bytes, parse_listing
 from serving.tensor_spec import TensorSpec
+from serving.version_state import chosen_version
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class StoreRepository:
         num_versions: int | None = 1,
         instance_count: int = 1,
         max_queue_delay_microseconds: int = 100,
+        version: int | None = None,
     ) -> int:
         """As :meth:`serving.repository.ModelRepository.publish`, onto the store."""
         prepared = prepare_version(
@@ -151,7 +153,7 @@ class StoreRepository:
         existing = self.store.read(config_key).decode("utf-8") if remote.config else None
         config_text = updated_config(existing, prepared, self.store.path(config_key))
         self._sweep(name, remote)
-        version = self._next_version(name, remote)
+        version = chosen_version(name, version, self._next_version(name, remote))
         staging = f"{name}/{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         with tempfile.TemporaryDirectory(prefix="fedserve-publish-") as tmp:
             local = Path(tmp)

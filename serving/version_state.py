@@ -15,8 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serving.errors import RepositoryError
 from serving.fsutil import atomic_write, remove_path
-from serving.layout import LEGACY_LEASE_DIR, STATE_FILE, TMP_PREFIX, TMP_RE, VERSION_RE
+from serving.layout import (
+    LEGACY_LEASE_DIR,
+    STATE_FILE,
+    TMP_PREFIX,
+    TMP_RE,
+    VERSION_RE,
+    validate_version,
+)
 from serving.leases import pid_alive
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,19 @@ def next_version(mdir: Path) -> int:
     recorded = read_state(mdir).get("max_version", 0)
     recorded = recorded if isinstance(recorded, int) else 0
     return max([0, recorded, *numbers]) + 1
+
+
+def chosen_version(name: str, requested: int | None, following: int) -> int:
+    """The version to publish: ``following`` (the next free), or ``requested`` when given, which
+    must not be below it (versions only grow; RepositoryError)."""
+    if requested is None:
+        return following
+    if validate_version(requested) < following:
+        raise RepositoryError(
+            f"cannot publish {name!r} version {requested}: version {following - 1} or higher "
+            "was published before (versions only grow)"
+        )
+    return requested
 
 
 def clean_tmp(mdir: Path, stale_seconds: float) -> None:

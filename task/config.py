@@ -1,7 +1,7 @@
 """The task's typed configuration: data, partition, model, local training, emulated devices.
 
 These dataclasses are the schemas of conf/'s ``dataset/``, ``partition/`` and ``model/`` groups and
-of the ``train`` and ``heterogeneity`` sections (Hydra structured configs, registered by
+of the ``train``, ``heterogeneity`` and ``faults`` sections (Hydra structured configs, registered by
 :mod:`server.config_loader`): OmegaConf checks every value's type as it composes, and
 :meth:`TaskConfig.validate` checks ranges and combinations with messages that name the key, the
 value and what is allowed. :class:`TaskConfig` is what a client rebuilds its task from (the server
@@ -133,6 +133,57 @@ class HeterogeneityConfig:
             )
 
 
+FAULTS = ("crash", "straggle", "nan", "wrong_shape", "scale")
+
+
+@dataclass
+class FaultsConfig:
+    """Injected client faults for reliability tests and the chaos benchmark (applied by
+    client/faults.py); all off by default.
+
+    Each ``<kind>_fraction`` makes ``round(fraction · n)`` of the n partitions faulty, the kinds
+    on disjoint, seeded sets: ``crash`` (training raises), ``straggle`` (the emulated device
+    takes ``straggle_factor`` x the message's deadline, so no reply comes in time), ``nan`` (the
+    update holds NaN), ``wrong_shape`` (one array of the update has one element too many),
+    ``scale`` (the update is multiplied by ``scale_factor``). ``per_round``: the sets are drawn
+    again for every global version, else they hold for the whole run. The draw depends on
+    ``seed`` and the run's seed only.
+    """
+
+    crash_fraction: float = 0.0
+    straggle_fraction: float = 0.0
+    nan_fraction: float = 0.0
+    wrong_shape_fraction: float = 0.0
+    scale_fraction: float = 0.0
+    scale_factor: float = 1000.0
+    straggle_factor: float = 3.0
+    per_round: bool = False
+    seed: int = 0
+
+    def fractions(self) -> dict[str, float]:
+        """``{kind: fraction}`` in :data:`FAULTS` order."""
+        return {kind: getattr(self, f"{kind}_fraction") for kind in FAULTS}
+
+    def enabled(self) -> bool:
+        return any(fraction > 0 for fraction in self.fractions().values())
+
+    def validate(self) -> None:
+        for kind, fraction in self.fractions().items():
+            if not 0 <= fraction <= 1:
+                raise ConfigError(f"faults.{kind}_fraction must be in [0, 1], got {fraction}")
+        total = sum(self.fractions().values())
+        if total > 1:
+            raise ConfigError(
+                f"the faults.*_fraction values add up to {total:g} > 1; each faulty client has "
+                "one fault: lower them"
+            )
+        if self.straggle_factor <= 1:
+            raise ConfigError(
+                f"faults.straggle_factor must be > 1 (a straggler misses its deadline), "
+                f"got {self.straggle_factor}"
+            )
+
+
 T = TypeVar("T")
 C = TypeVar("C", bound="TaskConfig")
 
@@ -149,10 +200,18 @@ class TaskConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     heterogeneity: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def validate(self) -> None:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        sections = (self.dataset, self.partition, self.model, self.train, self.heterogeneity)
+        sections = (
+            self.dataset,
+            self.partition,
+            self.model,
+            self.train,
+            self.heterogeneity,
+            self.faults,
+        )
         for section in sections:
             section.validate()
 

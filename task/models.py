@@ -90,6 +90,11 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     return _resnet18((c, h, w), num_classes)
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """True when ``model`` has BatchNorm layers (a training batch of one sample fails there)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameter elements."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -6,6 +6,10 @@
 
 and returns the mean cross-entropy (without the proximal term, so losses compare across mu) over
 all batches of all epochs. ``evaluate`` returns ``(sum_i CE_i / N, correct / N)``.
+
+A training run may have a ``deadline`` (a ``time.time()`` stamp: in federated training, when the
+server stops waiting for the reply); past it, work stops with :class:`DeadlinePassed` instead of
+computing an update nobody will read.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 
 import numpy as np
 import torch
@@ -20,8 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from task.config import ConfigError, TrainConfig
+from task.models import has_batch_norm
 
 logger = logging.getLogger(__name__)
+
+
+class DeadlinePassed(TimeoutError):
+    """The work's deadline passed: its result would arrive too late to be used."""
 
 
 def set_seed(seed: int) -> None:
@@ -54,6 +64,7 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     device: torch.device | None = None,
+    drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over in-memory tensors; the shuffle order depends only on ``seed``.
 
@@ -71,6 +82,29 @@ def make_loader(
         generator=generator,
         num_workers=num_workers,
         pin_memory=device is not None and torch.device(device).type == "cuda",
+        drop_last=drop_last,
+    )
+
+
+def make_train_loader(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+) -> DataLoader:
+    """The shuffled loader :func:`train` takes for ``model``.
+
+    With BatchNorm layers a last batch of one sample (``len(x) % batch_size == 1``) is dropped:
+    their training-mode statistics need two samples, and one sample raises. Each epoch reshuffles,
+    so a different sample sits out each epoch. Other models train on every sample.
+    """
+    lone_tail = len(x) > 1 and len(x) % batch_size == 1
+    drop_last = lone_tail and has_batch_norm(model)
+    return make_loader(
+        x, y, batch_size, True, seed, num_workers=num_workers, device=device, drop_last=drop_last
     )
 
 
@@ -80,12 +114,15 @@ def train(
     cfg: TrainConfig,
     device: torch.device,
     global_params: list[torch.Tensor] | None = None,
+    deadline: float | None = None,
 ) -> float:
     """Train ``model`` in place for ``cfg.local_epochs``; returns the mean batch cross-entropy.
 
     With ``cfg.proximal_mu > 0`` the proximal anchor is ``global_params`` (one tensor per
     ``model.parameters()``, in order) or, when None, a copy of the parameters taken before the first
     step. A non-finite loss raises FloatingPointError instead of returning poisoned weights.
+    Past ``deadline`` (a ``time.time()`` stamp, checked before each batch) it raises
+    :class:`DeadlinePassed`.
     """
     if len(loader) == 0:
         raise ValueError("train() got an empty loader; the client has no training samples")
@@ -108,6 +145,11 @@ def train(
     total, batches = 0.0, 0
     for epoch in range(cfg.local_epochs):
         for xb, yb in loader:
+            if deadline is not None and time.time() >= deadline:
+                raise DeadlinePassed(
+                    f"the deadline passed in epoch {epoch + 1} (batch {batches + 1}); "
+                    "training stopped"
+                )
             xb = xb.to(device, non_blocking=non_blocking)
             yb = yb.to(device, non_blocking=non_blocking)
             optimizer.zero_grad(set_to_none=True)

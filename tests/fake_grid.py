@@ -4,8 +4,10 @@ Each node holds one partition. A pushed message gets an id and a due time
 ``clock.now + latency(partition, dispatch_index, message)`` (``math.inf``: never answered); a
 ``pull_messages`` at or after the due time returns the reply once, computed by
 ``client_fn(message, partition)`` (a RecordDict, or a flwr ``Error`` for an error reply). Query
-messages are answered at once with ``MetricRecord({"partition-id": p})``. ``VirtualClock.sleep``
-only advances the clock, so timeouts cost no wall time.
+messages are answered at once with ``MetricRecord({"partition-id": p})``. As Flower's SuperLink
+does, a message whose TTL runs out before its reply is due is answered once with an error reply
+of code ``MESSAGE_UNAVAILABLE`` ("Message Unavailable"). ``VirtualClock.sleep`` only advances the
+clock, so timeouts cost no wall time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from itertools import count
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 ClientFn = Callable[[Message, int], RecordDict | Error]
@@ -40,6 +43,7 @@ class Sent:
     partition: int
     due: float
     dispatch_index: int
+    expires: float = math.inf
 
 
 @dataclass
@@ -80,7 +84,9 @@ class FakeGrid(Grid):
                 index = self.dispatches.get(partition, 0)
                 self.dispatches[partition] = index + 1
                 due = self.clock.now + self.latency(partition, index, message)
-            sent = Sent(message, partition, due, index)
+            ttl = message.metadata.ttl
+            expires = self.clock.now + ttl if ttl else math.inf
+            sent = Sent(message, partition, due, index, expires)
             self.pending[message_id] = sent
             if index >= 0:
                 self.log.append(sent)
@@ -91,10 +97,17 @@ class FakeGrid(Grid):
         replies = []
         for message_id in list(message_ids):
             sent = self.pending.get(message_id)
-            if sent is None or sent.due > self.clock.now:
+            if sent is None:
+                continue
+            message = sent.message
+            if sent.due > sent.expires and self.clock.now >= sent.expires:
+                del self.pending[message_id]  # Flower: the TTL ran out before any reply
+                error = Error(ErrorCode.MESSAGE_UNAVAILABLE, "Error: Message Unavailable")
+                replies.append(Message(error, reply_to=message))
+                continue
+            if sent.due > self.clock.now:
                 continue
             del self.pending[message_id]
-            message = sent.message
             if message.metadata.message_type == MessageType.QUERY:
                 node = message.metadata.dst_node_id
                 if self.query_errors.get(node, 0) > 0:

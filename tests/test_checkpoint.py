@@ -142,5 +142,5 @@ def test_run_experiment_refuses_a_checkpoint_of_another_format(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save_checkpoint(tmp_path / CHECKPOINT_NAME, {"format": 1, "version": 2, "history": []})
-    with pytest.raises(ValueError, match="server state format 1 is not 2"):
+    with pytest.raises(ValueError, match="has state format 1, this fedserve writes 3"):
         _scripted_experiment(tmp_path, monkeypatch, rounds=4, strategy={}, resume=True)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from client.app import evaluate, query, train
+from client.failures import MAX_REASON
 from server.config import ExperimentConfig
 from task.federated import client_data
 from task.models import build_model
 from task.params import get_arrays, set_arrays
-from task.training import make_loader, set_seed
+from task.training import make_loader, make_train_loader, set_seed
 from task.training import train as train_model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -139,8 +143,78 @@ def test_query_with_the_task_gets_the_client_ready(
 def test_missing_node_config_names_the_fix() -> None:
     context = _context()
     context.node_config.clear()
-    with pytest.raises(ValueError, match="--node-config 'partition-id=<i> num-partitions=<n>'"):
-        train(_message(_model(), "train"), context)
+    reply = train(_message(_model(), "train"), context)
+    assert reply.has_error()
+    assert "--node-config 'partition-id=<i> num-partitions=<n>'" in reply.error.reason
+
+
+def test_a_failure_is_one_error_reply_of_one_line_with_the_trace_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a crashing client sends the server is one line (not Ray's traceback three times);
+    the full trace is logged once, at DEBUG."""
+    cfg = {**CFG, "train": {**CFG["train"], "lr": 1e30}}  # the loss becomes inf: training raises
+    message = _message(_model(), "train")
+    message.content["config"]["task"] = json.dumps(cfg)
+    with caplog.at_level(logging.DEBUG, logger="client"):
+        reply = train(message, _context())
+    assert reply.has_error() and reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason.startswith("FloatingPointError: training loss became")
+    assert "\n" not in reply.error.reason and len(reply.error.reason) <= MAX_REASON
+    traces = [r for r in caplog.records if r.exc_info]
+    assert len(traces) == 1 and traces[0].levelno == logging.DEBUG
+    assert "train on node 11 failed" in traces[0].getMessage()
+
+
+def test_an_expired_message_is_skipped_without_loading_or_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower's simulation engine hands an actor a message even when it expired in its queue;
+    the client answers at once instead of training for a server that stopped waiting."""
+    import client.app
+
+    monkeypatch.setattr(client.app, "client_data", lambda *a: pytest.fail("loaded data"))
+    message = _message(_model(), "train")
+    message.metadata.created_at = time.time() - 100
+    message.metadata.ttl = 60
+    reply = train(message, _context())
+    assert reply.has_error()
+    assert reply.error.reason.startswith("DeadlinePassed: the message expired 40.")
+
+
+def test_training_stops_at_the_deadline() -> None:
+    message = _message(_model(), "train")
+    cfg = {**CFG, "train": {**CFG["train"], "local_epochs": 10_000}}  # hours of training
+    message.content["config"]["task"] = json.dumps(cfg)
+    message.metadata.ttl = 1.0
+    started = time.perf_counter()
+    reply = train(message, _context())
+    assert reply.has_error() and reply.error.reason.startswith("DeadlinePassed: the deadline")
+    assert time.perf_counter() - started < 30  # a bound against hangs, not a speed check
+
+
+def test_resnet18_trains_on_a_partition_of_one_more_than_a_whole_batch() -> None:
+    """BatchNorm cannot train on a batch of one sample: with len % batch_size == 1 the last
+    batch is dropped (each epoch another sample sits out); other models use every sample."""
+    digits_cfg = ExperimentConfig.from_dict(CFG)
+    n = len(client_data(digits_cfg, 1, 4).train_y)
+    batch_size = next(b for b in range(2, n) if n % b == 1)
+    cfg = {
+        **CFG,
+        "model": {"name": "resnet18"},
+        "train": {**CFG["train"], "batch_size": batch_size},
+    }
+    torch.manual_seed(0)
+    model = build_model("resnet18", (1, 8, 8), 10)
+    message = _message(model, "train")
+    message.content["config"]["task"] = json.dumps(cfg)
+    reply = train(message, _context())
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content["metrics"]["num-examples"] == n
+    x, y = torch.zeros(n, 1, 8, 8), torch.zeros(n, dtype=torch.int64)
+    assert len(make_train_loader(model, x, y, batch_size, seed=0)) == n // batch_size
+    assert len(make_train_loader(_model(), x, y, batch_size, seed=0)) == n // batch_size + 1
 
 
 def test_set_arrays_after_delta_roundtrip() -> None:

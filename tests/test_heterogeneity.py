@@ -98,7 +98,9 @@ def test_train_waits_for_the_emulated_device_of_its_partition(
     slow = slow_partitions(ExperimentConfig.from_dict(cfg).heterogeneity, 4, seed=0)
     calls: list[tuple[bool, float]] = []
 
-    def record(h: HeterogeneityConfig, is_slow: bool, timer: WorkTimer, device: str) -> float:
+    def record(
+        h: HeterogeneityConfig, is_slow: bool, timer: WorkTimer, device: str, sleep: object
+    ) -> float:
         calls.append((is_slow, device_seconds(h, is_slow, timer.work_s(device))))
         return 0.0
 

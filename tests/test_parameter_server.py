@@ -152,8 +152,30 @@ def test_sync_round_proceeds_after_timeout_with_min_replies() -> None:
     )
     sink = Recorder()
     server.start(grid, to_array_record(small_model()), num_rounds=2, sink=sink)
+    # the fake grid answers the expired message as Flower does ("Message Unavailable"): that is
+    # a timeout, not a rejected error
     assert [(e.num_accepted, e.num_timed_out) for e in sink.events] == [(3, 1), (3, 1)]
+    assert all(e.num_rejected == 0 for e in sink.events)
     assert grid.clock.now == pytest.approx(10.0, abs=0.2)  # two rounds of 5 s timeouts
+    assert server.state.counters["timed_out"] == 2 and "rejected_error" not in server.state.counters
+
+
+def test_async_counts_an_expired_message_as_a_timeout() -> None:
+    """Flower answers a message whose TTL (the reply deadline) ran out with an error reply; the
+    async loop records it as timed out (and gives the slot away), not as a client error."""
+    server, grid = make(
+        3,
+        latency=lambda p, i, m: 50.0 if p == 2 and i == 0 else 1.0,
+        mode="async",
+        buffer_size=2,
+        concurrency=3,
+        round_timeout_s=3.5,
+    )
+    sink = Recorder()
+    server.start(grid, to_array_record(small_model()), num_rounds=6, sink=sink)
+    assert sum(e.num_timed_out for e in sink.events) == 1
+    assert all(e.num_rejected == 0 for e in sink.events)
+    assert server.state.counters["timed_out"] == 1
 
 
 def test_sync_retries_a_round_with_too_few_replies() -> None:
@@ -183,8 +205,10 @@ def test_sync_gives_up_after_max_round_retries() -> None:
     server, grid = make(
         3, latency=lambda p, i, m: math.inf, round_timeout_s=2.0, max_round_retries=2
     )
-    with pytest.raises(RoundFailedError, match="round 1 failed 3 time"):
+    with pytest.raises(RoundFailedError, match="round 1 failed 3 time") as failed:
         server.start(grid, to_array_record(small_model()), num_rounds=2)
+    assert "0 accepted, rejected {}, 3 timed out after 2s" in str(failed.value)
+    assert "raise strategy.round_timeout_s" in str(failed.value)
     assert len(grid.log) == 3 * 3
     assert grid.clock.now == pytest.approx(6.0, abs=0.2)
     assert server.state.version == 0
@@ -213,6 +237,7 @@ def test_async_staleness_weights_on_a_scripted_arrival_order() -> None:
         buffer_size=2,
         concurrency=3,
         max_staleness=1,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     server.drain_timeout = 60.0
     sink = Recorder()
@@ -246,6 +271,7 @@ def test_async_drops_replies_staler_than_max_staleness() -> None:
         concurrency=2,
         max_staleness=0,
         round_timeout_s=30.0,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     sink = Recorder()
     server.start(grid, to_array_record({"w": np.zeros(2, np.float32)}), 2, sink=sink)
@@ -381,6 +407,7 @@ def test_async_selection_spreads_updates_over_fast_clients(selection: str) -> No
         concurrency=2,
         max_staleness=20,
         selection=selection,
+        max_norm_ratio=None,  # a scripted schedule: no warm-up holding the first two replies
     )
     server.start(grid, to_array_record(small_model()), num_rounds=30)
     sent = Counter(s.partition for s in grid.log)

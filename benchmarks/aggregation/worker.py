@@ -165,7 +165,7 @@ def _throughput(job: dict[str, Any], spec: Spec, reference: dict[str, Any]) -> d
     def ours_fold_only() -> None:
         agg = StreamingAggregator(reference)
         for u in range(updates):
-            agg.fold(validated[u % len(pool)])  # type: ignore[arg-type]
+            agg.offer(validated[u % len(pool)], node_id=1)  # type: ignore[arg-type]
         agg.mean_delta()
 
     def flower() -> None:

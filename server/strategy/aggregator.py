@@ -21,22 +21,29 @@ after the cast to float32 (2⁻²⁴) when a coordinate lies within that distanc
 boundary (about n·2⁻²⁹ of coordinates, i.e. essentially never for models below 10⁷ parameters).
 
 ``aggregation="trimmed_mean"`` (coordinate-wise trimmed mean, Yin et al. 2018): for each coordinate
-drop the ``⌊trim_fraction·n⌋`` largest and smallest values of ``s_i · d_i`` and average the rest,
-unweighted by ``n_i`` (as flwr's FedTrimmedAvg). Sorting needs every reply at once, so this mode
-keeps a copy of each accepted delta: O(clients × model) memory by necessity.
+drop the ``t`` largest and ``t`` smallest values of ``s_i · d_i`` and average the rest, unweighted
+by ``n_i`` (as flwr's FedTrimmedAvg), with ``t = max(1, ⌊trim_fraction·n⌋)`` for ``n ≥ 3``
+replies (at most ``⌊(n-1)/2⌋``; nothing to trim below 3) and the nodes trimmed most logged.
+Sorting needs every reply at once, so this mode keeps a copy of each accepted delta:
+O(clients × model) memory by necessity.
 
-Rejected replies are counted by reason and logged with their node id; nothing raises out of
-:meth:`add`. Client metrics (e.g. ``train-loss``) are averaged weighted by ``num-examples``.
+Before any of that, with ``max_norm_ratio`` set (the default), a reply whose update norm exceeds
+``k ×`` the median of the recent norms is rejected (:mod:`.norm_filter`: the math, the warm-up
+that holds back the first two replies of a run, and the bound it gives). Rejected replies are
+counted by reason and logged with their node id; nothing raises out of :meth:`add`. Client
+metrics (e.g. ``train-loss``) are averaged weighted by ``num-examples``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
+from server.strategy.norm_filter import NormFilter
 from server.strategy.validation import (
     CHUNK,
     ArraySpec,
@@ -51,13 +58,27 @@ log = logging.getLogger(__name__)
 NOT_AVERAGED = frozenset({"num-examples", "version", "partition-id"})
 
 
+@dataclass(frozen=True)
+class _Offer:
+    """A valid reply waiting for the norm filter's warm-up (see :mod:`.norm_filter`)."""
+
+    reply: ValidReply
+    node_id: int
+    staleness_weight: float
+
+
 class StreamingAggregator:
-    """One round's (or one buffer's) running weighted sum of client deltas."""
+    """One round's (or one buffer's) running weighted sum of client deltas.
+
+    ``norm_filter`` (the state's, so its window outlives this aggregate) rejects updates whose
+    norm is an outlier; None turns that off.
+    """
 
     def __init__(
         self,
         reference: dict[str, np.ndarray],
         *,
+        norm_filter: NormFilter | None = None,
         max_update_norm: float | None = None,
         aggregation: str = "mean",
         trim_fraction: float = 0.1,
@@ -67,6 +88,7 @@ class StreamingAggregator:
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         self.specs: dict[str, ArraySpec] = specs_of(reference)
+        self.norm_filter = norm_filter
         self.max_update_norm = max_update_norm
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
@@ -74,14 +96,18 @@ class StreamingAggregator:
         self._scratch = np.empty(CHUNK, dtype=np.float64)
         self._sum: dict[str, np.ndarray] = {}
         self._kept: list[dict[str, np.ndarray]] = []
+        self._kept_nodes: list[int] = []
+        self._held: list[_Offer] = []
         self.reset()
 
     def reset(self) -> None:
-        """Start a new sum; rejection counters are reset too."""
+        """Start a new sum; rejection counters are reset too, held replies dropped."""
         self._sum = {}
         if self.aggregation == "mean":
             self._sum = {k: np.zeros(s.shape, dtype=np.float64) for k, s in self.specs.items()}
         self._kept = []
+        self._kept_nodes = []
+        self._held = []
         self.num_accepted = 0
         self.num_examples = 0.0
         self.rejected = Counter()
@@ -106,27 +132,73 @@ class StreamingAggregator:
             return None
 
     def add(self, content: RecordDict, *, node_id: int, staleness_weight: float = 1.0) -> bool:
-        """Validate and fold one reply; True when it was accepted."""
+        """Validate and :meth:`offer` one reply; False when it was rejected."""
         reply = self.validate(content, node_id)
         if reply is None:
             return False
-        self.fold(reply, staleness_weight)
-        return True
+        return self.offer(reply, node_id=node_id, staleness_weight=staleness_weight)
 
-    def fold(self, reply: ValidReply, staleness_weight: float = 1.0) -> None:
-        """Add an already validated reply with weight ``num-examples · staleness_weight``."""
-        weight = reply.num_examples * float(staleness_weight)
+    @property
+    def num_held(self) -> int:
+        """Valid replies not folded yet: the norm filter's warm-up (at most two, once a run)."""
+        return len(self._held)
+
+    def offer(self, reply: ValidReply, *, node_id: int, staleness_weight: float = 1.0) -> bool:
+        """Fold a validated reply unless its norm is an outlier; during the norm filter's
+        warm-up hold it instead. False when it was rejected."""
+        held = _Offer(reply, node_id, float(staleness_weight))
+        norm_filter = self.norm_filter
+        if norm_filter is None:
+            self._fold(held)
+            return True
+        norm_filter.record(reply.update_norm)
+        self._held.append(held)
+        if not norm_filter.ready:
+            log.debug("holding the reply of node %d until 3 update norms are known", node_id)
+            return True
+        return all(item is not held for item in self._judge_held())
+
+    def settle(self) -> None:
+        """Judge the held replies against the norm filter's median now and fold the others; call
+        before reading :attr:`num_accepted` at the end of an aggregate."""
+        self._judge_held()
+
+    def _judge_held(self) -> list[_Offer]:
+        """Fold or reject every held reply; returns the rejected."""
+        held, self._held = self._held, []
+        rejected = []
+        for item in held:
+            norm = item.reply.update_norm
+            if self.norm_filter is not None:
+                outlier, median = self.norm_filter.is_outlier(norm)
+                if outlier:
+                    rejected.append(item)
+                    self.reject(
+                        "norm_outlier",
+                        item.node_id,
+                        f"update norm {norm:.4g} > max_norm_ratio {self.norm_filter.ratio:g} x "
+                        f"the median {median:.4g} of the recent update norms",
+                    )
+                    continue
+            self._fold(item)
+        return rejected
+
+    def _fold(self, item: _Offer) -> None:
+        """Add a reply with weight ``num-examples · staleness_weight``."""
+        reply, staleness_weight = item.reply, item.staleness_weight
+        weight = reply.num_examples * staleness_weight
         if self.aggregation == "mean":
             for key, delta in reply.arrays.items():
                 self._accumulate(self._sum[key], delta, weight)
         else:
-            scale = float(staleness_weight)
+            scale = staleness_weight
             self._kept.append(
                 {
                     key: np.array(d, copy=True) if scale == 1.0 else d.astype(np.float64) * scale
                     for key, d in reply.arrays.items()
                 }
             )
+            self._kept_nodes.append(item.node_id)
         self.num_accepted += 1
         self.num_examples += reply.num_examples
         for key, value in reply.metrics.items():
@@ -151,15 +223,46 @@ class StreamingAggregator:
             raise ValueError("no accepted replies to aggregate")
         if self.aggregation == "mean":
             return {key: total / self.num_examples for key, total in self._sum.items()}
+        return self._trimmed_mean()
+
+    def trim_count(self, n: int) -> int:
+        """Values dropped at each end of a coordinate: ``max(1, ⌊trim_fraction·n⌋)`` for
+        ``n ≥ 3``, at most ``⌊(n-1)/2⌋`` (one value always stays), 0 below 3."""
+        if n < 3:
+            return 0
+        return min(max(1, int(self.trim_fraction * n)), (n - 1) // 2)
+
+    def _trimmed_mean(self) -> dict[str, np.ndarray]:
+        """The coordinate-wise trimmed mean; logs how often each node's value was trimmed."""
         n = len(self._kept)
-        trim = int(self.trim_fraction * n)
-        if n - 2 * trim < 1:
-            trim = (n - 1) // 2
+        trim = self.trim_count(n)
         result: dict[str, np.ndarray] = {}
+        trimmed = np.zeros(n, dtype=np.int64)  # coordinates where each reply's value was dropped
+        coordinates = 0
         for key in self.specs:
             stacked = np.stack([kept[key] for kept in self._kept]).astype(np.float64)
-            stacked.sort(axis=0)
-            result[key] = stacked[trim : n - trim].mean(axis=0)
+            order = np.argsort(stacked, axis=0, kind="stable")
+            ranked = np.take_along_axis(stacked, order, axis=0)
+            result[key] = ranked[trim : n - trim].mean(axis=0)
+            if trim:
+                dropped = np.concatenate([order[:trim], order[n - trim :]]).reshape(-1)
+                trimmed += np.bincount(dropped, minlength=n)
+            coordinates += stacked[0].size
+        if trim:
+            share = sorted(
+                zip(self._kept_nodes, trimmed / max(coordinates, 1), strict=True),
+                key=lambda item: -item[1],
+            )
+            log.info(
+                "trimmed mean of %d replies: dropped the %d lowest and %d highest value(s) of "
+                "each coordinate; trimmed most: %s",
+                n,
+                trim,
+                trim,
+                ", ".join(f"node {node} in {100 * part:.0f}%" for node, part in share[:3]),
+            )
+        else:
+            log.info("trimmed mean of %d replies: fewer than 3, nothing trimmed", n)
         return result
 
     def metrics(self) -> MetricRecord:

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from server.strategy.cohort import train_messages
+from server.strategy.messaging import expired
 from server.strategy.run import RunContext
 from server.strategy.state import ServerState
 
@@ -74,6 +75,10 @@ def run_async(state: ServerState, ctx: RunContext, drain_timeout: float) -> None
             if ctx.finished(state.version):
                 state.counters["discarded"] += 1
                 continue
+            if expired(reply):  # the TTL (its deadline) ran out: Flower's "Message Unavailable"
+                window["timed_out"] += 1
+                _log_timeout(dispatch, ctx.timeout)
+                continue
             staleness = state.staleness.staleness(state.version, dispatch.start_version)
             if not reply.has_error() and not state.staleness.accepts(staleness):
                 window["dropped"] += 1
@@ -92,17 +97,20 @@ def run_async(state: ServerState, ctx: RunContext, drain_timeout: float) -> None
                 window.clear()
         now = messenger.clock()
         for message_id in [i for i, d in in_flight.items() if now >= d.deadline]:
-            dispatch = in_flight.pop(message_id)
             window["timed_out"] += 1
-            log.warning(
-                "node %d (partition %d) did not reply within %.1fs; giving its slot to another",
-                dispatch.node_id,
-                dispatch.partition,
-                ctx.timeout,
-            )
+            _log_timeout(in_flight.pop(message_id), ctx.timeout)
         if not replies and not ctx.finished(state.version) or refused:
             messenger.wait()
     _drain(state, ctx, in_flight, drain_timeout)
+
+
+def _log_timeout(dispatch: Dispatch, timeout: float) -> None:
+    log.warning(
+        "node %d (partition %d) did not reply within %.1fs; giving its slot to another",
+        dispatch.node_id,
+        dispatch.partition,
+        timeout,
+    )
 
 
 def _fill(

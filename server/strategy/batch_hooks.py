@@ -49,6 +49,7 @@ class BatchHooks:
         agg.reset()
         for reply in replies:
             state.fold(reply, start_version=state.version, staleness=0)
+        agg.settle()
         if agg.num_accepted < state.cfg.min_replies:
             log.warning(
                 "round %d: %d accepted replies < min_replies=%d; model unchanged",

@@ -37,8 +37,11 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0  # federated evaluation on clients' validation splits
     min_replies: int = 1
-    round_timeout_s: float = 600.0
+    round_timeout_s: float = 600.0  # a round's deadline (async: a reply's), the messages' TTL
     max_round_retries: int = 3
+    # start-up: waiting for the nodes, and their partition-id answers (each client loads its data
+    # first), whatever the round deadline
+    discovery_timeout_s: float = 600.0
     # async (FedBuff)
     buffer_size: int = 5
     concurrency: int = 10
@@ -46,6 +49,11 @@ class StrategyConfig:
     # which idle client a free slot goes to: uniform (FedBuff) or balanced (sent the fewest)
     selection: str = "uniform"
     # validation and robustness
+    # reject a reply whose update norm exceeds this x the median of the recent update norms
+    # (server/strategy/norm_filter.py: bounds what one bad client can do; null = off). Honest
+    # cnn/mlp clients on digits (iid, dirichlet 0.1-0.3, shards; 4 rounds) reached 1.1-4.9x
+    # their round's median: 10 leaves twice that margin
+    max_norm_ratio: float | None = 10.0
     max_update_norm: float | None = None  # reject replies whose delta norm exceeds this
     clip_update_norm: float | None = None  # clip the server update to this norm
     aggregation: str = "mean"
@@ -81,10 +89,15 @@ class StrategyConfig:
             )
         check_positive("strategy.min_replies", self.min_replies)
         check_positive("strategy.round_timeout_s", self.round_timeout_s)
+        check_positive("strategy.discovery_timeout_s", self.discovery_timeout_s)
         check_non_negative("strategy.max_round_retries", self.max_round_retries)
         check_positive("strategy.buffer_size", self.buffer_size)
         check_positive("strategy.concurrency", self.concurrency)
         check_non_negative("strategy.max_staleness", self.max_staleness)
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
+            raise ConfigError(
+                f"strategy.max_norm_ratio must be > 1 (or null: off), got {self.max_norm_ratio}"
+            )
         for key in ("max_update_norm", "clip_update_norm"):
             value = getattr(self, key)
             if value is not None and not value > 0:

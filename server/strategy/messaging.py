@@ -10,6 +10,11 @@ Query message (partition discovery) content: ``RecordDict({"config": ConfigRecor
 "partition-id", **train_config})})``; the ClientApp's ``@app.query()`` handler replies any
 MetricRecord (or ConfigRecord) holding ``"partition-id": int`` (ours loads its partition first
 when the config carries the ``task``).
+
+Every message's TTL is the wait it belongs to (a round's deadline, a reply's in async mode, the
+discovery timeout). When it runs out before the node replied, Flower's SuperLink answers the pull
+with an error reply of its own ("Message Unavailable", :data:`EXPIRED_CODES`): that is a timeout,
+not a client error, and :func:`expired` tells the two apart.
 """
 
 from __future__ import annotations
@@ -21,12 +26,21 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
+
+#: the SuperLink's replies for a message (or a reply) whose TTL ran out
+EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+def expired(reply: Message) -> bool:
+    """True for the runtime's stand-in reply to a message that expired unanswered (a timeout)."""
+    return reply.has_error() and reply.error.code in EXPIRED_CODES
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -116,12 +130,14 @@ def discover_partitions(
 ) -> dict[int, int]:
     """Ask every connected node for its partition id; return ``{partition-id: node-id}``.
 
-    Waits up to ``timeout`` for ``min_nodes`` nodes to connect. A node whose query fails (an
-    error reply: e.g. a simulation actor that crashed and was restarted) is asked once more; one
-    that fails again, or does not answer in time, is left out with a warning, and the run goes
-    on without its partition. Two nodes claiming one partition: the lower node id keeps it.
-    ``config`` (e.g. the train config with its ``task``) goes along, so that a client can get
-    ready to train (load its data) before it answers.
+    ``timeout`` (``strategy.discovery_timeout_s``) bounds the wait for ``min_nodes`` nodes to
+    connect and, separately, each query (its TTL). A node whose query fails (an error reply:
+    e.g. a simulation actor that crashed and was restarted) is asked once more; one that fails
+    again, or does not answer in time, is left out with a warning, and the run goes on without
+    its partition. Two nodes claiming one partition: the lower node id keeps it. ``config``
+    (e.g. the train config with its ``task``) goes along, so that a client can get ready to
+    train (load its data) before it answers. No usable answer at all raises RuntimeError naming
+    what happened (timeouts, errors, or answers without a partition id).
     """
     deadline = messenger.clock() + timeout
     while True:
@@ -135,12 +151,16 @@ def discover_partitions(
             )
         log.info("waiting for nodes: %d connected, need %d", len(node_ids), min_nodes)
         messenger.sleep(max(messenger.poll_interval, 0.5))
-    answers, failed = _query_partitions(messenger, node_ids, timeout, config)
-    if failed:
-        log.warning("asking the %d node(s) that failed the partition query again", len(failed))
-        again, failed = _query_partitions(messenger, failed, timeout, config)
-        answers.update(again)
-    for node_id in failed:
+    first = _query_partitions(messenger, node_ids, timeout, config)
+    answers, outcome = first.answers, first
+    if first.failed:
+        log.warning(
+            "asking the %d node(s) that failed the partition query again",
+            len(first.failed),
+        )
+        outcome = _query_partitions(messenger, first.failed, timeout, config)
+        answers.update(outcome.answers)
+    for node_id in outcome.failed:
         log.warning("node %d failed the partition query twice; its partition is left out", node_id)
     node_of: dict[int, int] = {}
     for node_id, partition in sorted(answers.items()):
@@ -155,19 +175,44 @@ def discover_partitions(
             continue
         node_of[partition] = node_id
     if not node_of:
-        raise RuntimeError(
-            "no node answered the partition-id query; the ClientApp must register an "
-            "@app.query() handler replying MetricRecord({'partition-id': int})"
-        )
+        raise RuntimeError(_no_answer(first, outcome, len(node_ids), timeout))
     log.info("discovered %d partitions on %d nodes", len(node_of), len(node_ids))
     return node_of
 
 
+@dataclass
+class _QueryOutcome:
+    answers: dict[int, int]  # node id -> partition id
+    failed: list[int]  # nodes whose reply was an error
+    timed_out: int
+    unlabelled: int  # answers without a partition id
+    first_error: str = ""
+
+
+def _no_answer(first: _QueryOutcome, last: _QueryOutcome, nodes: int, timeout: float) -> str:
+    """Why discovery found no partition, in one line with what to do."""
+    if first.unlabelled or last.unlabelled:
+        return (
+            "no node answered the partition-id query with a partition id; the ClientApp must "
+            "register an @app.query() handler replying MetricRecord({'partition-id': int})"
+        )
+    if last.failed:
+        return (
+            f"every node failed the partition-id query (twice), e.g.: {last.first_error}; "
+            "see the clients' log"
+        )
+    timed_out = first.timed_out + (last.timed_out if last is not first else 0)
+    return (
+        f"none of the {nodes} node(s) answered the partition-id query within "
+        f"strategy.discovery_timeout_s={timeout:g}s ({timed_out} timed out; each client loads "
+        "its data before it answers): raise strategy.discovery_timeout_s"
+    )
+
+
 def _query_partitions(
     messenger: Messenger, node_ids: list[int], timeout: float, config: ConfigRecord | None
-) -> tuple[dict[int, int], list[int]]:
-    """One partition query to ``node_ids``: ``{node-id: partition-id}`` of the answers, and the
-    nodes whose reply was an error (those that gave no usable answer otherwise are logged)."""
+) -> _QueryOutcome:
+    """One partition query to ``node_ids``, with TTL and wait ``timeout``."""
     deadline = messenger.clock() + timeout
     content = RecordDict({"config": ConfigRecord({**(config or {}), "request": "partition-id"})})
     messages = [
@@ -176,19 +221,29 @@ def _query_partitions(
     ]
     ids = messenger.push(messages)
     pending: dict[str, object] = {i: n for i, n in zip(ids, node_ids, strict=True) if i}
-    answers: dict[int, int] = {}
-    failed: list[int] = []
+    outcome = _QueryOutcome(answers={}, failed=[], timed_out=0, unlabelled=0)
     for reply in messenger.collect(pending, deadline):
         node_id = int(pending.pop(reply.metadata.reply_to_message_id))  # type: ignore[arg-type]
+        if expired(reply):
+            outcome.timed_out += 1
+            continue
         if reply.has_error():
             log.warning("node %d failed the partition query: %s", node_id, reply.error.reason)
-            failed.append(node_id)
+            outcome.failed.append(node_id)
+            outcome.first_error = outcome.first_error or str(reply.error.reason)
             continue
         partition = find_partition_id(reply.content)
         if partition is None:
             log.warning("node %d answered the partition query without 'partition-id'", node_id)
+            outcome.unlabelled += 1
             continue
-        answers[node_id] = partition
-    if pending:
-        log.warning("%d node(s) did not answer the partition query in time", len(pending))
-    return answers, sorted(failed)
+        outcome.answers[node_id] = partition
+    outcome.timed_out += len(pending)
+    if outcome.timed_out:
+        log.warning(
+            "%d node(s) did not answer the partition query within %gs",
+            outcome.timed_out,
+            timeout,
+        )
+    outcome.failed.sort()
+    return outcome

@@ -96,12 +96,12 @@ class ParameterServer(Strategy):
         self, grid: Grid, timeout: float | None = None, config: ConfigRecord | None = None
     ) -> None:
         """Discover ``{partition-id: node-id}`` by a query message (carrying ``config``) unless
-        already known."""
+        already known; ``timeout`` defaults to ``strategy.discovery_timeout_s``."""
         state = self.state
         if state.sampler.node_of:
             return
         messenger = Messenger(grid, self.poll_interval, self.clock, self.sleep)
-        wait = self.cfg.round_timeout_s if timeout is None else timeout
+        wait = self.cfg.discovery_timeout_s if timeout is None else timeout
         node_of = discover_partitions(
             messenger, min_nodes=self.min_nodes, timeout=wait, config=config
         )
@@ -191,7 +191,7 @@ class ParameterServer(Strategy):
         )
         try:
             if state.version < num_rounds:
-                self.ensure_partitions(grid, wait)
+                self.ensure_partitions(grid)
                 if self.cfg.mode == "sync":
                     run_sync(state, ctx)
                 else:

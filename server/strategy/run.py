@@ -42,6 +42,7 @@ class RunContext:
         """After an accepted aggregate: apply it, count, evaluate on clients (sync mode with
         ``fraction_evaluate > 0``), then hand the version to the sink and reset the aggregate."""
         agg = state.aggregator
+        agg.settle()
         train_metrics = agg.metrics()
         rejected = dict(agg.rejected)
         accepted = agg.num_accepted

@@ -2,9 +2,11 @@
 
 The state holds the global arrays ``x``, the server optimizer and its buffers, the average of the
 versions (``strategy.ema_decay``), the seeded train/eval samplers, the staleness policy, the
-counters, the version and round, and the running sum of the current aggregate. Each accepted
-client reply (``delta_i = local_i - received_i``) is validated and folded into one float64 running
-sum (:class:`StreamingAggregator`, O(model) memory), and every new global version is
+window of recent update norms (``strategy.max_norm_ratio``, :mod:`.norm_filter`), the counters,
+the version and round, and the running sum of the current aggregate. Each client reply
+(``delta_i = local_i - received_i``) is validated, judged by its norm and, accepted, folded into
+one float64 running sum (:class:`StreamingAggregator`, O(model) memory), and every new global
+version is
 
     x_{v+1} = opt(x_v, g),   g = -Δ,   Δ = Σ n_i s_i delta_i / Σ n_i
 
@@ -30,14 +32,18 @@ from server.strategy.aggregator import StreamingAggregator
 from server.strategy.averaging import ParameterAverage
 from server.strategy.config import StrategyConfig
 from server.strategy.messaging import from_array_record, to_array_record
+from server.strategy.norm_filter import NormFilter
 from server.strategy.optimizers import build_optimizer
 from server.strategy.sampling import PartitionSampler
 from server.strategy.staleness import StalenessPolicy
 
-#: 2: the strategy config is stored under "strategy" and the state holds no history
-STATE_FORMAT = 2
+#: 3: the window of recent update norms is part of the state (2: the strategy config is stored
+#: under "strategy" and the state holds no history)
+STATE_FORMAT = 3
 
-RESUME_KEYS = ("mode", "optimizer", "aggregation")
+#: what the saved state's structure depends on (the app checks the rest of the config before a
+#: resume, server/resume.py, where a deliberate change of e.g. mode can be allowed)
+RESUME_KEYS = ("optimizer",)
 
 
 class ServerState:
@@ -51,6 +57,8 @@ class ServerState:
         self.eval_sampler = PartitionSampler(self.seed, stream=1)
         self.staleness = StalenessPolicy(cfg.max_staleness)
         self.average = ParameterAverage(cfg.ema_decay) if cfg.ema_decay > 0 else None
+        ratio = cfg.max_norm_ratio
+        self.norm_filter = NormFilter(ratio) if ratio is not None else None
         self.arrays: dict[str, np.ndarray] | None = None
         self.version = 0
         self.round = 0
@@ -101,6 +109,7 @@ class ServerState:
         if self._aggregator is None:
             self._aggregator = StreamingAggregator(
                 self.global_arrays,
+                norm_filter=self.norm_filter,
                 max_update_norm=self.cfg.max_update_norm,
                 aggregation=self.cfg.aggregation,
                 trim_fraction=self.cfg.trim_fraction,
@@ -108,8 +117,10 @@ class ServerState:
         return self._aggregator
 
     def fold(self, reply: Message, start_version: int, staleness: int) -> bool:
-        """Validate one train reply and fold it with weight ``num-examples · s(staleness)``
-        (``s = 1`` in sync mode); a rejected reply is counted by reason. True when accepted."""
+        """Validate one train reply and offer it to the aggregate with weight
+        ``num-examples · s(staleness)`` (``s = 1`` in sync mode); a rejected reply is counted by
+        reason. False when it was rejected (True: folded, or held by the norm filter's warm-up
+        until :meth:`StreamingAggregator.settle`)."""
         agg = self.aggregator
         node_id = reply.metadata.src_node_id
         if reply.has_error():
@@ -127,8 +138,7 @@ class ServerState:
             )
             return False
         weight = self.staleness.weight(staleness) if self.cfg.mode == "async" else 1.0
-        agg.fold(valid, weight)
-        return True
+        return agg.offer(valid, node_id=node_id, staleness_weight=weight)
 
     def apply(self) -> float:
         """``x ← opt(x, -Δ)`` from the aggregate, then ``version += 1``; returns ‖u‖₂.
@@ -159,6 +169,7 @@ class ServerState:
             "strategy": asdict(self.cfg),
             "seed": self.seed,
             "average": None if self.average is None else self.average.state_dict(),
+            "norm_filter": None if self.norm_filter is None else self.norm_filter.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -192,3 +203,5 @@ class ServerState:
         self.seed = int(state["seed"])
         if self.average is not None:
             self.average.load_state_dict(state["average"])
+        if self.norm_filter is not None and state.get("norm_filter") is not None:
+            self.norm_filter.load_state_dict(state["norm_filter"])

@@ -39,8 +39,11 @@ def log_summary(cfg: StrategyConfig, seed: int) -> None:
             cfg.max_staleness,
         )
     log.info(
-        "  validation: max_update_norm=%s clip_update_norm=%s; seed=%d",
+        "  validation: max_norm_ratio=%s max_update_norm=%s clip_update_norm=%s; "
+        "discovery_timeout_s=%g; seed=%d",
+        cfg.max_norm_ratio,
         cfg.max_update_norm,
         cfg.clip_update_norm,
+        cfg.discovery_timeout_s,
         seed,
     )

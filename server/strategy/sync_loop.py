@@ -2,11 +2,12 @@
 
 Each round samples ``⌈fraction_train · N⌉`` partitions, pushes the global arrays to their nodes
 and pulls replies as they arrive, validating and folding each at once, until every node replied or
-``min(round_timeout_s, timeout)`` passed. With at least ``min_replies`` accepted replies the server
-optimizer makes the next version; otherwise the round is retried with a new cohort, up to
-``max_round_retries`` times, then :class:`RoundFailedError` stops the run (the last good version
-was already handed to the version sink, i.e. checkpointed by the app). A sink asking to stop ends
-the run after that version (nothing is in flight between two sync rounds).
+``min(round_timeout_s, timeout)`` passed (also the messages' TTL: Flower's "Message Unavailable"
+answer for an expired one counts as a timeout, not an error). With at least ``min_replies``
+accepted replies the server optimizer makes the next version; otherwise the round is retried with
+a new cohort, up to ``max_round_retries`` times, then :class:`RoundFailedError` stops the run (the
+last good version was already handed to the version sink, i.e. checkpointed by the app). A sink
+asking to stop ends the run after that version (nothing is in flight between two sync rounds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from server.strategy.cohort import train_messages
+from server.strategy.messaging import expired
 from server.strategy.run import RunContext
 from server.strategy.state import ServerState
 
@@ -22,6 +24,20 @@ log = logging.getLogger(__name__)
 
 class RoundFailedError(RuntimeError):
     """A sync round got fewer than ``min_replies`` accepted replies in every retry."""
+
+
+def _advice(timed_out: int, rejected: int) -> str:
+    """What to set, after the outcome of the last attempt."""
+    if timed_out and timed_out >= rejected:
+        return (
+            "Clients did not reply in time: raise strategy.round_timeout_s (in a simulation "
+            "the clients share one actor per CPU core, so a round takes ~cohort/cores times a "
+            "client's time), or lower strategy.min_replies"
+        )
+    return (
+        "Replies were rejected: see the 'rejected reply from node' lines above and the "
+        "clients' logs, or lower strategy.min_replies"
+    )
 
 
 def run_sync(state: ServerState, ctx: RunContext) -> None:
@@ -52,10 +68,16 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
                 else:
                     pending[message_id] = partition
             deadline = ctx.messenger.clock() + ctx.timeout
+            late: list[object] = []
             for reply in ctx.messenger.collect(pending, deadline):
-                pending.pop(reply.metadata.reply_to_message_id)
-                state.fold(reply, start_version=state.version, staleness=0)
-            timed_out = len(pending)
+                partition = pending.pop(reply.metadata.reply_to_message_id)
+                if expired(reply):
+                    late.append(partition)
+                else:
+                    state.fold(reply, start_version=state.version, staleness=0)
+            agg.settle()  # the norm filter's warm-up may hold the first replies of a run
+            late.extend(pending.values())
+            timed_out = len(late)
             if timed_out:
                 log.warning(
                     "round %d: %d of %d clients did not reply within %.1fs (partitions %s)",
@@ -63,7 +85,7 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
                     timed_out,
                     len(cohort),
                     ctx.timeout,
-                    sorted(pending.values()),  # type: ignore[type-var]
+                    sorted(late),  # type: ignore[type-var]
                 )
             if agg.num_accepted >= cfg.min_replies:
                 break
@@ -84,9 +106,10 @@ def run_sync(state: ServerState, ctx: RunContext) -> None:
         else:
             raise RoundFailedError(
                 f"round {server_round} failed {attempts} time(s): fewer than "
-                f"strategy.min_replies={cfg.min_replies} accepted replies each time; the last "
-                f"good global version is {state.version}. Check the clients' logs, or raise "
-                "strategy.round_timeout_s / max_round_retries, or lower min_replies"
+                f"strategy.min_replies={cfg.min_replies} accepted replies each time (the last: "
+                f"{agg.num_accepted} accepted, rejected {dict(agg.rejected)}, {timed_out} timed "
+                f"out after {ctx.timeout:g}s); the last good global version is "
+                f"{state.version}. {_advice(timed_out, agg.num_rejected)}"
             )
         state.round = server_round
         ctx.make_version(state, timed_out=timed_out)

@@ -35,6 +35,7 @@ REASONS = (
     "dtype",
     "non_finite",
     "norm",
+    "norm_outlier",
     "num_examples",
     "version",
 )
