@@ -13,14 +13,26 @@ SuperLink's ``PATH`` as ``flwr-simulation`` (the SuperLink starts the simulation
 name). The script sizes the executor so that every submitted worker gets a thread (threads are
 created per submitted task, so that is one per actor) and runs flwr's own entry point. ``flwr run
 .`` against a SuperLink started by hand keeps flwr's limit.
+
+On a Ray cluster (``RAY_ADDRESS``, see :mod:`server.launcher`) nothing else changes: flwr sizes
+its actor pool per node (``floor(node CPUs / client-resources-num-cpus)`` summed over the
+cluster's nodes) and Ray places the actors; this runtime gives each of them its worker thread in
+the simulation process, so the whole cluster works at once, and each actor logs once, at its
+first client, which Ray node it runs on and that node's resources (:class:`NodeReport`): Ray
+forwards the line to the run's log, where it shows how the clients are spread.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 COMMAND = "flwr-simulation"
 # An upper bound, not a pool size: ThreadPoolExecutor starts a thread per submitted task.
@@ -34,11 +46,63 @@ class EveryWorkerExecutor(ThreadPoolExecutor):
         super().__init__(max_workers or MAX_WORKERS, *args, **kwargs)
 
 
+class NodeReport:
+    """The ClientApp loader the Ray backend sends to its actors, wrapped: the first call in an
+    actor's process logs the Ray node it runs on, then every call loads the app as before."""
+
+    reported_pid: int | None = None  # per process: each actor is a process of its own
+
+    def __init__(self, app_fn: Callable[[], Any]) -> None:
+        self.app_fn = app_fn
+
+    def __call__(self) -> Any:
+        if NodeReport.reported_pid != os.getpid():
+            NodeReport.reported_pid = os.getpid()
+            _log_ray_node()
+        return self.app_fn()
+
+
+def _log_ray_node() -> None:
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    resources = ", ".join(
+        f"{name}={value:g}"
+        for name, value in sorted(node.get("Resources", {}).items())
+        if not name.startswith(("node:", "memory", "object_store_memory", "accelerator_type"))
+    )
+    if not log.handlers:  # Ray's worker process configures no logging of ours
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    log.info(
+        "ClientApp actor (pid %d) on Ray node %s at %s with %s",
+        os.getpid(),
+        node_id,
+        node.get("NodeManagerAddress", "?"),
+        resources or "no resources",
+    )
+
+
 def patch_simulation_engine() -> None:
-    """Give the Simulation Engine's worker loops one thread each."""
+    """Give the Simulation Engine's worker loops one thread each, and each Ray actor a
+    :class:`NodeReport`."""
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
 
     vce_api.ThreadPoolExecutor = EveryWorkerExecutor  # type: ignore[misc]
+    build = raybackend.RayBackend.build
+    if getattr(build, "reports_nodes", False):
+        return
+
+    def build_reporting_nodes(self: Any, app_fn: Callable[[], Any]) -> None:
+        build(self, NodeReport(app_fn))
+
+    build_reporting_nodes.reports_nodes = True  # type: ignore[attr-defined]
+    raybackend.RayBackend.build = build_reporting_nodes  # type: ignore[method-assign]
 
 
 def write_wrapper(directory: Path) -> Path:
