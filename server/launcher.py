@@ -302,9 +302,16 @@ def local_superlink(
 
 
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """ConfigError (one line) unless a Ray head accepts connections at ``address`` (host:port)
-    within ``timeout`` seconds: a run must not hang on a cluster that is not there."""
+    """ConfigError (one line) unless a Ray head answers at ``address`` (host:port) within
+    ``timeout`` seconds: a run must not hang on a cluster that is not there.
+
+    Answering means speaking gRPC (Ray's GCS is a gRPC server), not just accepting a TCP
+    connection: a firewall or proxy in between may accept one for any address.
+    """
+    import grpc
+
     host, port = ray_host_port(address)
+    fix = f"start it with `ray start --head --port={port}` or fix the address"
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -312,9 +319,18 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
         reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
         raise ConfigError(
             f"simulation.ray_address={address}: the Ray head does not answer ({reason} after "
-            f"connecting for up to {timeout:g} s); start it with `ray start --head "
-            f"--port={port}` or fix the address"
+            f"connecting for up to {timeout:g} s); {fix}"
         ) from None
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(
+            f"simulation.ray_address={address}: the Ray head does not answer (a connection, but "
+            f"no gRPC server within {timeout:g} s: is that a Ray head's port?); {fix}"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _run_and_tee(
