@@ -25,8 +25,8 @@ from server.config import ExperimentConfig
 from server.config_loader import (
     CONF_DIR,
     check_overrides,
+    job_config_from_hydra,
     register_schemas,
-    train_config_from_hydra,
 )
 from server.history import History
 from server.launcher import check_ray_address, local_superlink
@@ -73,7 +73,7 @@ def train_job(cfg: DictConfig) -> float:
     accuracy, or the rounds to ``stop_at_accuracy``), the value a Hydra sweeper optimises."""
     hydra_cfg = HydraConfig.get()
     check_overrides(list(hydra_cfg.overrides.task))
-    experiment = train_config_from_hydra(cfg)
+    experiment = job_config_from_hydra(cfg)
     check_direction(hydra_cfg.sweeper, experiment.stop_at_accuracy)
     check_partitions(experiment, experiment.num_clients)
     simulation = experiment.simulation

@@ -1,6 +1,6 @@
 """Compose conf/ against the typed schema into an :class:`ExperimentConfig` (Hydra).
 
-:func:`register_schemas` puts :class:`~server.train_config.TrainConfig` (the experiment plus the
+:func:`register_schemas` puts :class:`~server.job_config.TrainJobConfig` (the experiment plus the
 launcher's ``simulation`` section) into Hydra's ConfigStore as ``experiment_schema``;
 ``conf/config.yaml`` lists it first in its defaults, so every group option and every override is
 merged into typed nodes (:mod:`serving.config_schema` has the strict rules and the one-line errors
@@ -28,20 +28,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from server.config import ExperimentConfig
+from server.job_config import TrainJobConfig
 from server.sweep import DIRECTION_RESOLVER, objective_direction
-from server.train_config import TrainConfig
 from serving import config_schema
 from task.config import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SCHEMA_NAME = "experiment_schema"
-T = TypeVar("T", ExperimentConfig, TrainConfig)
+T = TypeVar("T", ExperimentConfig, TrainJobConfig)
 
 
 def register_schemas() -> None:
     """Store the schema conf/config.yaml's defaults list names, and the resolvers it uses
     (idempotent)."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainJobConfig)
     if not OmegaConf.has_resolver(DIRECTION_RESOLVER):
         OmegaConf.register_new_resolver(DIRECTION_RESOLVER, objective_direction)
 
@@ -76,7 +76,7 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
 def check_overrides(overrides: list[str]) -> None:
     """The rules OmegaConf does not enforce itself (strict booleans), as ConfigError."""
     try:
-        config_schema.check_bool_overrides(overrides, TrainConfig)
+        config_schema.check_bool_overrides(overrides, TrainJobConfig)
     except config_schema.ConfigError as err:
         raise ConfigError(str(err)) from None
 
@@ -87,9 +87,9 @@ def experiment_from_hydra(cfg: DictConfig) -> ExperimentConfig:
     return _typed(cfg, ExperimentConfig)
 
 
-def train_config_from_hydra(cfg: DictConfig) -> TrainConfig:
+def job_config_from_hydra(cfg: DictConfig) -> TrainJobConfig:
     """The typed, validated ``fedserve-train`` job: the experiment and its ``simulation``."""
-    return _typed(cfg, TrainConfig)
+    return _typed(cfg, TrainJobConfig)
 
 
 def _typed(cfg: DictConfig, schema: type[T]) -> T:

@@ -35,10 +35,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.job_config import ray_host_port
 from server.orphan_watch import OrphanWatch
 from server.processes import RUN_MARKER, free_port, stop_marked, stop_process_group, wait_for_port
 from server.simulation_runtime import write_wrapper
-from server.train_config import ray_host_port
 from task.config import ConfigError
 
 log = logging.getLogger(__name__)

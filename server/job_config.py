@@ -1,6 +1,6 @@
 """``fedserve-train``'s schema: the experiment plus how its simulation is launched.
 
-:class:`TrainConfig` is what conf/config.yaml is composed against (``experiment_schema`` in
+:class:`TrainJobConfig` is what conf/config.yaml is composed against (``experiment_schema`` in
 Hydra's ConfigStore, see :mod:`server.config_loader`). Its ``simulation`` section says where the
 simulated clients run; it is the launcher's business only, so the ServerApp (which composes the
 same conf/) reads the :class:`~server.config.ExperimentConfig` part and drops it: the experiment,
@@ -37,7 +37,7 @@ class SimulationConfig:
 
 
 @dataclass
-class TrainConfig(ExperimentConfig):
+class TrainJobConfig(ExperimentConfig):
     """One ``fedserve-train`` job: the experiment and its ``simulation`` section."""
 
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
