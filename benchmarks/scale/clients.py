@@ -217,11 +217,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 and 100 clients, 3 rounds")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--rounds", type=int, default=4, help="rounds per job (median of 2..R)")
+    parser.add_argument("--name", default="scale", help="results/<name>.json, outputs/<name>/")
     args = parser.parse_args()
     exit_on_sigterm()
     sizes = [10, 100] if args.quick else args.sizes
     rounds = 3 if args.quick else args.rounds
-    name = "scale-quick" if args.quick else "scale"
+    name = f"{args.name}-quick" if args.quick else args.name
     out_dir = RUNS / name
     results: dict[str, Any] = {"machine": machine(), "setup": SETUP, "rounds": rounds}
     cells: list[Cell] = []
