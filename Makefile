@@ -35,6 +35,7 @@ bench: install
 	$(PY) -m benchmarks.aggregation.memory
 	$(PY) -m benchmarks.serving.bench
 	$(PY) -m benchmarks.serving.train_to_serve
+	$(PY) -m benchmarks.scale.clients
 
 lint: install
 	$(VENV)/bin/ruff check .

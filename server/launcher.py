@@ -9,6 +9,12 @@ and it is always stopped — with every process below it (simulation and Ray inc
 The same code runs a real deployment on one machine: ``local_superlink(simulation=False)`` plus
 :func:`server.supernodes.local_supernodes`, one ``flower-supernode`` per partition, each with its
 own FLWR_HOME and Runtime API port, all on 127.0.0.1 — what runs across machines, minus the network.
+
+A simulation can run its clients on a Ray cluster that is already running
+(``local_superlink(ray_address="head:6379")``): flwr 1.42's Ray backend calls ``ray.init()``
+without an address, which joins the cluster named by ``RAY_ADDRESS``, so the SuperLink (and the
+simulation process it starts) gets that variable. The cluster is not ours: stopping the run ends
+the simulation's driver, whose actors Ray then removes, and leaves the cluster's processes alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.job_config import ray_host_port
 from server.orphan_watch import OrphanWatch
 from server.processes import RUN_MARKER, free_port, stop_marked, stop_process_group, wait_for_port
 from server.simulation_runtime import write_wrapper
+from task.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,8 @@ FLWR_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_DEDUP_LOGS": "0",
 }
+#: seconds a Ray head has to accept a connection before the run is refused
+RAY_CONNECT_TIMEOUT_S = 5.0
 
 
 def flwr_bin(name: str) -> str:
@@ -91,6 +102,7 @@ class SuperLink:
         num_supernodes: int | None = None,
         app_dir: Path = PROJECT_DIR,
         timeout: float | None = None,
+        client_cpus: int = 1,
         client_gpus: float = 0.0,
     ) -> int:
         """``flwr run`` the app, stream its logs until the run ends; return the run id.
@@ -99,8 +111,9 @@ class SuperLink:
         --stream`` exits 0 even when the ServerApp raised) and ``RuntimeError`` when ``flwr run``
         itself failed or outlived ``timeout`` seconds. ``num_supernodes`` sizes a simulation; leave
         it None against a deployment SuperLink, whose SuperNodes are the federation.
-        ``client_gpus``: the GPU share of each simulated client (Ray hides GPUs from actors that
-        reserve none, so clients train on CUDA only when this is > 0).
+        ``client_cpus`` / ``client_gpus``: the CPUs and GPU share Ray reserves for each simulated
+        client (Ray hides GPUs from actors that reserve none, so clients train on CUDA only when
+        ``client_gpus`` > 0).
         """
         command = [flwr_bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
         if run_config:
@@ -110,7 +123,7 @@ class SuperLink:
             config_file.write_text("".join(lines))
             command += ["--run-config", str(config_file)]
         if num_supernodes is not None:
-            resources = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+            resources = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
             if client_gpus > 0:
                 resources += f" client-resources-num-gpus={client_gpus}"
             command += ["--federation-config", resources]
@@ -221,12 +234,14 @@ def local_superlink(
     simulation: bool = True,
     certificates: tuple[Path, Path, Path] | None = None,
     flwr_home: Path | None = None,
+    ray_address: str | None = None,
 ) -> Iterator[SuperLink]:
     """Start a SuperLink on a free port, stop it (and its process group) after.
 
     TLS when ``certificates`` = (ca, cert, key), PEM files (``scripts/generate_certs.py`` writes
     them); ``simulation=False`` gives a deployment SuperLink that SuperNodes join
-    (:func:`server.supernodes.local_supernodes`).
+    (:func:`server.supernodes.local_supernodes`). ``ray_address``: the simulation's clients run
+    on that running Ray cluster (see the module docstring; :func:`check_ray_address` first).
     """
     owned_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fedserve-flwr-")) if flwr_home is None else flwr_home
@@ -258,6 +273,10 @@ def local_superlink(
     if simulation:  # our flwr-simulation first: every simulated client can run at once
         wrapper = write_wrapper(home / "bin")
         env["PATH"] = f"{wrapper.parent}{os.pathsep}{env['PATH']}"
+        if ray_address is not None:
+            env["RAY_ADDRESS"] = ray_address
+        else:  # a RAY_ADDRESS of the caller's must not move the run onto a cluster unasked
+            env.pop("RAY_ADDRESS", None)
     try:
         process = subprocess.Popen(
             command,
@@ -280,6 +299,38 @@ def local_superlink(
         watch.close()
         if owned_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """ConfigError (one line) unless a Ray head answers at ``address`` (host:port) within
+    ``timeout`` seconds: a run must not hang on a cluster that is not there.
+
+    Answering means speaking gRPC (Ray's GCS is a gRPC server), not just accepting a TCP
+    connection: a firewall or proxy in between may accept one for any address.
+    """
+    import grpc
+
+    host, port = ray_host_port(address)
+    fix = f"start it with `ray start --head --port={port}` or fix the address"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConfigError(
+            f"simulation.ray_address={address}: the Ray head does not answer ({reason} after "
+            f"connecting for up to {timeout:g} s); {fix}"
+        ) from None
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(
+            f"simulation.ray_address={address}: the Ray head does not answer (a connection, but "
+            f"no gRPC server within {timeout:g} s: is that a Ray head's port?); {fix}"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _run_and_tee(

@@ -1,6 +1,6 @@
 """Many model versions under one budget: static-equal vs LRU-only vs ours (issue 15).
 
-    flock /work/notes/bench.lock .venv/bin/python -m benchmarks.scheduler.bench [--quick]
+    .venv/bin/python -m benchmarks.scheduler.bench [--quick]
 
 The repository (:mod:`benchmarks.scheduler.repository`): 16 versions from real training runs,
 built once and cached. Each version is first loaded alone (load + warm-up, median of 3), which
