@@ -133,6 +133,20 @@ def test_fedserve_train_refuses_a_resume_before_anything_starts(
     assert wait_until_marked_gone(process_marker) == []
 
 
+def test_fedserve_train_compares_only_the_experiment_with_the_checkpoint(
+    two_versions: Path, process_marker: str
+) -> None:
+    """fedserve-train's launcher-only ``simulation`` section is in no checkpoint: it was reported
+    as a change ("simulation.client_cpus=None (now 1)") on every resume."""
+    fixed = ["dataset.name=synthetic", "model=mlp", "strategy=fedadam"]
+    result = run_train(["resume=true", *fixed, f"hydra.run.dir={two_versions}"], two_versions, 120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "the config differs from the run in" in output, output[-2000:]
+    assert "strategy.server_lr=0.05" in output and "simulation" not in output
+    assert wait_until_marked_gone(process_marker) == []
+
+
 def test_the_same_config_with_more_rounds_resumes(two_versions: Path) -> None:
     checkpoint = check_resume(_cfg(two_versions, rounds=9, stop_at_accuracy=0.99), two_versions)
     assert checkpoint is not None and checkpoint["version"] == 2
