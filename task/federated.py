@@ -43,7 +43,7 @@ def _client_data(key: str, seed: int, partition_id: int, num_partitions: int) ->
     sections = json.loads(key)
     cfg = TaskConfig.from_dict({**sections, "seed": seed})
     data = shared_dataset(key, seed)
-    parts = partition_indices(data.train_y.numpy(), num_partitions, cfg.partition, seed)
+    parts = _partitions(key, seed, num_partitions)
     train_idx, val_idx = split_train_val(
         parts[partition_id], cfg.partition.val_fraction, seed + partition_id
     )
@@ -60,6 +60,17 @@ def _client_data(key: str, seed: int, partition_id: int, num_partitions: int) ->
 
 
 @functools.lru_cache(maxsize=2)
+def _partitions(key: str, seed: int, num_partitions: int) -> list[np.ndarray]:
+    """Every partition's indices, computed once per process: a simulation actor serves many
+    partitions in turn, more than ``_client_data`` keeps, and each miss would otherwise split the
+    whole dataset again (a Dirichlet split of 1,000 partitions is not cheap)."""
+    sections = json.loads(key)
+    cfg = TaskConfig.from_dict({**sections, "seed": seed})
+    labels = shared_dataset(key, seed).train_y.numpy()
+    return partition_indices(labels, num_partitions, cfg.partition, seed)
+
+
+@functools.lru_cache(maxsize=2)
 def shared_dataset(key: str, seed: int) -> FederatedData:
     """The whole dataset, loaded once per process for every client and the server's evaluation."""
     sections = json.loads(key)
@@ -71,8 +82,7 @@ def check_partitions(cfg: TaskConfig, num_clients: int) -> None:
     """Raise ConfigError now if the training set cannot be split over ``num_clients`` as
     configured (e.g. more clients than samples), instead of in every client once the federation
     is up."""
-    data = shared_dataset(dataset_key(cfg), cfg.seed)
-    partition_indices(data.train_y.numpy(), num_clients, cfg.partition, cfg.seed)
+    _partitions(dataset_key(cfg), cfg.seed, num_clients)
 
 
 def dataset_key(cfg: TaskConfig) -> str:

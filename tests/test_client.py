@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+import task.federated
 from client.app import evaluate, query, train
 from client.failures import MAX_REASON
 from server.config import ExperimentConfig
@@ -222,3 +223,22 @@ def test_set_arrays_after_delta_roundtrip() -> None:
     arrays = get_arrays(model)
     set_arrays(model, {k: v + 1 for k, v in arrays.items()})
     assert all(np.allclose(get_arrays(model)[k], arrays[k] + 1) for k in arrays)
+
+
+def test_an_actor_serving_many_partitions_splits_the_dataset_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A simulation actor serves partitions in turn, more than the per-partition cache keeps:
+    each one used to split the whole dataset again."""
+    splits: list[int] = []
+    original = task.federated.partition_indices
+
+    def counted(labels: np.ndarray, num_partitions: int, *args: object) -> list[np.ndarray]:
+        splits.append(num_partitions)
+        return original(labels, num_partitions, *args)
+
+    monkeypatch.setattr(task.federated, "partition_indices", counted)
+    cfg = ExperimentConfig.from_dict({**CFG, "seed": 17})  # a key no other test cached
+    sizes = [len(client_data(cfg, p, 12).train_y) for p in [*range(12), *range(12)]]
+    assert splits == [12] and sum(sizes[:12]) == sum(sizes[12:]) > 0
+    assert sizes[:12] == sizes[12:]
