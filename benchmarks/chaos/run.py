@@ -3,21 +3,21 @@
     .venv/bin/python -m benchmarks.chaos.run                         # every row, the 10-minute soak
     .venv/bin/python -m benchmarks.chaos.run --rows fuzz,sigterm --soak-minutes 1
 
-Serving rows: :mod:`benchmarks.chaos.serving_rows`; the trainer's rows come from
-``benchmarks.chaos.training`` (its ``rows(args) -> list[Row-like]``) when that module exists.
+Serving rows: :mod:`benchmarks.chaos.serving_rows`; the trainer's rows:
+:mod:`benchmarks.chaos.training` (``--no-training`` skips them; ``--training-quick``: the mlp).
 Results (every row's details too) go to ``benchmarks/results/chaos.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.chaos import training
 from benchmarks.chaos.serving_rows import ROWS, Row
 from benchmarks.common import RESULTS, machine, table, write_json
 
@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--swap-every", type=float, default=20.0, help="soak: seconds per swap")
     parser.add_argument("--no-training", action="store_true", help="skip the trainer's rows")
+    parser.add_argument(
+        "--training-quick", action="store_true", help="the trainer's rows on the mlp, fewer rounds"
+    )
     parser.add_argument("--out", default=str(RESULTS / "chaos.json"))
     return parser.parse_args(argv)
 
@@ -51,11 +54,7 @@ def serving_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def training_rows(args: argparse.Namespace) -> list[Any]:
-    if args.no_training or importlib.util.find_spec("benchmarks.chaos.training") is None:
-        return []
-    from benchmarks.chaos import training  # the trainer's rows (written by its owner)
-
-    return list(training.rows(args))
+    return [] if args.no_training else list(training.rows(args))
 
 
 def main(argv: list[str] | None = None) -> int:
