@@ -43,17 +43,16 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 from serving.errors import RepositoryError
 from serving.fsutil import atomic_write, exclusive_lock, fsync_dir
 from serving.layout import CONFIG_FILE, LOCK_FILE, TMP_PREFIX, validate_version
 from serving.leases import DEFAULT_TTL_S, LeaseHolder, is_lease_file, live_versions
 from serving.repository_reader import RepositoryReader
-from serving.staging import prepare_version, updated_config, write_version
-from serving.tensor_spec import TensorSpec
+from serving.staging import PublishOptions, prepare_version, updated_config, write_version
 from serving.version_state import chosen_version, clean_tmp, next_version, record_version
 
 log = logging.getLogger(__name__)
@@ -91,40 +90,16 @@ class ModelRepository(RepositoryReader):
         model_name: str,
         onnx_path: str | os.PathLike,
         *,
-        inputs: Sequence[TensorSpec] | None = None,
-        outputs: Sequence[TensorSpec] | None = None,
-        metadata: dict[str, Any] | None = None,
-        max_batch_size: int,
-        external_data: str | os.PathLike | None = None,
-        num_versions: int | None = 1,
-        instance_count: int = 1,
-        max_queue_delay_microseconds: int = 100,
         version: int | None = None,
+        **options: Unpack[PublishOptions],
     ) -> int:
         """Publish an ONNX file as the next version of ``model_name``; return the version.
 
         ``version``: publish as exactly this number instead, which must be above every version
-        the model ever had (versions only grow; RepositoryError otherwise).
-
-        ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
-        ``external_data`` is the file the graph's external tensors refer to; it is stored as
-        ``model.onnx.data`` (the graph's references are rewritten if named otherwise).
-        ``metadata``: see :func:`serving.staging.write_version`. ``num_versions`` (None = all
-        versions: Triton's version policy), ``instance_count`` and
-        ``max_queue_delay_microseconds`` only shape the ``config.pbtxt`` of a new model.
+        the model ever had (versions only grow; RepositoryError otherwise). The options:
+        :class:`serving.staging.PublishOptions`.
         """
-        prepared = prepare_version(
-            model_name,
-            onnx_path,
-            inputs=inputs,
-            outputs=outputs,
-            metadata=metadata,
-            max_batch_size=max_batch_size,
-            external_data=external_data,
-            num_versions=num_versions,
-            instance_count=instance_count,
-            max_queue_delay_microseconds=max_queue_delay_microseconds,
-        )
+        prepared = prepare_version(model_name, onnx_path, **options)
         name = prepared.name
         self._ensure_root()
         mdir = self.root / name

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import onnx
 from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -27,6 +27,27 @@ from serving.model_config import merge_published, new_config, parse_config, rend
 from serving.onnx_external import external_locations, relocate_external
 from serving.onnx_specs import check_specs, specs_from_onnx
 from serving.tensor_spec import TensorSpec
+
+
+class PublishOptions(TypedDict, total=False):
+    """What both repository kinds' ``publish`` take besides the model name and the ONNX file.
+
+    ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
+    ``external_data`` is the file the graph's external tensors refer to; it is stored as
+    ``model.onnx.data`` (the graph's references are rewritten if named otherwise).
+    ``metadata``: see :func:`write_version`. ``num_versions`` (default 1; None = all versions:
+    Triton's version policy), ``instance_count`` (1) and ``max_queue_delay_microseconds`` (100)
+    only shape the ``config.pbtxt`` of a new model.
+    """
+
+    inputs: Sequence[TensorSpec] | None
+    outputs: Sequence[TensorSpec] | None
+    metadata: dict[str, Any] | None
+    max_batch_size: Required[int]
+    external_data: str | os.PathLike | None
+    num_versions: int | None
+    instance_count: int
+    max_queue_delay_microseconds: int
 
 
 @dataclass
@@ -46,22 +67,18 @@ class PreparedVersion:
 
 
 def prepare_version(
-    model_name: str,
-    onnx_path: str | os.PathLike,
-    *,
-    inputs: Sequence[TensorSpec] | None,
-    outputs: Sequence[TensorSpec] | None,
-    metadata: dict[str, Any] | None,
-    max_batch_size: int,
-    external_data: str | os.PathLike | None,
-    num_versions: int | None,
-    instance_count: int,
-    max_queue_delay_microseconds: int,
+    model_name: str, onnx_path: str | os.PathLike, **options: Unpack[PublishOptions]
 ) -> PreparedVersion:
-    """Check what :meth:`ModelRepository.publish` was given; RepositoryError names the problem.
-
-    ``inputs``/``outputs`` default to the graph's own; given, they must agree with it.
-    """
+    """Check what a repository's ``publish`` was given; RepositoryError names the problem
+    (TypeError for an option that does not exist, as a misspelt keyword argument would)."""
+    unknown = sorted(options.keys() - PublishOptions.__annotations__.keys())
+    if unknown:
+        raise TypeError(f"publish() got unexpected options {unknown}")
+    if "max_batch_size" not in options:
+        raise TypeError("publish() is missing the option max_batch_size")
+    inputs, outputs = options.get("inputs"), options.get("outputs")
+    metadata, external_data = options.get("metadata"), options.get("external_data")
+    max_batch_size = options["max_batch_size"]
     name = validate_model_name(model_name)
     src = Path(onnx_path)
     if not src.is_file():
@@ -98,9 +115,9 @@ def prepare_version(
             inputs,
             outputs,
             max_batch_size=max_batch_size,
-            num_versions=num_versions,
-            instance_count=instance_count,
-            max_queue_delay_microseconds=max_queue_delay_microseconds,
+            num_versions=options.get("num_versions", 1),
+            instance_count=options.get("instance_count", 1),
+            max_queue_delay_microseconds=options.get("max_queue_delay_microseconds", 100),
         )
     except ValueError as exc:
         raise RepositoryError(f"cannot write config.pbtxt for {name!r}: {exc}") from None

@@ -21,10 +21,10 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
@@ -44,10 +44,9 @@ from serving.layout import (
 from serving.leases import live_versions
 from serving.model_config import parse_config
 from serving.repository import ModelRepository
-from serving.staging import prepare_version, updated_config, write_version
+from serving.staging import PublishOptions, prepare_version, updated_config, write_version
 from serving.store import Store, is_remote
 from serving.store_layout import MANIFEST_FILE, RemoteModel, manifest_bytes, parse_listing
-from serving.tensor_spec import TensorSpec
 from serving.version_state import chosen_version
 
 log = logging.getLogger(__name__)
@@ -124,29 +123,11 @@ class StoreRepository:
         model_name: str,
         onnx_path: str | os.PathLike,
         *,
-        inputs: Sequence[TensorSpec] | None = None,
-        outputs: Sequence[TensorSpec] | None = None,
-        metadata: dict[str, Any] | None = None,
-        max_batch_size: int,
-        external_data: str | os.PathLike | None = None,
-        num_versions: int | None = 1,
-        instance_count: int = 1,
-        max_queue_delay_microseconds: int = 100,
         version: int | None = None,
+        **options: Unpack[PublishOptions],
     ) -> int:
         """As :meth:`serving.repository.ModelRepository.publish`, onto the store."""
-        prepared = prepare_version(
-            model_name,
-            onnx_path,
-            inputs=inputs,
-            outputs=outputs,
-            metadata=metadata,
-            max_batch_size=max_batch_size,
-            external_data=external_data,
-            num_versions=num_versions,
-            instance_count=instance_count,
-            max_queue_delay_microseconds=max_queue_delay_microseconds,
-        )
+        prepared = prepare_version(model_name, onnx_path, **options)
         name = prepared.name
         remote = self._model(name)
         config_key = f"{name}/{CONFIG_FILE}"

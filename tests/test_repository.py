@@ -237,3 +237,16 @@ def test_serving_does_not_import_torch() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+
+
+def test_publish_refuses_a_misspelt_or_missing_option(tmp_path: Path) -> None:
+    """Both repository kinds take their options through one typed dict; a typo must still fail
+    as a misspelt keyword argument does, not be ignored."""
+    onnx_file = tmp_path / "m.onnx"
+    make_onnx(onnx_file)
+    repo = ModelRepository(tmp_path / "repo")
+    with pytest.raises(TypeError, match="max_batch_sise"):
+        repo.publish("m", onnx_file, max_batch_size=8, max_batch_sise=8)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="max_batch_size"):
+        repo.publish("m", onnx_file)  # type: ignore[call-arg]
+    assert repo.publish("m", onnx_file, max_batch_size=8) == 1
