@@ -102,12 +102,14 @@ class Server:
 
 
 def start_server(name: str, repository: Path | str, log_path: Path, overrides: list[str]) -> Server:
-    """Spawn ``fedserve-serve`` on a free port (call :meth:`Server.wait_ready` next)."""
+    """Spawn ``fedserve-serve`` on free ports, HTTP and gRPC (call :meth:`Server.wait_ready`
+    next): gRPC's default 8001 would be taken by a second server or another run."""
     port = free_port()
     command = [
         str(BIN / "fedserve-serve"),
         f"repository={repository}",
         f"port={port}",
+        f"serving.grpc_port={free_port()}",
         "log_level=warning",
         *overrides,
     ]

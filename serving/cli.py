@@ -35,6 +35,7 @@ from serving.config_schema import (
     run_cli,
     typed_config,
 )
+from serving.errors import PortUnavailable
 from serving.settings import ServeConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -110,10 +111,11 @@ async def run_servers(
     accepting, let the requests in flight finish (at most ``serving.drain_timeout_s``) and
     return. A second SIGINT stops at once. ``banner(grpc_port)`` runs once both listen."""
     from serving.grpc_server import grpc_server
-    from serving.http_server import http_server
+    from serving.http_server import http_server, listen_socket
 
     settings = conf.serving
     http = http_server(app, conf.host, conf.port, settings, log_level=conf.log_level)
+    listening = listen_socket(conf.host, conf.port)  # before gRPC: a port in use stops nothing
     grpc = None
     grpc_port = None
     if settings.grpc_port is not None:
@@ -145,12 +147,12 @@ async def run_servers(
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        serving = asyncio.ensure_future(http.serve())
+        serving = asyncio.ensure_future(http.serve(sockets=[listening]))
         while not http.started and not serving.done():
             await asyncio.sleep(0.01)
         if serving.done():
-            serving.result()  # raises uvicorn's error (e.g. the port is in use)
-            raise OSError(f"cannot serve HTTP on {conf.host}:{conf.port}")
+            serving.result()
+            raise RuntimeError("the HTTP server stopped before it listened")
         banner(grpc_port)
         await stop.wait()
         http.begin_shutdown()
@@ -198,7 +200,7 @@ def _banner(conf: ServeConfig, registry: Any, grpc_port: int | None, mirror: Any
 
 @hydra.main(config_path=CONF_DIR, config_name="serve", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    with config_errors_exit(PROGRAM):
+    with config_errors_exit(PROGRAM, (PortUnavailable,)):
         check_bool_overrides(list(HydraConfig.get().overrides.task), ServeConfig)
         conf = typed_config(cfg, ServeConfig)
         serve(conf)  # a budget the pins do not fit is a configuration error too

@@ -119,3 +119,8 @@ class StoreError(OSError):
 class StoreKeyMissing(StoreError):
     """The model store answered that no object is at the key (a 404): the store works, the
     object is not there (not written yet, or deleted since it was listed)."""
+
+
+class PortUnavailable(OSError):
+    """A front end could not listen on its port (in use, or not ours to bind); the message names
+    the address and the key to change."""

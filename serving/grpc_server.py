@@ -47,7 +47,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from serving.auth import TOKEN_REFUSED, bearer_token_ok
 from serving.dataplane import DataPlane
-from serving.errors import NotFound, ServingError
+from serving.errors import NotFound, PortUnavailable, ServingError
 from serving.grpc_codec import decode_infer_request, encode_infer_response
 from serving.inference import InferResult
 
@@ -312,8 +312,8 @@ def grpc_server(
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise OSError(
-            f"cannot bind the gRPC port {address}: in use? (serving.grpc_port=<port>, or null "
-            "for no gRPC)"
+        raise PortUnavailable(
+            f"cannot listen for gRPC on {address}: the port is in use or not allowed; pass "
+            "serving.grpc_port=<a free port>, or serving.grpc_port=null for no gRPC"
         )
     return server, bound

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serving.errors import PortUnavailable
 from serving.settings import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -109,3 +111,21 @@ def http_server(
         timeout_graceful_shutdown=int(max(1.0, settings.drain_timeout_s)),
     )
     return HttpServer(config)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The HTTP front end's bound socket; :class:`PortUnavailable` naming the address and the
+    key to change when it cannot be bound (uvicorn would log and ``sys.exit(1)`` from inside the
+    event loop, skipping the CLI's cleanup)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailable(
+            f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; pass "
+            "port=<a free port>"
+        ) from None
+    return sock

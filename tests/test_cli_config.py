@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from serving_helpers import publish_classifier
 
 from server.launcher import FLWR_ENV
+from server.processes import free_port
 from serving.repository import ModelRepository
 
 BIN = Path(sys.executable).parent
@@ -109,3 +111,23 @@ def test_fedserve_serve_refuses_a_budget_the_pins_do_not_fit(tmp_path: Path) -> 
         assert len(lines) == 1 and needle in lines[0], result.stderr
         assert "serving.budget.memory_bytes=100" in lines[0] or "engines=4" in lines[0]
     assert all(repo.leased_versions(name) == set() for name in ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("front_end", ["http", "grpc"])
+def test_fedserve_serve_names_a_port_in_use_in_one_line(tmp_path: Path, front_end: str) -> None:
+    """It printed uvicorn's or our OSError's whole traceback and exited 1."""
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        http, grpc = (busy, free_port()) if front_end == "http" else (free_port(), busy)
+        ports = [f"port={http}", f"serving.grpc_port={grpc}"]
+        result = _run("fedserve-serve", [f"repository={tmp_path / 'repo'}", *ports], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    key = {"http": "port=<a free port>", "grpc": "serving.grpc_port=<a free port>"}[front_end]
+    assert last.startswith("fedserve-serve: invalid configuration: cannot listen for")
+    assert f"127.0.0.1:{busy}" in last and key in last

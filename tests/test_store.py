@@ -459,7 +459,8 @@ def test_fedserve_serve_waits_for_the_store_then_serves(
     env = {**os.environ, "PYTHONPATH": str(ROOT), **store_env(proxy.url)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", f"repository={url}", f"port={port}",
-         "serving.instances=1", "serving.store.poll_s=0.2", "serving.store.retry_max_s=0.5",
+         f"serving.grpc_port={free_port()}", "serving.instances=1", "serving.store.poll_s=0.2",
+         "serving.store.retry_max_s=0.5",
          f"serving.store.cache_dir={tmp_path / 'cache'}", "log_level=warning"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
