@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -126,3 +127,17 @@ def ceiling_once(
         flush=True,
     )
     return out
+
+
+def ceiling_rounds(
+    info: dict[str, Any], rows: int, seconds: float, providers: str = "cpu"
+) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+    """Round 1's ceiling, measured now (its images/s set the warm-up of the loads), and the
+    contender that returns it for round 1 and measures anew in every later round."""
+    first = ceiling_once(info, rows, seconds, providers)
+    unused = [first]
+
+    def next_round() -> dict[str, Any]:
+        return unused.pop() if unused else ceiling_once(info, rows, seconds, providers)
+
+    return first, next_round

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serving.ceiling import ceiling_once
+from benchmarks.serving.ceiling import ceiling_rounds
 from benchmarks.serving.config import BATCHES
 from benchmarks.serving.models import bodies_for
 from benchmarks.serving.paired import Load, paired, paired_ratio, summary
@@ -35,14 +35,7 @@ def http_section(
         with noop_server(answers) as (noop, nbase):
             for rows in BATCHES:
                 body, hlen = bodies[rows]
-                # round 1's ceiling is measured first: it sets the warm-up of the loads
-                ceilings = [ceiling_once(info, rows, args.ceiling_s, args.providers)]
-                first = ceilings[0]
-
-                def ceiling_round(rows: int = rows, ceilings: list = ceilings) -> dict:
-                    if ceilings:
-                        return ceilings.pop()
-                    return ceiling_once(info, rows, args.ceiling_s, args.providers)
+                first, ceiling_round = ceiling_rounds(info, rows, args.ceiling_s, args.providers)
 
                 contenders = {
                     "ceiling": ceiling_round,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.serving.ceiling import ceiling_once
+from benchmarks.serving.ceiling import ceiling_rounds
 from benchmarks.serving.config import BATCHES
 from benchmarks.serving.grpc_load import GrpcLoad, check_target, infer_frame
 from benchmarks.serving.models import bodies_for
@@ -70,13 +70,7 @@ def interop_section(
         triton_pids = lambda: [triton.pid, *_children(triton.pid)]  # noqa: E731
         for rows in BATCHES:
             body, hlen = bodies[rows]
-            ceilings = [ceiling_once(info, rows, args.ceiling_s, args.providers)]
-            first = ceilings[0]
-
-            def ceiling_round(rows: int = rows, ceilings: list = ceilings) -> dict:
-                if ceilings:
-                    return ceilings.pop()
-                return ceiling_once(info, rows, args.ceiling_s, args.providers)
+            first, ceiling_round = ceiling_rounds(info, rows, args.ceiling_s, args.providers)
 
             path = f"/v2/models/{name}/infer"
             contenders = {
