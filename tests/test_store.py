@@ -237,6 +237,46 @@ def test_a_version_missing_a_file_is_skipped_not_a_store_failure(
         mirror.stop()
 
 
+def _files_as(info: Any) -> Any:
+    """A manifest edit: every file of the version described by ``info``."""
+    return lambda doc: {**doc, "files": {name: info for name in doc["files"]}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda doc: b"[" * 100_000, "recursion depth"),
+        (_files_as({"size": 1e999, "sha256": "0"}), "infinity"),  # int(inf): OverflowError
+        (lambda doc: {**doc, "files": {".": {"size": 1, "sha256": "0"}}}, "unsafe file name '.'"),
+        (lambda doc: {**doc, "files": {"x\n": {"size": 1, "sha256": "0"}}}, "unsafe file name"),
+        (lambda doc: {**doc, "files": {}}, "lists no model.onnx"),
+    ],
+)
+def test_a_malformed_manifest_skips_its_version_and_fails_no_sync(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: Any, why: str
+) -> None:
+    """A manifest the store holds may be anything: each malformed one skips its version (the
+    next newest is served) instead of escaping the sync, which killed the server's start or its
+    mirror thread, or (no model file) committing an empty version that shadowed the older one."""
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    store = Store(url)
+    edited = edit(json.loads(store.read(f"clf/2/{MANIFEST_FILE}")))
+    store.write(
+        f"clf/2/{MANIFEST_FILE}",
+        edited if isinstance(edited, bytes) else json.dumps(edited).encode(),
+    )
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
+            assert mirror.sync() and mirror.problem is None
+        assert "skipping clf version 2" in caplog.text and why in caplog.text
+        assert mirror.cache.list_versions("clf") == [1]
+    finally:
+        mirror.stop()
+
+
 def test_retention_keeps_newest_best_and_leased(url: str, tmp_path: Path) -> None:
     repo = StoreRepository(Store(url))
     for seed, acc in enumerate([0.1, 0.9, 0.3, 0.4, 0.5], start=1):
