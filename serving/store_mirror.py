@@ -44,7 +44,7 @@ from serving.errors import RepositoryError, StoreError, StoreKeyMissing
 from serving.fsutil import atomic_write, fsync_dir, remove_path, sha256_file
 from serving.layout import CONFIG_FILE, TMP_PREFIX, VERSION_RE
 from serving.leases import LeaseHolder
-from serving.model_config import parse_config, version_policy
+from serving.model_config import version_policy
 from serving.repository import ModelRepository
 from serving.store import Store, StoreConfig, is_remote
 from serving.store_layout import (
@@ -212,11 +212,8 @@ class StoreMirror:
         return max(1, int((policy.get("latest") or {}).get("num_versions", 1)))
 
     def _policy(self, name: str) -> dict:
-        path = self.cache.config_path(name)
         try:
-            return version_policy(parse_config(path.read_text(encoding="utf-8"), str(path)))
-        except FileNotFoundError:
-            return {}
+            return version_policy(self.cache.read_config(name))
         except RepositoryError as exc:
             log.warning("model %s: %s; mirroring the newest version", name, exc)
             return {}

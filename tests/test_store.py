@@ -277,6 +277,25 @@ def test_a_malformed_manifest_skips_its_version_and_fails_no_sync(
         mirror.stop()
 
 
+def test_a_config_that_is_not_utf8_on_the_store_mirrors_the_newest_version(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror reads the config's version policy as the local repository does: an
+    undecodable config.pbtxt is a warning naming it (its UnicodeDecodeError escaped the sync)."""
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    Store(url).write("clf/config.pbtxt", b"\xff\xfe name: 'clf'")
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="serving.store_mirror"):
+            assert mirror.sync() and mirror.problem is None
+        assert "config.pbtxt" in caplog.text and "utf-8" in caplog.text
+        assert mirror.cache.list_versions("clf") == [2]
+    finally:
+        mirror.stop()
+
+
 def test_retention_keeps_newest_best_and_leased(url: str, tmp_path: Path) -> None:
     repo = StoreRepository(Store(url))
     for seed, acc in enumerate([0.1, 0.9, 0.3, 0.4, 0.5], start=1):
