@@ -27,8 +27,9 @@ on swap, documents, metrics): a thin adapter like :mod:`serving.api`.
 
 Errors: a :class:`~serving.errors.ServingError` is answered with its ``grpc_code`` (400
 INVALID_ARGUMENT, 404 NOT_FOUND, 413/429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, ...) and the same
-message as over HTTP. The bearer token (``token=``) is checked on ``authorization: Bearer <token>``
-metadata (UNAUTHENTICATED otherwise). ``serving.body_limit_bytes`` is the largest message received.
+message as over HTTP, cut to :data:`MAX_DETAILS_BYTES` on the wire. The bearer token
+(``token=``) is checked on ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
+otherwise). ``serving.body_limit_bytes`` is the largest message received.
 Shared-memory, trace and log-settings methods are not offered (UNIMPLEMENTED, as Triton answers
 for a disabled feature).
 """
@@ -58,6 +59,10 @@ SERVICE = "inference.GRPCInferenceService"
 PUBLIC_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
 #: most stream requests in flight at once; the reader waits when this many are pending
 STREAM_WINDOW = 64
+#: wire bytes of a status message at most: grpc percent-encodes it into the ``grpc-message``
+#: trailer (3 bytes per byte outside printable ASCII) and a client refuses trailers over its
+#: metadata limit (8 KiB soft, 16 KiB hard by default) with a transport error, not the status
+MAX_DETAILS_BYTES = 4096
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -141,7 +146,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request)
         except ServingError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+            await _abort(context, exc)
 
     async def _infer(self, request: Any) -> Any:
         """One inference, its metrics recorded; raises ServingError."""
@@ -240,14 +245,36 @@ async def _answer(context: Any, build: Callable[[], Any]) -> Any:
     try:
         return build()
     except ServingError as exc:
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await _abort(context, exc)
 
 
 async def _answer_async(context: Any, build: Callable[[], Awaitable[Any]]) -> Any:
     try:
         return await build()
     except ServingError as exc:
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await _abort(context, exc)
+
+
+async def _abort(context: Any, exc: ServingError) -> None:
+    """End the call with ``exc``'s status and its message, cut to :data:`MAX_DETAILS_BYTES` on
+    the wire (a message echoing a huge model name, or listing a big repository's models, made
+    the client drop the trailers: a transport error instead of NOT_FOUND)."""
+    await context.abort(grpc.StatusCode[exc.grpc_code], status_details(exc.message))
+
+
+def status_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``message`` whole when its percent-encoded form fits ``limit`` bytes, else its longest
+    prefix that fits with `` ... (truncated)`` after it."""
+    sizes = [1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode()) for ch in message]
+    if sum(sizes) <= limit:
+        return message
+    suffix = " ... (truncated)"
+    budget = limit - len(suffix)
+    for i, size in enumerate(sizes):
+        budget -= size
+        if budget < 0:
+            return message[:i] + suffix
+    return message
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

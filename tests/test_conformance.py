@@ -337,6 +337,31 @@ def test_grpc_bad_raw_contents_is_invalid_argument(served: Served) -> None:
         assert stub.ModelInfer(ok).model_version == "1"
 
 
+@pytest.mark.parametrize("name", ["m" * 20_000, "模型" * 2_000])
+def test_grpc_error_echoing_a_huge_name_is_still_its_status(served: Served, name: str) -> None:
+    """A status message goes back percent-encoded in the grpc-message trailer; one echoing a
+    20 000-character model name (or a big repository's list of models) exceeded the client's
+    metadata limit, and the client saw a transport error (RESOURCE_EXHAUSTED "received metadata
+    size exceeds hard limit") instead of NOT_FOUND. The message is now cut to fit."""
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name=name)
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        calls = [
+            (stub.ModelInfer, request),
+            (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name=name)),
+            (stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name)),
+        ]
+        for call, message in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call(message)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+            details = info.value.details()
+            assert details.startswith(f"unknown model '{name[:100]}")
+            assert details.endswith(" ... (truncated)")
+
+
 # ---------------------------------------------------------------- auth
 
 
