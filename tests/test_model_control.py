@@ -147,3 +147,18 @@ def test_a_failed_load_answers_400_and_keeps_what_was_loaded(tmp_path: Path) -> 
         assert states["clf:1"] == ("READY", "")
         assert states[f"clf:{v2}"][0] == "UNAVAILABLE"
         assert s.infer("clf").get_response()["model_version"] == "1"
+
+
+def test_an_oversized_control_body_names_its_own_limit(tmp_path: Path) -> None:
+    """A control body over its fixed 64 KiB limit is a 413 that names that limit: it named
+    serving.body_limit_bytes, whose raising cannot help (it bounds inference bodies only)."""
+    with serve(tmp_path, "on_demand", names=("a",)) as s:
+        body = b'{"parameters": {"x": "' + b"y" * 70_000 + b'"}}'
+        url = f"{s.url}/v2/repository/models/a/load"
+        for content in (body, iter([body[:40_000], body[40_000:]])):  # declared, then chunked
+            r = httpx.post(url, content=content)
+            assert r.status_code == 413
+            message = r.json()["error"]
+            assert "65536 bytes (the model control limit" in message
+            assert "serving.body_limit_bytes" not in message
+        assert httpx.post(url, json={"parameters": {}}).status_code == 200
