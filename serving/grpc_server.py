@@ -48,8 +48,13 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from serving.auth import TOKEN_REFUSED, bearer_token_ok
 from serving.dataplane import DataPlane
-from serving.errors import NotFound, PortUnavailable, ServingError
-from serving.grpc_codec import decode_infer_request, encode_infer_response
+from serving.errors import BadRequest, NotFound, PortUnavailable, ServingError
+from serving.grpc_codec import (
+    UndecodableRequest,
+    decode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
 from serving.inference import InferResult
 
 log = logging.getLogger(__name__)
@@ -155,6 +160,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         version = request.model_version or None
         try:
+            if isinstance(request, UndecodableRequest):
+                raise BadRequest(request.error)
             pool = await dataplane.acquire(name, version)
             ireq = decode_infer_request(request, pool.signature.input_map)
             result: InferResult = await dataplane.infer(pool, ireq, version)
@@ -312,6 +319,27 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return self._refuse_unary
 
 
+def _add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
+    """Register Triton's generated method handlers, the inference methods' requests parsed by
+    :func:`~serving.grpc_codec.parse_infer_request`: a message that does not parse is its
+    request's INVALID_ARGUMENT (in a stream one error response, and the stream goes on) instead
+    of grpc's UNKNOWN ending the call and, in a stream, every request after it."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Collect:  # what the generated code registers, to register it amended
+        def add_generic_rpc_handlers(self, generic: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, found: dict[str, Any]) -> None:
+            handlers.update(found)
+
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Collect())
+    for method in ("ModelInfer", "ModelStreamInfer"):
+        handlers[method] = handlers[method]._replace(request_deserializer=parse_infer_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def grpc_server(
     dataplane: DataPlane,
     host: str,
@@ -330,9 +358,7 @@ def grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane), server
-    )
+    _add_service(server, InferenceServicer(dataplane))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -362,6 +362,43 @@ def test_grpc_error_echoing_a_huge_name_is_still_its_status(served: Served, name
             assert details.endswith(" ... (truncated)")
 
 
+def test_grpc_bytes_that_are_no_message_fail_only_their_own_request(served: Served) -> None:
+    """A ModelInferRequest that does not parse: grpc's deserializer raised, so a unary call got
+    UNKNOWN and a stream was ended there, every request after it unanswered. Now it is that
+    request's INVALID_ARGUMENT (unary) or error response (stream), and the stream goes on."""
+    good = service_pb2.ModelInferRequest(model_name="clf")
+    good.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    good.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    garbage = b"\xff\xff\xff\x07garbage"
+    service = "/inference.GRPCInferenceService"
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        unary = channel.unary_unary(
+            f"{service}/ModelInfer",
+            request_serializer=bytes,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            unary(garbage)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in info.value.details()
+
+        stream = channel.stream_stream(
+            f"{service}/ModelStreamInfer",
+            request_serializer=bytes,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        first, second = service_pb2.ModelInferRequest(), service_pb2.ModelInferRequest()
+        first.CopyFrom(good)
+        first.id = "before"
+        second.CopyFrom(good)
+        second.id = "after"
+        sent = [first.SerializeToString(), garbage, second.SerializeToString()]
+        answers = {r.infer_response.id: r.error_message for r in stream(iter(sent), timeout=30)}
+    assert answers.keys() == {"before", "", "after"}
+    assert answers["before"] == answers["after"] == ""
+    assert "not a valid inference.ModelInferRequest" in answers[""]
+
+
 # ---------------------------------------------------------------- auth
 
 
