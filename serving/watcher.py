@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from serving.model_config import version_policy
+from serving.errors import BadRequest, RepositoryError
+from serving.model_config import check_onnx_model, version_policy
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.scheduler import Scheduler
@@ -174,11 +175,19 @@ class RepositoryWatcher:
         return changed
 
     def _rescan(self, model: str) -> None:
-        """Tell the scheduler what the repository holds of ``model`` now (loads nothing)."""
+        """Tell the scheduler what the repository holds of ``model`` now (loads nothing): what
+        an explicit load does first. Unlike a poll, which logs a bad config.pbtxt and serves the
+        newest version, it answers for the config as Triton's load does: BadRequest naming the
+        file and its fault when it is unreadable, invalid, names another model or is for
+        another platform."""
         if model not in self.repository.list_models():
             return
         if self.models is not None and model not in self.models:
             return
+        try:
+            check_onnx_model(self.repository.read_config(model), f"{model}/config.pbtxt")
+        except RepositoryError as exc:
+            raise BadRequest(f"failed to load model '{model}': {exc}") from None
         candidates, count = self._wanted(model, self.repository.list_versions(model))
         self.scheduler.update(model, candidates, count, load=False)
 

@@ -162,3 +162,25 @@ def test_an_oversized_control_body_names_its_own_limit(tmp_path: Path) -> None:
             assert "65536 bytes (the model control limit" in message
             assert "serving.body_limit_bytes" not in message
         assert httpx.post(url, json={"parameters": {}}).status_code == 200
+
+
+def test_an_explicit_load_answers_for_a_bad_config(tmp_path: Path) -> None:
+    """Triton's load re-reads the model, config included: a config.pbtxt edited into an invalid
+    one, one naming another model or one for another platform made the load answer 200 (the
+    loaded version kept serving, the broken file unmentioned). It is now a 400 naming the file
+    and its fault; what was loaded keeps serving, and a fixed file loads."""
+    with serve(tmp_path, "eager", names=("clf",)) as s:
+        config = s.repo.root / "clf" / "config.pbtxt"
+        good = config.read_text()
+        for text, fault in (
+            ("this is { not valid", "is not a valid Triton ModelConfig"),
+            ('name: "other"', "names the model 'other'"),
+            ('platform: "tensorflow_savedmodel"', "fedserve serves ONNX models only"),
+        ):
+            config.write_text(text)
+            with pytest.raises(InferenceServerException, match=fault) as info:
+                s.client.load_model("clf")
+            assert info.value.status() == "400"
+            assert s.infer("clf").get_response()["model_version"] == "1"
+        config.write_text(good)
+        s.client.load_model("clf")
