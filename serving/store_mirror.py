@@ -20,8 +20,9 @@ the thread
 5. mirrors the cache's leases into the store (:mod:`serving.leases`), so the trainer's retention
    keeps what this server serves.
 
-When the store does not answer, nothing cached changes (what serves keeps serving) and the thread
-retries with exponential backoff up to ``serving.store.retry_max_s``, one log line per attempt;
+When the store does not answer (or the local cache fails: a full disk), nothing cached changes
+(what serves keeps serving) and the thread retries with exponential backoff up to
+``serving.store.retry_max_s``, one log line per attempt;
 :attr:`StoreMirror.problem` says what failed until a sync succeeds again, and ``synced`` stays
 False until the first one did (the server is not ready before).
 """
@@ -127,7 +128,11 @@ class StoreMirror:
 
     def _run(self) -> None:
         while not self._stop.wait(self.next_wait()):
-            self.sync()
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the mirror must outlive a bad pass (a bug)
+                self._failures += 1
+                log.exception("store sync failed; retrying in %.1f s", self.next_wait())
 
     def next_wait(self) -> float:
         """``poll_s``, or the backoff after consecutive failures (doubling, capped)."""
@@ -155,6 +160,11 @@ class StoreMirror:
             self._failures += 1
             self.problem = str(exc)
             log.warning("%s; retrying in %.1f s", exc, self.next_wait())
+            return False
+        except OSError as exc:  # the local cache: disk full, permissions
+            self._failures += 1
+            self.problem = f"the cache directory {self.cache.root} failed: {exc}"
+            log.warning("%s; retrying in %.1f s", self.problem, self.next_wait())
             return False
         if self._failures:
             log.info("model store %s answers again", self.store.url)

@@ -296,6 +296,48 @@ def test_a_config_that_is_not_utf8_on_the_store_mirrors_the_newest_version(
         mirror.stop()
 
 
+def test_a_failing_cache_disk_is_a_problem_retried_not_a_dead_mirror(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local cache failing (a full disk) escaped sync() as OSError: at start a traceback,
+    later the mirror thread's death (the server silently stopped following the store). It is
+    now a problem retried with backoff, as an unanswering store is; and a sync that fails for
+    any other reason (a bug) no longer ends the thread."""
+    import serving.store_mirror as store_mirror
+
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    mirror = mirror_of(url, tmp_path, poll_s=0.01)
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        monkeypatch.setattr(store_mirror, "atomic_write", disk_full)
+        assert not mirror.sync()
+        assert "No space left on device" in mirror.problem and str(mirror.cache.root) in (
+            mirror.problem
+        )
+        monkeypatch.undo()
+        assert mirror.sync() and mirror.problem is None
+        assert mirror.cache.list_versions("clf") == [1]
+
+        calls: list[int] = []
+
+        def a_bug_then_stop() -> bool:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in one pass")
+            mirror._stop.set()
+            return True
+
+        monkeypatch.setattr(mirror, "sync", a_bug_then_stop)
+        mirror._run()  # returns once the second pass stops it: the first one's bug was survived
+        assert len(calls) == 2
+    finally:
+        mirror.stop()
+
+
 def test_retention_keeps_newest_best_and_leased(url: str, tmp_path: Path) -> None:
     repo = StoreRepository(Store(url))
     for seed, acc in enumerate([0.1, 0.9, 0.3, 0.4, 0.5], start=1):
