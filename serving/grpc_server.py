@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 #: methods answered without the bearer token (the liveness/readiness probes, as over HTTP)
 PUBLIC_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
-#: most stream requests in flight at once; the reader waits when this many are pending
+#: most requests of one stream taken and not yet sent back (running, or answered and waiting
+#: for the client to read): past it the stream reads no more, so a client that sends without
+#: reading is held back by flow control instead of piling answers up in the server's memory
 STREAM_WINDOW = 64
 #: wire bytes of a status message at most: grpc percent-encodes it into the ``grpc-message``
 #: trailer (3 bytes per byte outside printable ASCII) and a client refuses trailers over its
@@ -206,8 +208,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     error_message=f"internal error: {type(exc).__name__}: {exc}",
                     infer_response=service_pb2.ModelInferResponse(id=request.id),
                 )
-            finally:
-                window.release()
             await answers.put(response)
 
         async def read() -> None:
@@ -230,7 +230,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     while not answers.empty():
                         yield answers.get_nowait()
                     break
-                yield item
+                yield item  # resumes once sent: only then may the reader take one more
+                window.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()

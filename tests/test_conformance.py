@@ -399,6 +399,36 @@ def test_grpc_bytes_that_are_no_message_fail_only_their_own_request(served: Serv
     assert "not a valid inference.ModelInferRequest" in answers[""]
 
 
+def test_grpc_stream_stops_reading_a_client_that_reads_no_answers() -> None:
+    """A stream's window was released when an answer was computed, not when it was sent: a
+    client sending requests without reading the answers had every request taken and every
+    answer queued in the server's memory. Now the stream takes at most STREAM_WINDOW requests
+    beyond what it sent back, and flow control holds the client there."""
+    from serving.grpc_server import STREAM_WINDOW, InferenceServicer
+
+    servicer = InferenceServicer(DataPlane(ModelRegistry()))  # every request: NotFound at once
+    taken = 0
+
+    async def requests() -> Any:
+        nonlocal taken
+        for i in range(10 * STREAM_WINDOW):
+            taken += 1
+            yield service_pb2.ModelInferRequest(model_name="nope", id=str(i))
+
+    async def a_client_that_reads_one_answer() -> tuple[Any, int]:
+        answers = servicer.ModelStreamInfer(requests(), context=None)
+        first = await answers.__anext__()
+        for _ in range(100 * STREAM_WINDOW):  # let the reader and the requests run as far as
+            await asyncio.sleep(0)  # they can: no I/O, no clock, only the loop's turns
+        seen = taken
+        await answers.aclose()
+        return first, seen
+
+    first, seen = asyncio.run(a_client_that_reads_one_answer())
+    assert first.infer_response.id == "0" and "unknown model 'nope'" in first.error_message
+    assert seen <= STREAM_WINDOW + 2, seen  # the one sent, the window, the one read ahead
+
+
 # ---------------------------------------------------------------- auth
 
 
