@@ -101,6 +101,7 @@ class RepositoryWatcher:
         self._stamp = self._change_stamp()
         with self._poll_lock:
             self._poll(load=False)
+        self._warn_absent_models()
         try:
             self.scheduler.start()
         except BaseException:
@@ -118,6 +119,23 @@ class RepositoryWatcher:
         with self._poll_lock:
             self.scheduler.stop()
         self.ready = False
+
+    def _warn_absent_models(self) -> None:
+        """A model named in ``models`` that the repository lacks is served once published under
+        that name; say so at start, with what the repository holds (a misspelt name served
+        nothing, in silence)."""
+        if self.models is None:
+            return
+        present = set(self.repository.list_models())
+        absent = sorted(self.models - present)
+        if absent:
+            log.warning(
+                "models=%s: the repository holds no model %s yet (it holds: %s); serving each "
+                "once it is published",
+                sorted(self.models),
+                ", ".join(absent),
+                ", ".join(sorted(present)) or "none",
+            )
 
     def _run(self) -> None:
         last_full = time.monotonic()
