@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from serving.errors import BadRequest, RepositoryError
+from serving.errors import BadRequest, NotFound, RepositoryError
 from serving.model_config import check_onnx_model, version_policy
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
@@ -197,11 +197,17 @@ class RepositoryWatcher:
         an explicit load does first. Unlike a poll, which logs a bad config.pbtxt and serves the
         newest version, it answers for the config as Triton's load does: BadRequest naming the
         file and its fault when it is unreadable, invalid, names another model or is for
-        another platform."""
-        if model not in self.repository.list_models():
-            return
-        if self.models is not None and model not in self.models:
-            return
+        another platform; NotFound for a model the repository does not hold (any more: its
+        loaded versions go at the next poll, so a load must not answer that it is served)."""
+        present = [
+            name
+            for name in self.repository.list_models()
+            if self.models is None or name in self.models
+        ]
+        if model not in present:
+            raise NotFound(
+                f"unknown model '{model}'; models in the repository: {', '.join(present) or 'none'}"
+            )
         try:
             check_onnx_model(self.repository.read_config(model), f"{model}/config.pbtxt")
         except RepositoryError as exc:

@@ -184,3 +184,15 @@ def test_an_explicit_load_answers_for_a_bad_config(tmp_path: Path) -> None:
             assert s.infer("clf").get_response()["model_version"] == "1"
         config.write_text(good)
         s.client.load_model("clf")
+
+
+def test_loading_a_model_removed_from_the_repository_is_404(tmp_path: Path) -> None:
+    """The explicit load of a model whose directory was removed answered 200 (its version was
+    still loaded) although the next poll unloads it: the client was told it is served."""
+    with serve(tmp_path, "eager", names=("a", "b")) as s:
+        (s.repo.root / "b").rename(tmp_path / "b-removed")
+        with pytest.raises(InferenceServerException, match="unknown model 'b'") as info:
+            s.client.load_model("b")
+        assert info.value.status() == "404"
+        assert "models in the repository: a" in info.value.message()
+        s.client.load_model("a")
