@@ -173,16 +173,26 @@ class ServingConfig:
             raise ConfigError(f"serving.load must be {' or '.join(LOAD_MODES)}, got {self.load!r}")
         if not self.load_timeout_s > 0:
             raise ConfigError(f"serving.load_timeout_s must be > 0, got {self.load_timeout_s}")
+        whole: set[str] = set()
+        versions: set[tuple[str, int]] = set()
         for pin in self.pin:
             name, _, version = str(pin).partition(":")
-            if not name or (version and not version.isdigit()):
+            # isdigit() alone takes '²', which int() then refuses (a traceback at start)
+            if not name or (version and not (version.isascii() and version.isdigit())):
                 raise ConfigError(
                     f"serving.pin entries are 'model' or 'model:version', got {pin!r}"
                 )
+            if version:
+                versions.add((name, int(version)))
+            else:
+                whole.add(name)
+        # at least this many versions stay resident: a repeated pin, or a version of a model
+        # pinned whole, is no further one
+        resident = len(whole) + len({(n, v) for n, v in versions if n not in whole})
         engines = self.budget.engines
-        if engines is not None and len(self.pin) * (self.instances or 1) > engines:
+        if engines is not None and resident * (self.instances or 1) > engines:
             raise ConfigError(
-                f"serving.pin keeps {len(self.pin)} versions resident, each with "
+                f"serving.pin keeps {resident} versions resident, each with "
                 f">= {self.instances or 1} engine(s), but serving.budget.engines={engines}; "
                 "raise serving.budget.engines or pin fewer"
             )

@@ -112,6 +112,21 @@ def test_every_duration_must_be_one_a_thread_can_wait_for(key: str, value: float
         settings.validate()
 
 
+def test_pins_are_counted_as_the_versions_they_keep_and_read_as_ascii_digits() -> None:
+    """serving.pin=[a, a] (or [a, a:1]) with serving.budget.engines=1 was refused as "2
+    versions resident ... pin fewer"; a pin 'a:²' passed (str.isdigit) and failed the start
+    with int()'s traceback."""
+    from serving.config_schema import ConfigError
+    from serving.settings import BudgetConfig, ServingConfig
+
+    for pins in (["a", "a"], ["a", "a:1"], ["a:1", "a:01"]):
+        ServingConfig(pin=pins, budget=BudgetConfig(engines=1)).validate()
+    with pytest.raises(ConfigError, match="keeps 2 versions resident"):
+        ServingConfig(pin=["a:1", "a:2"], budget=BudgetConfig(engines=1)).validate()
+    with pytest.raises(ConfigError, match="entries are 'model' or 'model:version', got 'a:²'"):
+        ServingConfig(pin=["a:²"]).validate()
+
+
 def test_fedserve_serve_defaults_come_from_the_schema(tmp_path: Path) -> None:
     from serving.settings import ServeConfig, ServingConfig
 
