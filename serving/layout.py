@@ -51,6 +51,20 @@ def validate_model_name(name: Any) -> str:
     return name
 
 
+def requested_version(version: str | int) -> int | None:
+    """The version a request names: an int, or a string of ASCII digits; None for anything
+    else. ``int()`` alone also takes ``'1_0'`` (10), ``' 1'``, ``'+1'`` and non-ASCII digits,
+    so ``versions/1_0`` was answered by version 10."""
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version
+    if isinstance(version, str) and version.isascii() and version.isdigit():
+        try:
+            return int(version)
+        except ValueError:  # more digits than int() converts: no version has them
+            return None
+    return None
+
+
 def validate_version(version: Any) -> int:
     """Return ``version`` as an int if it is an integer >= 1 (not a bool), else raise."""
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:

@@ -196,3 +196,27 @@ def test_loading_a_model_removed_from_the_repository_is_404(tmp_path: Path) -> N
         assert info.value.status() == "404"
         assert "models in the repository: a" in info.value.message()
         s.client.load_model("a")
+
+
+def test_a_version_is_named_by_ascii_digits_only(tmp_path: Path) -> None:
+    """int() read the version 'versions/1_0' as 10, and ' 1', '+1' or '١' as 1: a request
+    could be answered by another version than it named. Only ASCII digits name a version now,
+    on the inference, metadata and statistics routes alike."""
+    with serve(tmp_path, "on_demand", names=("a",)) as s:
+        for v in range(2, 11):
+            publish_classifier(s.repo, tmp_path, name="a", seed=v)
+        s.client.load_model("a")  # reads the ten versions; the newest is served
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]}
+        assert httpx.post(f"{s.url}/v2/models/a/versions/10/infer", json=body).status_code == 200
+        for version in ("1_0", "%2B10", "%2010", "%D9%A1%D9%A0"):  # 1_0, +10, " 10", "١٠"
+            for method, path in (
+                ("POST", "infer"),
+                ("GET", "ready"),
+                ("GET", "stats"),
+            ):
+                r = httpx.request(
+                    method, f"{s.url}/v2/models/a/versions/{version}/{path}", json=body
+                )
+                assert r.status_code == 404, (version, path, r.text)
+                assert "unknown version" in r.json()["error"]
+        assert httpx.get(f"{s.url}/v2/models/a/versions/010/stats").status_code == 200
