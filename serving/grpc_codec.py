@@ -9,6 +9,8 @@ as ``raw_output_contents``, as Triton's server sends them (tritonclient reads bo
 
 Errors are :class:`~serving.errors.BadRequest` with the same wording as the HTTP codec
 (:mod:`serving.protocol`): every message names the input and, when known, the model's spec.
+The request bytes themselves are parsed here too (:func:`parse_infer_request`, the service's
+deserializer for both inference methods), so bytes that are no message fail their own request.
 Lookup, validation and dispatch are the dataplane's.
 """
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from serving.datatypes import NUMPY_TO_V2, V2_TO_NUMPY
@@ -41,6 +45,31 @@ CONTENTS_FIELD: dict[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Bytes that are no ``ModelInferRequest`` (:func:`parse_infer_request`): the request is
+    answered ``error`` as a BadRequest, and a stream goes on. Its empty name, version and id
+    stand in for the message's where an answer needs them."""
+
+    error: str
+    model_name: str = ""
+    model_version: str = ""
+    id: str = ""
+
+
+def parse_infer_request(data: bytes) -> service_pb2.ModelInferRequest | UndecodableRequest:
+    """The gRPC request deserializer of ModelInfer and ModelStreamInfer: never raises, so a
+    message that does not parse fails its own request, not the call (grpc ends a stream, every
+    request after the bad one unanswered, when its deserializer raises)."""
+    try:
+        return service_pb2.ModelInferRequest.FromString(data)
+    except DecodeError as exc:
+        return UndecodableRequest(
+            f"the request is not a valid inference.ModelInferRequest message ({exc}); "
+            "send one serialized by the service's protobuf definition"
+        )
 
 
 def decode_infer_request(

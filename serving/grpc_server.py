@@ -27,8 +27,9 @@ on swap, documents, metrics): a thin adapter like :mod:`serving.api`.
 
 Errors: a :class:`~serving.errors.ServingError` is answered with its ``grpc_code`` (400
 INVALID_ARGUMENT, 404 NOT_FOUND, 413/429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, ...) and the same
-message as over HTTP. The bearer token (``token=``) is checked on ``authorization: Bearer <token>``
-metadata (UNAUTHENTICATED otherwise). ``serving.body_limit_bytes`` is the largest message received.
+message as over HTTP, cut to :data:`MAX_DETAILS_BYTES` on the wire. The bearer token
+(``token=``) is checked on ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED
+otherwise). ``serving.body_limit_bytes`` is the largest message received.
 Shared-memory, trace and log-settings methods are not offered (UNIMPLEMENTED, as Triton answers
 for a disabled feature).
 """
@@ -47,8 +48,13 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from serving.auth import TOKEN_REFUSED, bearer_token_ok
 from serving.dataplane import DataPlane
-from serving.errors import NotFound, PortUnavailable, ServingError
-from serving.grpc_codec import decode_infer_request, encode_infer_response
+from serving.errors import BadRequest, NotFound, PortUnavailable, ServingError
+from serving.grpc_codec import (
+    UndecodableRequest,
+    decode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
 from serving.inference import InferResult
 
 log = logging.getLogger(__name__)
@@ -56,8 +62,14 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 #: methods answered without the bearer token (the liveness/readiness probes, as over HTTP)
 PUBLIC_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
-#: most stream requests in flight at once; the reader waits when this many are pending
+#: most requests of one stream taken and not yet sent back (running, or answered and waiting
+#: for the client to read): past it the stream reads no more, so a client that sends without
+#: reading is held back by flow control instead of piling answers up in the server's memory
 STREAM_WINDOW = 64
+#: wire bytes of a status message at most: grpc percent-encodes it into the ``grpc-message``
+#: trailer (3 bytes per byte outside printable ASCII) and a client refuses trailers over its
+#: metadata limit (8 KiB soft, 16 KiB hard by default) with a transport error, not the status
+MAX_DETAILS_BYTES = 4096
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -141,7 +153,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request)
         except ServingError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+            await _abort(context, exc)
 
     async def _infer(self, request: Any) -> Any:
         """One inference, its metrics recorded; raises ServingError."""
@@ -150,6 +162,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         version = request.model_version or None
         try:
+            if isinstance(request, UndecodableRequest):
+                raise BadRequest(request.error)
             pool = await dataplane.acquire(name, version)
             ireq = decode_infer_request(request, pool.signature.input_map)
             result: InferResult = await dataplane.infer(pool, ireq, version)
@@ -194,8 +208,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     error_message=f"internal error: {type(exc).__name__}: {exc}",
                     infer_response=service_pb2.ModelInferResponse(id=request.id),
                 )
-            finally:
-                window.release()
             await answers.put(response)
 
         async def read() -> None:
@@ -218,7 +230,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     while not answers.empty():
                         yield answers.get_nowait()
                     break
-                yield item
+                yield item  # resumes once sent: only then may the reader take one more
+                window.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
@@ -240,14 +253,36 @@ async def _answer(context: Any, build: Callable[[], Any]) -> Any:
     try:
         return build()
     except ServingError as exc:
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await _abort(context, exc)
 
 
 async def _answer_async(context: Any, build: Callable[[], Awaitable[Any]]) -> Any:
     try:
         return await build()
     except ServingError as exc:
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await _abort(context, exc)
+
+
+async def _abort(context: Any, exc: ServingError) -> None:
+    """End the call with ``exc``'s status and its message, cut to :data:`MAX_DETAILS_BYTES` on
+    the wire (a message echoing a huge model name, or listing a big repository's models, made
+    the client drop the trailers: a transport error instead of NOT_FOUND)."""
+    await context.abort(grpc.StatusCode[exc.grpc_code], status_details(exc.message))
+
+
+def status_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``message`` whole when its percent-encoded form fits ``limit`` bytes, else its longest
+    prefix that fits with `` ... (truncated)`` after it."""
+    sizes = [1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode()) for ch in message]
+    if sum(sizes) <= limit:
+        return message
+    suffix = " ... (truncated)"
+    budget = limit - len(suffix)
+    for i, size in enumerate(sizes):
+        budget -= size
+        if budget < 0:
+            return message[:i] + suffix
+    return message
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -285,6 +320,27 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return self._refuse_unary
 
 
+def _add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
+    """Register Triton's generated method handlers, the inference methods' requests parsed by
+    :func:`~serving.grpc_codec.parse_infer_request`: a message that does not parse is its
+    request's INVALID_ARGUMENT (in a stream one error response, and the stream goes on) instead
+    of grpc's UNKNOWN ending the call and, in a stream, every request after it."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Collect:  # what the generated code registers, to register it amended
+        def add_generic_rpc_handlers(self, generic: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, found: dict[str, Any]) -> None:
+            handlers.update(found)
+
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Collect())
+    for method in ("ModelInfer", "ModelStreamInfer"):
+        handlers[method] = handlers[method]._replace(request_deserializer=parse_infer_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def grpc_server(
     dataplane: DataPlane,
     host: str,
@@ -303,9 +359,7 @@ def grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane), server
-    )
+    _add_service(server, InferenceServicer(dataplane))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -18,8 +18,9 @@ from serving.errors import RepositoryError
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
-#: version directories: Triton ignores those whose name starts with 0
-VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+#: version directories: Triton ignores those whose name starts with 0 (``\Z``: ``$`` would
+#: also match before a trailing newline, and int("1\n") is 1)
+VERSION_RE = re.compile(r"^[1-9][0-9]*\Z")
 #: temp entries ``.tmp-<pid>-<id>[-<name>]``; group 1 is the writer's pid
 TMP_RE = re.compile(r"^\.tmp-(\d+)-")
 
@@ -36,18 +37,32 @@ TMP_PREFIX = ".tmp-"
 
 def is_model_dir_name(name: str) -> bool:
     """True if ``name`` could be a model directory (the rule of :func:`validate_model_name`)."""
-    return bool(MODEL_NAME_RE.match(name)) and ".." not in name
+    return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
 
 
 def validate_model_name(name: Any) -> str:
     """Return ``name`` if it is a safe model directory name, else raise RepositoryError."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
         raise RepositoryError(
             f"invalid model name {name!r}: it must match {MODEL_NAME_PATTERN} (1-64 characters: "
             "letters, digits, '_', '.', '-', starting with a letter or digit; no '/', spaces) "
             "and must not contain '..'"
         )
     return name
+
+
+def requested_version(version: str | int) -> int | None:
+    """The version a request names: an int, or a string of ASCII digits; None for anything
+    else. ``int()`` alone also takes ``'1_0'`` (10), ``' 1'``, ``'+1'`` and non-ASCII digits,
+    so ``versions/1_0`` was answered by version 10."""
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version
+    if isinstance(version, str) and version.isascii() and version.isdigit():
+        try:
+            return int(version)
+        except ValueError:  # more digits than int() converts: no version has them
+            return None
+    return None
 
 
 def validate_version(version: Any) -> int:

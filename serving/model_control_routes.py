@@ -34,6 +34,8 @@ from serving.request_body import read_body
 
 #: control bodies are tiny; anything bigger is not one
 CONTROL_BODY_LIMIT = 64 * 1024
+#: what a 413 names as the limit (not serving.body_limit_bytes: raising that would not help)
+CONTROL_LIMIT_NAME = 'the model control limit; send only {"parameters": {...}}'
 
 Handler = Callable[[HttpRequest], Awaitable[Response]]
 
@@ -83,7 +85,7 @@ def model_control_routes(dataplane: DataPlane) -> list[Route]:
 
 async def _json_object(request: HttpRequest) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}``."""
-    raw = await read_body(request, CONTROL_BODY_LIMIT)
+    raw = await read_body(request, CONTROL_BODY_LIMIT, CONTROL_LIMIT_NAME)
     if not raw.strip():
         return {}
     try:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping
 
 from serving.errors import NotFound
+from serving.layout import requested_version
 from serving.pool import EnginePool
 
 
@@ -31,13 +32,12 @@ class ModelRegistry:
         versions = self._models.get(name)
         if versions is None:
             raise NotFound(self._unknown_model(name))
-        try:
-            v = int(version)
-        except (TypeError, ValueError):
+        v = requested_version(version)
+        if v is None:
             raise NotFound(
                 f"unknown version {version!r} of model '{name}'; loaded versions: "
                 f"{sorted(versions)}"
-            ) from None
+            )
         pool = versions.get(v)
         if pool is None:
             raise NotFound(

@@ -72,6 +72,7 @@ from typing import Any
 
 from serving.config_schema import ConfigError
 from serving.errors import BadRequest, NotFound, ServingError, Unavailable
+from serving.layout import requested_version
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.scheduler_allocation import DemandMeter, allocate
@@ -367,11 +368,8 @@ class Scheduler:
                     raise NotFound(f"model '{model}' has no loadable version{self._failures(m)}")
                 ver = m.versions[wanted[0]]
             else:
-                try:
-                    v = int(version)
-                except (TypeError, ValueError):
-                    v = -1
-                ver = m.versions.get(v)
+                v = requested_version(version)
+                ver = m.versions.get(v) if v is not None else None
                 if ver is None or v not in m.candidates[: max(m.count, len(wanted))]:
                     raise NotFound(
                         f"unknown version {version!r} of model '{model}'; versions served: "
@@ -500,13 +498,13 @@ class Scheduler:
                 raise NotFound(f"unknown model '{model}'")
             if version is None or version == "":
                 return [ver.stats for _, ver in sorted(m.versions.items()) if ver.state == READY]
-            try:
-                ver = m.versions[int(version)]
-            except (KeyError, TypeError, ValueError):
+            v = requested_version(version)
+            ver = m.versions.get(v) if v is not None else None
+            if ver is None:
                 raise NotFound(
                     f"unknown version {version!r} of model '{model}'; known versions: "
                     f"{sorted(m.versions)}"
-                ) from None
+                )
             return [ver.stats]
 
     # ---- introspection

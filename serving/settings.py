@@ -10,6 +10,8 @@ repository watcher, the scheduler and the HTTP front end each read their part of
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,7 @@ class BudgetConfig:
             )
         if not self.rebalance_s > 0:
             raise ConfigError(f"serving.budget.rebalance_s must be > 0, got {self.rebalance_s}")
+        _waitable("serving.budget.rebalance_s", self.rebalance_s)
 
 
 @dataclass
@@ -126,6 +129,19 @@ class ServingConfig:
     allowed_hosts: list[str] | None = None
 
     def validate(self) -> None:
+        _waitable("serving.max_queue_delay_ms", self.max_queue_delay_ms, per_second=1000)
+        _waitable("serving.inline_max_ms", self.inline_max_ms, per_second=1000)
+        for key, seconds in (
+            ("serving.load_timeout_s", self.load_timeout_s),
+            ("serving.run_timeout_s", self.run_timeout_s),
+            ("serving.poll_interval_s", self.poll_interval_s),
+            ("serving.drain_timeout_s", self.drain_timeout_s),
+            ("serving.keep_alive_timeout_s", self.keep_alive_timeout_s),
+            ("serving.header_timeout_s", self.header_timeout_s),
+            ("serving.store.poll_s", self.store.poll_s),
+            ("serving.store.retry_max_s", self.store.retry_max_s),
+        ):
+            _waitable(key, seconds)
         if self.instances is not None and self.instances < 0:
             raise ConfigError(
                 f"serving.instances must be >= 1 (or null/0 = auto), got {self.instances}"
@@ -157,16 +173,26 @@ class ServingConfig:
             raise ConfigError(f"serving.load must be {' or '.join(LOAD_MODES)}, got {self.load!r}")
         if not self.load_timeout_s > 0:
             raise ConfigError(f"serving.load_timeout_s must be > 0, got {self.load_timeout_s}")
+        whole: set[str] = set()
+        versions: set[tuple[str, int]] = set()
         for pin in self.pin:
             name, _, version = str(pin).partition(":")
-            if not name or (version and not version.isdigit()):
+            # isdigit() alone takes '²', which int() then refuses (a traceback at start)
+            if not name or (version and not (version.isascii() and version.isdigit())):
                 raise ConfigError(
                     f"serving.pin entries are 'model' or 'model:version', got {pin!r}"
                 )
+            if version:
+                versions.add((name, int(version)))
+            else:
+                whole.add(name)
+        # at least this many versions stay resident: a repeated pin, or a version of a model
+        # pinned whole, is no further one
+        resident = len(whole) + len({(n, v) for n, v in versions if n not in whole})
         engines = self.budget.engines
-        if engines is not None and len(self.pin) * (self.instances or 1) > engines:
+        if engines is not None and resident * (self.instances or 1) > engines:
             raise ConfigError(
-                f"serving.pin keeps {len(self.pin)} versions resident, each with "
+                f"serving.pin keeps {resident} versions resident, each with "
                 f">= {self.instances or 1} engine(s), but serving.budget.engines={engines}; "
                 "raise serving.budget.engines or pin fewer"
             )
@@ -231,3 +257,12 @@ class ServeConfig:
 def _at_least(key: str, value: float, low: float) -> None:
     if value < low:
         raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _waitable(key: str, value: float, per_second: float = 1) -> None:
+    """A duration (``value`` in 1/``per_second`` s) must be one a thread or the event loop can
+    wait for: ``inf`` passed the range checks and killed the thread that waited on it
+    (``Event.wait`` raises OverflowError past ``threading.TIMEOUT_MAX``)."""
+    most = threading.TIMEOUT_MAX * per_second
+    if not math.isfinite(value) or abs(value) > most:
+        raise ConfigError(f"{key} must be a finite number of at most {most:.0f}, got {value}")

@@ -24,12 +24,20 @@ import re
 from dataclasses import dataclass, field
 
 from serving.errors import RepositoryError
-from serving.layout import CONFIG_FILE, STATE_FILE, TMP_RE, VERSION_RE, is_model_dir_name
+from serving.layout import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TMP_RE,
+    VERSION_RE,
+    is_model_dir_name,
+)
 from serving.leases import is_lease_file
 from serving.store import Entry
 
 MANIFEST_FILE = ".fedserve-manifest.json"
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: a file name within the version's directory: no separator, no control character (fullmatch)
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -103,8 +111,9 @@ def manifest_bytes(version: int, files: dict[str, tuple[int, str]], created: str
 
 
 def read_manifest(data: bytes, where: str, version: int) -> dict[str, tuple[int, str]]:
-    """A manifest's files as {name: (size, sha256)}; RepositoryError naming ``where`` for a
-    manifest that is not ours, of another version or names an unsafe file."""
+    """A manifest's files as {name: (size, sha256)}; RepositoryError naming ``where`` for
+    anything else: not JSON (or nested beyond the parser), not ours, of another version, naming
+    an unsafe file (a path, ``.``, ``..``), a size that is not an integer, or no model file."""
     try:
         doc = json.loads(data)
         files = doc["files"]
@@ -112,9 +121,11 @@ def read_manifest(data: bytes, where: str, version: int) -> dict[str, tuple[int,
             raise ValueError(f"it records version {doc['version']!r}")
         out = {}
         for name, info in files.items():
-            if not _SAFE_FILE.match(name) or name.startswith(".."):
+            if not _SAFE_FILE.fullmatch(name) or name == "." or name.startswith(".."):
                 raise ValueError(f"unsafe file name {name!r}")
             out[name] = (int(info["size"]), str(info["sha256"]))
+        if MODEL_FILE not in out:
+            raise ValueError(f"it lists no {MODEL_FILE}")
         return out
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise RepositoryError(f"{where} is not a manifest of version {version}: {exc}") from None

@@ -20,8 +20,9 @@ the thread
 5. mirrors the cache's leases into the store (:mod:`serving.leases`), so the trainer's retention
    keeps what this server serves.
 
-When the store does not answer, nothing cached changes (what serves keeps serving) and the thread
-retries with exponential backoff up to ``serving.store.retry_max_s``, one log line per attempt;
+When the store does not answer (or the local cache fails: a full disk), nothing cached changes
+(what serves keeps serving) and the thread retries with exponential backoff up to
+``serving.store.retry_max_s``, one log line per attempt;
 :attr:`StoreMirror.problem` says what failed until a sync succeeds again, and ``synced`` stays
 False until the first one did (the server is not ready before).
 """
@@ -44,7 +45,7 @@ from serving.errors import RepositoryError, StoreError, StoreKeyMissing
 from serving.fsutil import atomic_write, fsync_dir, remove_path, sha256_file
 from serving.layout import CONFIG_FILE, TMP_PREFIX, VERSION_RE
 from serving.leases import LeaseHolder
-from serving.model_config import parse_config, version_policy
+from serving.model_config import version_policy
 from serving.repository import ModelRepository
 from serving.store import Store, StoreConfig, is_remote
 from serving.store_layout import (
@@ -127,7 +128,11 @@ class StoreMirror:
 
     def _run(self) -> None:
         while not self._stop.wait(self.next_wait()):
-            self.sync()
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the mirror must outlive a bad pass (a bug)
+                self._failures += 1
+                log.exception("store sync failed; retrying in %.1f s", self.next_wait())
 
     def next_wait(self) -> float:
         """``poll_s``, or the backoff after consecutive failures (doubling, capped)."""
@@ -155,6 +160,11 @@ class StoreMirror:
             self._failures += 1
             self.problem = str(exc)
             log.warning("%s; retrying in %.1f s", exc, self.next_wait())
+            return False
+        except OSError as exc:  # the local cache: disk full, permissions
+            self._failures += 1
+            self.problem = f"the cache directory {self.cache.root} failed: {exc}"
+            log.warning("%s; retrying in %.1f s", self.problem, self.next_wait())
             return False
         if self._failures:
             log.info("model store %s answers again", self.store.url)
@@ -212,11 +222,8 @@ class StoreMirror:
         return max(1, int((policy.get("latest") or {}).get("num_versions", 1)))
 
     def _policy(self, name: str) -> dict:
-        path = self.cache.config_path(name)
         try:
-            return version_policy(parse_config(path.read_text(encoding="utf-8"), str(path)))
-        except FileNotFoundError:
-            return {}
+            return version_policy(self.cache.read_config(name))
         except RepositoryError as exc:
             log.warning("model %s: %s; mirroring the newest version", name, exc)
             return {}

@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from serving.model_config import version_policy
+from serving.errors import BadRequest, NotFound, RepositoryError
+from serving.model_config import check_onnx_model, version_policy
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.scheduler import Scheduler
@@ -100,6 +101,7 @@ class RepositoryWatcher:
         self._stamp = self._change_stamp()
         with self._poll_lock:
             self._poll(load=False)
+        self._warn_absent_models()
         try:
             self.scheduler.start()
         except BaseException:
@@ -117,6 +119,23 @@ class RepositoryWatcher:
         with self._poll_lock:
             self.scheduler.stop()
         self.ready = False
+
+    def _warn_absent_models(self) -> None:
+        """A model named in ``models`` that the repository lacks is served once published under
+        that name; say so at start, with what the repository holds (a misspelt name served
+        nothing, in silence)."""
+        if self.models is None:
+            return
+        present = set(self.repository.list_models())
+        absent = sorted(self.models - present)
+        if absent:
+            log.warning(
+                "models=%s: the repository holds no model %s yet (it holds: %s); serving each "
+                "once it is published",
+                sorted(self.models),
+                ", ".join(absent),
+                ", ".join(sorted(present)) or "none",
+            )
 
     def _run(self) -> None:
         last_full = time.monotonic()
@@ -174,11 +193,25 @@ class RepositoryWatcher:
         return changed
 
     def _rescan(self, model: str) -> None:
-        """Tell the scheduler what the repository holds of ``model`` now (loads nothing)."""
-        if model not in self.repository.list_models():
-            return
-        if self.models is not None and model not in self.models:
-            return
+        """Tell the scheduler what the repository holds of ``model`` now (loads nothing): what
+        an explicit load does first. Unlike a poll, which logs a bad config.pbtxt and serves the
+        newest version, it answers for the config as Triton's load does: BadRequest naming the
+        file and its fault when it is unreadable, invalid, names another model or is for
+        another platform; NotFound for a model the repository does not hold (any more: its
+        loaded versions go at the next poll, so a load must not answer that it is served)."""
+        present = [
+            name
+            for name in self.repository.list_models()
+            if self.models is None or name in self.models
+        ]
+        if model not in present:
+            raise NotFound(
+                f"unknown model '{model}'; models in the repository: {', '.join(present) or 'none'}"
+            )
+        try:
+            check_onnx_model(self.repository.read_config(model), f"{model}/config.pbtxt")
+        except RepositoryError as exc:
+            raise BadRequest(f"failed to load model '{model}': {exc}") from None
         candidates, count = self._wanted(model, self.repository.list_versions(model))
         self.scheduler.update(model, candidates, count, load=False)
 

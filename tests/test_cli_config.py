@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -62,6 +63,7 @@ def test_fedserve_train_names_the_key_and_the_type_in_one_line(
         ("serving.load=lazy", "serving.load must be eager or on_demand, got 'lazy'"),
         ("serving.pin=[a:x]", "serving.pin entries are 'model' or 'model:version', got 'a:x'"),
         ("serving.budget.memory_fraction=2", "serving.budget.memory_fraction must be in (0, 1]"),
+        ("serving.budget.rebalance_s=inf", "serving.budget.rebalance_s must be a finite number"),
     ],
 )
 def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(
@@ -73,6 +75,56 @@ def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "load_timeout_s",
+        "max_queue_delay_ms",
+        "inline_max_ms",
+        "run_timeout_s",
+        "poll_interval_s",
+        "drain_timeout_s",
+        "keep_alive_timeout_s",
+        "header_timeout_s",
+        "store.poll_s",
+        "store.retry_max_s",
+        "budget.rebalance_s",
+    ],
+)
+@pytest.mark.parametrize("value", [math.inf, math.nan, 1e300])
+def test_every_duration_must_be_one_a_thread_can_wait_for(key: str, value: float) -> None:
+    """``serving.budget.rebalance_s=inf`` passed ``> 0`` and the rebalancer thread died on
+    ``Event.wait(inf)`` (OverflowError); ``drain_timeout_s=inf`` failed the start with a
+    traceback, ``poll_interval_s=inf`` killed the repository watcher. Each duration key now
+    refuses a value no wait can take, naming the key."""
+    from serving.config_schema import ConfigError
+    from serving.settings import ServingConfig
+
+    settings = ServingConfig()
+    *parents, leaf = key.split(".")
+    target = settings
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+    with pytest.raises(ConfigError, match=f"serving.{key} must be "):
+        settings.validate()
+
+
+def test_pins_are_counted_as_the_versions_they_keep_and_read_as_ascii_digits() -> None:
+    """serving.pin=[a, a] (or [a, a:1]) with serving.budget.engines=1 was refused as "2
+    versions resident ... pin fewer"; a pin 'a:²' passed (str.isdigit) and failed the start
+    with int()'s traceback."""
+    from serving.config_schema import ConfigError
+    from serving.settings import BudgetConfig, ServingConfig
+
+    for pins in (["a", "a"], ["a", "a:1"], ["a:1", "a:01"]):
+        ServingConfig(pin=pins, budget=BudgetConfig(engines=1)).validate()
+    with pytest.raises(ConfigError, match="keeps 2 versions resident"):
+        ServingConfig(pin=["a:1", "a:2"], budget=BudgetConfig(engines=1)).validate()
+    with pytest.raises(ConfigError, match="entries are 'model' or 'model:version', got 'a:²'"):
+        ServingConfig(pin=["a:²"]).validate()
 
 
 def test_fedserve_serve_defaults_come_from_the_schema(tmp_path: Path) -> None:

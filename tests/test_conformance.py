@@ -337,6 +337,98 @@ def test_grpc_bad_raw_contents_is_invalid_argument(served: Served) -> None:
         assert stub.ModelInfer(ok).model_version == "1"
 
 
+@pytest.mark.parametrize("name", ["m" * 20_000, "模型" * 2_000])
+def test_grpc_error_echoing_a_huge_name_is_still_its_status(served: Served, name: str) -> None:
+    """A status message goes back percent-encoded in the grpc-message trailer; one echoing a
+    20 000-character model name (or a big repository's list of models) exceeded the client's
+    metadata limit, and the client saw a transport error (RESOURCE_EXHAUSTED "received metadata
+    size exceeds hard limit") instead of NOT_FOUND. The message is now cut to fit."""
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name=name)
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        calls = [
+            (stub.ModelInfer, request),
+            (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name=name)),
+            (stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name)),
+        ]
+        for call, message in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call(message)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+            details = info.value.details()
+            assert details.startswith(f"unknown model '{name[:100]}")
+            assert details.endswith(" ... (truncated)")
+
+
+def test_grpc_bytes_that_are_no_message_fail_only_their_own_request(served: Served) -> None:
+    """A ModelInferRequest that does not parse: grpc's deserializer raised, so a unary call got
+    UNKNOWN and a stream was ended there, every request after it unanswered. Now it is that
+    request's INVALID_ARGUMENT (unary) or error response (stream), and the stream goes on."""
+    good = service_pb2.ModelInferRequest(model_name="clf")
+    good.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    good.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    garbage = b"\xff\xff\xff\x07garbage"
+    service = "/inference.GRPCInferenceService"
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        unary = channel.unary_unary(
+            f"{service}/ModelInfer",
+            request_serializer=bytes,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            unary(garbage)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in info.value.details()
+
+        stream = channel.stream_stream(
+            f"{service}/ModelStreamInfer",
+            request_serializer=bytes,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        first, second = service_pb2.ModelInferRequest(), service_pb2.ModelInferRequest()
+        first.CopyFrom(good)
+        first.id = "before"
+        second.CopyFrom(good)
+        second.id = "after"
+        sent = [first.SerializeToString(), garbage, second.SerializeToString()]
+        answers = {r.infer_response.id: r.error_message for r in stream(iter(sent), timeout=30)}
+    assert answers.keys() == {"before", "", "after"}
+    assert answers["before"] == answers["after"] == ""
+    assert "not a valid inference.ModelInferRequest" in answers[""]
+
+
+def test_grpc_stream_stops_reading_a_client_that_reads_no_answers() -> None:
+    """A stream's window was released when an answer was computed, not when it was sent: a
+    client sending requests without reading the answers had every request taken and every
+    answer queued in the server's memory. Now the stream takes at most STREAM_WINDOW requests
+    beyond what it sent back, and flow control holds the client there."""
+    from serving.grpc_server import STREAM_WINDOW, InferenceServicer
+
+    servicer = InferenceServicer(DataPlane(ModelRegistry()))  # every request: NotFound at once
+    taken = 0
+
+    async def requests() -> Any:
+        nonlocal taken
+        for i in range(10 * STREAM_WINDOW):
+            taken += 1
+            yield service_pb2.ModelInferRequest(model_name="nope", id=str(i))
+
+    async def a_client_that_reads_one_answer() -> tuple[Any, int]:
+        answers = servicer.ModelStreamInfer(requests(), context=None)
+        first = await answers.__anext__()
+        for _ in range(100 * STREAM_WINDOW):  # let the reader and the requests run as far as
+            await asyncio.sleep(0)  # they can: no I/O, no clock, only the loop's turns
+        seen = taken
+        await answers.aclose()
+        return first, seen
+
+    first, seen = asyncio.run(a_client_that_reads_one_answer())
+    assert first.infer_response.id == "0" and "unknown model 'nope'" in first.error_message
+    assert seen <= STREAM_WINDOW + 2, seen  # the one sent, the window, the one read ahead
+
+
 # ---------------------------------------------------------------- auth
 
 

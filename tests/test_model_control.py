@@ -147,3 +147,76 @@ def test_a_failed_load_answers_400_and_keeps_what_was_loaded(tmp_path: Path) -> 
         assert states["clf:1"] == ("READY", "")
         assert states[f"clf:{v2}"][0] == "UNAVAILABLE"
         assert s.infer("clf").get_response()["model_version"] == "1"
+
+
+def test_an_oversized_control_body_names_its_own_limit(tmp_path: Path) -> None:
+    """A control body over its fixed 64 KiB limit is a 413 that names that limit: it named
+    serving.body_limit_bytes, whose raising cannot help (it bounds inference bodies only)."""
+    with serve(tmp_path, "on_demand", names=("a",)) as s:
+        body = b'{"parameters": {"x": "' + b"y" * 70_000 + b'"}}'
+        url = f"{s.url}/v2/repository/models/a/load"
+        for content in (body, iter([body[:40_000], body[40_000:]])):  # declared, then chunked
+            r = httpx.post(url, content=content)
+            assert r.status_code == 413
+            message = r.json()["error"]
+            assert "65536 bytes (the model control limit" in message
+            assert "serving.body_limit_bytes" not in message
+        assert httpx.post(url, json={"parameters": {}}).status_code == 200
+
+
+def test_an_explicit_load_answers_for_a_bad_config(tmp_path: Path) -> None:
+    """Triton's load re-reads the model, config included: a config.pbtxt edited into an invalid
+    one, one naming another model or one for another platform made the load answer 200 (the
+    loaded version kept serving, the broken file unmentioned). It is now a 400 naming the file
+    and its fault; what was loaded keeps serving, and a fixed file loads."""
+    with serve(tmp_path, "eager", names=("clf",)) as s:
+        config = s.repo.root / "clf" / "config.pbtxt"
+        good = config.read_text()
+        for text, fault in (
+            ("this is { not valid", "is not a valid Triton ModelConfig"),
+            ('name: "other"', "names the model 'other'"),
+            ('platform: "tensorflow_savedmodel"', "fedserve serves ONNX models only"),
+        ):
+            config.write_text(text)
+            with pytest.raises(InferenceServerException, match=fault) as info:
+                s.client.load_model("clf")
+            assert info.value.status() == "400"
+            assert s.infer("clf").get_response()["model_version"] == "1"
+        config.write_text(good)
+        s.client.load_model("clf")
+
+
+def test_loading_a_model_removed_from_the_repository_is_404(tmp_path: Path) -> None:
+    """The explicit load of a model whose directory was removed answered 200 (its version was
+    still loaded) although the next poll unloads it: the client was told it is served."""
+    with serve(tmp_path, "eager", names=("a", "b")) as s:
+        (s.repo.root / "b").rename(tmp_path / "b-removed")
+        with pytest.raises(InferenceServerException, match="unknown model 'b'") as info:
+            s.client.load_model("b")
+        assert info.value.status() == "404"
+        assert "models in the repository: a" in info.value.message()
+        s.client.load_model("a")
+
+
+def test_a_version_is_named_by_ascii_digits_only(tmp_path: Path) -> None:
+    """int() read the version 'versions/1_0' as 10, and ' 1', '+1' or '١' as 1: a request
+    could be answered by another version than it named. Only ASCII digits name a version now,
+    on the inference, metadata and statistics routes alike."""
+    with serve(tmp_path, "on_demand", names=("a",)) as s:
+        for v in range(2, 11):
+            publish_classifier(s.repo, tmp_path, name="a", seed=v)
+        s.client.load_model("a")  # reads the ten versions; the newest is served
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]}
+        assert httpx.post(f"{s.url}/v2/models/a/versions/10/infer", json=body).status_code == 200
+        for version in ("1_0", "%2B10", "%2010", "%D9%A1%D9%A0"):  # 1_0, +10, " 10", "١٠"
+            for method, path in (
+                ("POST", "infer"),
+                ("GET", "ready"),
+                ("GET", "stats"),
+            ):
+                r = httpx.request(
+                    method, f"{s.url}/v2/models/a/versions/{version}/{path}", json=body
+                )
+                assert r.status_code == 404, (version, path, r.text)
+                assert "unknown version" in r.json()["error"]
+        assert httpx.get(f"{s.url}/v2/models/a/versions/010/stats").status_code == 200

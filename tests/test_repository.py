@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -121,7 +122,20 @@ def test_concurrent_publishers_get_distinct_versions(repo: ModelRepository, tmp_
 
 @pytest.mark.parametrize(
     "name",
-    ["a/b", "..", "a..b", "has space", "x" * 65, "", ".hidden", "-dash", "../escape", "ü", None],
+    [
+        "a/b",
+        "..",
+        "a..b",
+        "has space",
+        "x" * 65,
+        "",
+        ".hidden",
+        "-dash",
+        "../escape",
+        "ü",
+        None,
+        "clf\n",  # '$' matches before a trailing newline: the name passed
+    ],
 )
 def test_bad_model_names_are_refused(repo: ModelRepository, tmp_path: Path, name) -> None:
     src = tmp_path / "m.onnx"
@@ -134,6 +148,19 @@ def test_bad_model_names_are_refused(repo: ModelRepository, tmp_path: Path, name
     assert not repo.root.exists() or list(repo.root.iterdir()) == []
     with pytest.raises(RepositoryError):
         repo.list_versions(name)
+
+
+def test_names_ending_in_a_newline_are_no_models_and_no_versions(
+    repo: ModelRepository, tmp_path: Path
+) -> None:
+    """A directory 'tiny\n' was listed as a model, and a version directory '2\n' as version 2
+    (int('2\n') is 2) whose files lie under '2', so its load failed: both are now ignored, as
+    any other directory that is not a model or a version."""
+    publish(repo, tmp_path)
+    shutil.copytree(repo.root / "tiny" / "1", repo.root / "tiny" / "2\n")
+    shutil.copytree(repo.root / "tiny", repo.root / "tiny\n")
+    assert repo.list_models() == ["tiny"]
+    assert repo.list_versions("tiny") == [1]
 
 
 def test_good_model_names(repo: ModelRepository, tmp_path: Path) -> None:

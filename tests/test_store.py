@@ -237,6 +237,107 @@ def test_a_version_missing_a_file_is_skipped_not_a_store_failure(
         mirror.stop()
 
 
+def _files_as(info: Any) -> Any:
+    """A manifest edit: every file of the version described by ``info``."""
+    return lambda doc: {**doc, "files": {name: info for name in doc["files"]}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda doc: b"[" * 100_000, "recursion depth"),
+        (_files_as({"size": 1e999, "sha256": "0"}), "infinity"),  # int(inf): OverflowError
+        (lambda doc: {**doc, "files": {".": {"size": 1, "sha256": "0"}}}, "unsafe file name '.'"),
+        (lambda doc: {**doc, "files": {"x\n": {"size": 1, "sha256": "0"}}}, "unsafe file name"),
+        (lambda doc: {**doc, "files": {}}, "lists no model.onnx"),
+    ],
+)
+def test_a_malformed_manifest_skips_its_version_and_fails_no_sync(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: Any, why: str
+) -> None:
+    """A manifest the store holds may be anything: each malformed one skips its version (the
+    next newest is served) instead of escaping the sync, which killed the server's start or its
+    mirror thread, or (no model file) committing an empty version that shadowed the older one."""
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    store = Store(url)
+    edited = edit(json.loads(store.read(f"clf/2/{MANIFEST_FILE}")))
+    store.write(
+        f"clf/2/{MANIFEST_FILE}",
+        edited if isinstance(edited, bytes) else json.dumps(edited).encode(),
+    )
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR, logger="serving.store_mirror"):
+            assert mirror.sync() and mirror.problem is None
+        assert "skipping clf version 2" in caplog.text and why in caplog.text
+        assert mirror.cache.list_versions("clf") == [1]
+    finally:
+        mirror.stop()
+
+
+def test_a_config_that_is_not_utf8_on_the_store_mirrors_the_newest_version(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror reads the config's version policy as the local repository does: an
+    undecodable config.pbtxt is a warning naming it (its UnicodeDecodeError escaped the sync)."""
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    publish_clf(repo, tmp_path, 2)
+    Store(url).write("clf/config.pbtxt", b"\xff\xfe name: 'clf'")
+    mirror = mirror_of(url, tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="serving.store_mirror"):
+            assert mirror.sync() and mirror.problem is None
+        assert "config.pbtxt" in caplog.text and "utf-8" in caplog.text
+        assert mirror.cache.list_versions("clf") == [2]
+    finally:
+        mirror.stop()
+
+
+def test_a_failing_cache_disk_is_a_problem_retried_not_a_dead_mirror(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local cache failing (a full disk) escaped sync() as OSError: at start a traceback,
+    later the mirror thread's death (the server silently stopped following the store). It is
+    now a problem retried with backoff, as an unanswering store is; and a sync that fails for
+    any other reason (a bug) no longer ends the thread."""
+    import serving.store_mirror as store_mirror
+
+    repo = StoreRepository(Store(url))
+    publish_clf(repo, tmp_path, 1)
+    mirror = mirror_of(url, tmp_path, poll_s=0.01)
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        monkeypatch.setattr(store_mirror, "atomic_write", disk_full)
+        assert not mirror.sync()
+        assert "No space left on device" in mirror.problem and str(mirror.cache.root) in (
+            mirror.problem
+        )
+        monkeypatch.undo()
+        assert mirror.sync() and mirror.problem is None
+        assert mirror.cache.list_versions("clf") == [1]
+
+        calls: list[int] = []
+
+        def a_bug_then_stop() -> bool:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in one pass")
+            mirror._stop.set()
+            return True
+
+        monkeypatch.setattr(mirror, "sync", a_bug_then_stop)
+        mirror._run()  # returns once the second pass stops it: the first one's bug was survived
+        assert len(calls) == 2
+    finally:
+        mirror.stop()
+
+
 def test_retention_keeps_newest_best_and_leased(url: str, tmp_path: Path) -> None:
     repo = StoreRepository(Store(url))
     for seed, acc in enumerate([0.1, 0.9, 0.3, 0.4, 0.5], start=1):

@@ -1,11 +1,14 @@
 """The watcher notices a new version through its cheap change stamp (well before a full poll is
-due) and records where the load time went (train->serve latency breakdown)."""
+due) and records where the load time went (train->serve latency breakdown); it names, at start,
+the models it was asked for that the repository lacks."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+import pytest
 from serving_helpers import publish_classifier
 
 from serving.registry import ModelRegistry
@@ -84,5 +87,23 @@ def test_full_poll_still_runs_without_a_root_to_stat(tmp_path: Path) -> None:
         while registry.get("clf").version != 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert registry.get("clf").version == 2
+    finally:
+        watcher.stop()
+
+
+def test_a_model_asked_for_and_absent_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """models=[clf, typo]: the misspelt model was served by nothing, in silence."""
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, name="clf")
+    settings = ServingConfig(providers="cpu", load="on_demand")
+    watcher = RepositoryWatcher(
+        repo, ModelRegistry(), settings, poll_interval_s=60, models=["clf", "typo"]
+    )
+    with caplog.at_level(logging.WARNING, logger="serving.watcher"):
+        watcher.start()
+    try:
+        assert "the repository holds no model typo yet (it holds: clf)" in caplog.text
     finally:
         watcher.stop()
