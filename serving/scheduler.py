@@ -23,8 +23,8 @@ versions, newest first, and how many its version policy serves). What is loaded 
 A request without a version goes to the newest loaded version of the model (Triton's rule); when
 none is loaded, the newest version the policy serves is loaded for it.
 
-Making room: a load first reserves what the version is expected to hold: its last measurement,
-else the largest measured version of the same model, else its files' size times
+Making room: a load first reserves what the version is expected to hold: the largest of its
+measurements, else the largest measurement of the same model, else its files' size times
 ``FIRST_LOAD_MARGIN`` plus the largest run memory measured so far (a session holds its weights
 plus an arena region for its runs: measured here 0.3 / 6.8 / 45.1 MB sessions for 0.2 / 6.7 /
 44.7 MB files, and 1.1-3.3 MB of run memory), so the reservation errs upwards; it is capped at the
@@ -123,8 +123,11 @@ class _Version:
     reserved: int = 0
     #: monotonic time the first request started waiting for it (cold start), 0 if none waits
     waiting_since: float = 0.0
-    #: last measured size (0 before the first load)
+    #: smallest measured size (0 before the first load): the closest to what it holds
     measured: int = 0
+    #: largest measured size: what a reload reserves, so that one measuring a little more than
+    #: the last does not take the memory over the budget until it re-checks its room
+    largest: int = 0
     failure: str | None = None
     failure_stamp: Any = None
     #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
@@ -675,6 +678,7 @@ class Scheduler:
             self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
             # concurrent loads can only add to a measurement: the smallest is the closest
             ver.measured = min(measured, ver.measured) if ver.measured else measured
+            ver.largest = max(measured, ver.largest)
             ver.last_load_s = time.perf_counter() - t0
         if ver.measured > budget:  # its smallest measurement: one inflated by noise is no verdict
             self._discard(ver)
@@ -774,11 +778,11 @@ class Scheduler:
             files = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
         except (OSError, AttributeError):
             files = 0
-        if ver.measured:
-            return ver.measured, files
+        if ver.largest:
+            return ver.largest, files
         with self._lock:
             m = self._models.get(ver.model)
-            same_model = [o.measured for o in m.versions.values() if o.measured] if m else []
+            same_model = [o.largest for o in m.versions.values() if o.largest] if m else []
         if same_model:
             return max(same_model), files
         return int(files * FIRST_LOAD_MARGIN) + self._largest_run_bytes, files
