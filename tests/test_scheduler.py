@@ -487,12 +487,11 @@ def test_a_built_version_publishes_while_another_load_waits_for_room(
             b = s.scheduler.request("b")  # no place: a is busy, c is loading; b waits
             time.sleep(0.2)  # let b's load reach its wait
             c_built.set()
-            assert c.result(5).key == "c:1"  # published while b still waits (a is held 10 s)
-            assert not b.done() and s.state("b")[0] == "LOADING"
-            gate.set()  # a goes idle: b evicts it
-            assert b.result(10).key == "b:1"
+            assert c.result(5).key == "c:1"  # published while b waits (a is held for 10 s)
+            gate.set()
+            assert b.result(10).key == "b:1"  # in place of c (idle once published) or a
             slow.result(10)
-        assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")
+        assert [v.state for v in s.scheduler.versions()].count("READY") == 2
 
 
 def test_versions_are_built_one_at_a_time(tmp_path: Path) -> None:
