@@ -343,15 +343,33 @@ def run_contender(
         records = run(base, targets, arrivals, connections=args.connections)
         rss_peak = rss.stop()
         stats = scrape(base)
-    log_text = log_path.read_text(errors="replace")
-    cold = [
-        (f"{m.group(1)}:{m.group(2)}", float(m.group(3))) for m in COLD_START.finditer(log_text)
-    ]
-    loads = []
-    for m in SWAP_TIMING.finditer(log_text):
-        t = json.loads(m.group(1))
-        loads.append((f"{t['model']}:{t['version']}", t["load_s"] + t["warm_s"]))
-    return summarise(records, args.phases * args.phase_s, cold, loads, alone, stats, rss_peak)
+    cold, loads, waits = parse_log(log_path.read_text(errors="replace"))
+    out = summarise(records, args.phases * args.phase_s, cold, loads, alone, stats, rss_peak)
+    out["cold_wait_p50_ms"] = _pct(waits, 50)
+    out["cold_wait_p99_ms"] = _pct(waits, 99)
+    return out
+
+
+def parse_log(text: str) -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[float]]:
+    """From a server's log: its cold starts and its loads' builds, each (version, seconds), and
+    each cold start's wait before its own load began (the cold start less the load's own
+    verify-build-publish time: queued behind other loads, making room, taking an engine; a
+    version's "serving ... cold start" line comes before its "swap timing" line)."""
+    cold, loads, waits = [], [], []
+    pending: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := COLD_START.search(line):
+            key = f"{m.group(1)}:{m.group(2)}"
+            cold.append((key, float(m.group(3))))
+            pending[key] = float(m.group(3))
+        elif m := SWAP_TIMING.search(line):
+            t = json.loads(m.group(1))
+            key = f"{t['model']}:{t['version']}"
+            loads.append((key, t["load_s"] + t["warm_s"]))
+            if key in pending:
+                own = t["serving_at"] - t["detected_at"]
+                waits.append(max(0.0, pending.pop(key) - own))
+    return cold, loads, waits
 
 
 def report(results: dict[str, list[dict[str, Any]]], budget: int) -> str:
@@ -383,6 +401,7 @@ def report(results: dict[str, list[dict[str, Any]]], budget: int) -> str:
             lambda c: f"{med(c, 'cold_start_p50_ms'):.0f} / {med(c, 'cold_start_p99_ms'):.0f}",
         ),
         ("cold start / build alone, p50 / p99", lambda c: pair(c, "cold_start_ratio", ".1f")),
+        ("wait before its own load, p50 / p99 ms", lambda c: pair(c, "cold_wait", ".0f", "_ms")),
         ("a build in the run / alone, p50 / p99", lambda c: pair(c, "build_ratio", ".1f")),
         ("loader busy (share of the run)", lambda c: f"{med(c, 'loader_busy_share'):.2f}"),
         (
