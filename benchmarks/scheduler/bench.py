@@ -403,7 +403,7 @@ def report(results: dict[str, list[dict[str, Any]]], budget: int) -> str:
         ("cold start / build alone, p50 / p99", lambda c: pair(c, "cold_start_ratio", ".1f")),
         ("wait before its own load, p50 / p99 ms", lambda c: pair(c, "cold_wait", ".0f", "_ms")),
         ("a build in the run / alone, p50 / p99", lambda c: pair(c, "build_ratio", ".1f")),
-        ("loader busy (share of the run)", lambda c: f"{med(c, 'loader_busy_share'):.2f}"),
+        ("building a version (share of the run)", lambda c: f"{med(c, 'loader_busy_share'):.2f}"),
         (
             f"peak memory MB (budget {budget / 1e6:.1f})",
             lambda c: f"{med(c, 'peak_memory_bytes') / 1e6:.1f}",
