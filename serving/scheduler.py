@@ -941,9 +941,16 @@ class Scheduler:
         return None
 
     def _waitable(self, ver: _Version) -> bool:
-        """Whether waiting can make room: an unpinned version is busy now (lock held)."""
+        """Whether waiting can make room: another unpinned version holds room it gives up once
+        idle: loaded (busy now), being unloaded, or loading with its room reserved (lock
+        held)."""
         return any(
-            o.state in (READY, UNLOADING) and o is not ver and not self._pinned(o)
+            o is not ver
+            and not self._pinned(o)
+            and (
+                o.state in (READY, UNLOADING)
+                or (o.state == LOADING and (o.reserved > 0 or o.pool is not None))
+            )
             for m in self._models.values()
             for o in m.versions.values()
         )

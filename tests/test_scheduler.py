@@ -593,3 +593,27 @@ def test_a_reload_reserves_the_largest_of_its_measurements(tmp_path: Path) -> No
             built.set()
             loading.result(10)
         assert s.scheduler.memory_used() == 4100
+
+
+def test_a_load_waits_for_room_held_by_another_load_in_progress(tmp_path: Path) -> None:
+    """Before: when the only version that could make room was still loading (its room reserved,
+    not yet evictable), a load gave up at once with 503 instead of waiting for it to load and go
+    idle (one failed request in each on-demand run of the scheduler benchmark: two ResNet-18
+    versions, room for one)."""
+    sizes = {"a": 6000, "b": 6000}  # the budget (10,000) holds one
+    a_built = threading.Event()
+    a_built.set()
+    with scheduled(tmp_path, ("a", "b"), sizes=sizes, gates={"a": a_built}) as s:
+        s.use("a")  # measured: a reload reserves 6000
+        s.use("b")  # evicts a
+        a_built.clear()
+        a = s.scheduler.request("a")  # evicts b, reserves its room, waits to build
+        deadline = time.monotonic() + 10
+        while s.state("b")[0] == "READY" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = s.scheduler.request("b")  # no room: only a, still loading, holds it
+        time.sleep(0.2)  # let b's load look for room
+        a_built.set()
+        assert a.result(10).key == "a:1"
+        assert b.result(10).key == "b:1"  # a went idle once loaded, and b evicted it
+        assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")
