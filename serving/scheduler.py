@@ -31,11 +31,11 @@ plus an arena region for its runs: measured here 0.3 / 6.8 / 45.1 MB sessions fo
 budget. When that would exceed the memory budget, or no engine is left for it, the least recently
 used version that is not pinned and has nothing in flight (no request queued or running) is
 unloaded, then the next, until it fits. A version with requests in flight is never evicted; if
-only in-flight versions are left, the load waits for one to go idle (up to the load timeout),
-then gives up with 503. A swap may instead retire the version it replaces (new requests then wait
-for the new version; in-flight ones finish). After the load, the measured size replaces the
-reservation; a version larger than the whole budget is unloaded again and refused, with a message
-naming both sizes, and remembered as such.
+only in-flight versions (or loads in progress that hold their room) are left, the load waits
+for one to go idle (up to the load timeout), then gives up with 503. A swap may instead retire
+the version it replaces (new requests then wait for the new version; in-flight ones finish).
+After the load, the measured size replaces the reservation; a version larger than the whole
+budget is unloaded again and refused, with a message naming both sizes, and remembered as such.
 
 Engines follow demand (``serving.instances`` unset): a new version gets one engine (taken from
 the version holding the most when none is free); every ``serving.budget.rebalance_s`` and after
