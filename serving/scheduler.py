@@ -23,19 +23,19 @@ versions, newest first, and how many its version policy serves). What is loaded 
 A request without a version goes to the newest loaded version of the model (Triton's rule); when
 none is loaded, the newest version the policy serves is loaded for it.
 
-Making room: a load first reserves what the version is expected to hold: its last measurement,
-else the largest measured version of the same model, else its files' size times
+Making room: a load first reserves what the version is expected to hold: the largest of its
+measurements, else the largest measurement of the same model, else its files' size times
 ``FIRST_LOAD_MARGIN`` plus the largest run memory measured so far (a session holds its weights
 plus an arena region for its runs: measured here 0.3 / 6.8 / 45.1 MB sessions for 0.2 / 6.7 /
 44.7 MB files, and 1.1-3.3 MB of run memory), so the reservation errs upwards; it is capped at the
 budget. When that would exceed the memory budget, or no engine is left for it, the least recently
 used version that is not pinned and has nothing in flight (no request queued or running) is
 unloaded, then the next, until it fits. A version with requests in flight is never evicted; if
-only in-flight versions are left, the load waits for one to go idle (up to the load timeout),
-then gives up with 503. A swap may instead retire the version it replaces (new requests then wait
-for the new version; in-flight ones finish). After the load, the measured size replaces the
-reservation; a version larger than the whole budget is unloaded again and refused, with a message
-naming both sizes, and remembered as such.
+only in-flight versions (or loads in progress that hold their room) are left, the load waits
+for one to go idle (up to the load timeout), then gives up with 503. A swap may instead retire
+the version it replaces (new requests then wait for the new version; in-flight ones finish).
+After the load, the measured size replaces the reservation; a version larger than the whole
+budget is unloaded again and refused, with a message naming both sizes, and remembered as such.
 
 Engines follow demand (``serving.instances`` unset): a new version gets one engine (taken from
 the version holding the most when none is free); every ``serving.budget.rebalance_s`` and after
@@ -51,10 +51,16 @@ changes (a non-atomic copy completing, a fixed file). The model control API (:me
 :meth:`unload_model`, :meth:`index`) is Triton's explicit model control: a model unloaded through it
 stays unloaded, and is not loaded on demand, until it is loaded through it again.
 
-Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads
-(making room is one at a time); pools are built, closed and drained outside the lock. Two loads
-at once can only add to each other's memory measurement (the heap grows for both), so a version
-keeps the smallest of its measurements as its estimate: the figure errs upwards, never down.
+Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads:
+one makes room (picking and unloading victims is one at a time, waiting for a busy version is
+not) while another builds. Versions are built (verified, loaded, warmed) one at a time: the
+memory measurement is the process heap's growth (:mod:`serving.memory_probe`), so a build next
+to another counts the other's allocations too (measured here: a ResNet-18 at 72.7 MB next to a
+CNN load, 48.3 MB alone; a 1.4 MB MLP at 10.1 MB), which inflated reservations, evicted
+versions for nothing and refused a version as larger than the budget. What remains (request
+buffers, other sessions' runs) only adds, so a version keeps the smallest of its measurements as
+its estimate and is refused as too large only when even that exceeds the budget. Pools are
+built, closed and drained outside the state lock.
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 ROOM_POLL_S = 0.02
 #: the least time between two rounds of engine reassignment
 REBALANCE_MIN_S = 0.2
-#: loads made at once (a small model's cold start need not wait behind a big one's)
+#: loads in progress at once: one makes room (evicting, draining) while another builds
 LOAD_THREADS = 2
 #: a never-measured model's reservation: its files' size times this, plus the largest run memory
 #: measured so far
@@ -118,8 +124,11 @@ class _Version:
     reserved: int = 0
     #: monotonic time the first request started waiting for it (cold start), 0 if none waits
     waiting_since: float = 0.0
-    #: last measured size (0 before the first load)
+    #: smallest measured size (0 before the first load): the closest to what it holds
     measured: int = 0
+    #: largest measured size: what a reload reserves, so that one measuring a little more than
+    #: the last does not take the memory over the budget until it re-checks its room
+    largest: int = 0
     failure: str | None = None
     failure_stamp: Any = None
     #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
@@ -202,6 +211,9 @@ class Scheduler:
         #: held while a load picks and unloads its victims, so two loads never evict for the
         #: same shortage twice
         self._room_lock = threading.Lock()
+        #: held while a version is verified, loaded and warmed: one at a time, so the heap growth
+        #: each measures is its own (see the module docstring)
+        self._build_lock = threading.Lock()
         self._models: dict[str, _Model] = {}
         self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="scheduler-load")
         self._demand = DemandMeter(settings.budget.rebalance_s)
@@ -639,16 +651,17 @@ class Scheduler:
         t0 = time.perf_counter()
         stamp = self._stamp(ver)
         try:
-            loaded = load_version(
-                self.repository,
-                ver.model,
-                ver.version,
-                self.settings,
-                pool_factory=self.pool_factory,
-                engines=engines,
-                stats=ver.stats,
-                verified=stamp is not None and stamp == ver.verified_stamp,
-            )
+            with self._build_lock:  # measured alone (see the module docstring)
+                loaded = load_version(
+                    self.repository,
+                    ver.model,
+                    ver.version,
+                    self.settings,
+                    pool_factory=self.pool_factory,
+                    engines=engines,
+                    stats=ver.stats,
+                    verified=stamp is not None and stamp == ver.verified_stamp,
+                )
         except LoadError as exc:
             with self._lock:
                 ver.reserved = 0
@@ -663,13 +676,14 @@ class Scheduler:
             self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
             # concurrent loads can only add to a measurement: the smallest is the closest
             ver.measured = min(measured, ver.measured) if ver.measured else measured
+            ver.largest = max(measured, ver.largest)
             ver.last_load_s = time.perf_counter() - t0
-        if measured > budget:
+        if ver.measured > budget:  # its smallest measurement: one inflated by noise is no verdict
             self._discard(ver)
             self._record_failure(
                 ver,
-                f"version {ver.version} of model '{ver.model}' holds {measured} bytes (measured "
-                f"at load), more than serving.budget.memory_bytes={budget}",
+                f"version {ver.version} of model '{ver.model}' holds {ver.measured} bytes "
+                f"(measured at load), more than serving.budget.memory_bytes={budget}",
             )
             raise LoadError(ver.failure)
         try:
@@ -762,11 +776,11 @@ class Scheduler:
             files = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
         except (OSError, AttributeError):
             files = 0
-        if ver.measured:
-            return ver.measured, files
+        if ver.largest:
+            return ver.largest, files
         with self._lock:
             m = self._models.get(ver.model)
-            same_model = [o.measured for o in m.versions.values() if o.measured] if m else []
+            same_model = [o.largest for o in m.versions.values() if o.largest] if m else []
         if same_model:
             return max(same_model), files
         return int(files * FIRST_LOAD_MARGIN) + self._largest_run_bytes, files
@@ -795,12 +809,28 @@ class Scheduler:
 
     def _make_room(self, ver: _Version, need: int) -> None:
         """Reserve ``need`` bytes and a resident slot for ``ver``, evicting as allowed (see the
-        module docstring). Raises Refused (no eviction allowed) or Unavailable (gave up)."""
-        with self._room_lock:
-            self._make_room_locked(ver, need)
+        module docstring). Raises Refused (no eviction allowed) or Unavailable (gave up).
 
-    def _make_room_locked(self, ver: _Version, need: int) -> None:
+        The room lock is held while victims are picked and unloaded, never while waiting for a
+        busy version to go idle: a load that has finished building and only re-checks its room
+        (``need`` 0) must be able to publish meanwhile, and it is often that very load whose
+        publication frees the room the waiter needs (its requests end, it becomes evictable)."""
         deadline = time.monotonic() + self.load_timeout_s
+        while True:
+            with self._room_lock:
+                shortage = self._claim_room(ver, need)
+            if shortage is None:
+                return
+            if self._stop.is_set():
+                raise Unavailable("the server is stopping")
+            if time.monotonic() > deadline:
+                raise Unavailable(self._no_room(ver, shortage))
+            time.sleep(ROOM_POLL_S)
+
+    def _claim_room(self, ver: _Version, need: int) -> str | None:
+        """One attempt of :meth:`_make_room` (room lock held): reserve, evicting idle versions
+        as needed. None when reserved; else the shortage only waiting can cure (a version that
+        could make room has requests in flight). Raises Refused or Unavailable."""
         fitting = self.budget.versions_fitting()
         while True:
             with self._lock:
@@ -812,30 +842,31 @@ class Scheduler:
                 if over_bytes <= 0 and over_slots <= 0:
                     if ver.pool is None:
                         ver.reserved = max(need, 1)
-                    return
+                    return None
                 shortage = self._shortage(over_bytes, over_slots, fitting)
                 if not ver.evict:
                     ver.state, ver.reason = UNAVAILABLE, f"not loaded: {shortage}"
                     raise Refused(f"version {ver.version} of model '{ver.model}': {shortage}")
-                victims = self._victims(ver, over_bytes, over_slots)
-                waitable = victims is None and self._waitable(ver)
-            if victims:
-                for victim in victims:
-                    reason = (
-                        f"superseded by version {ver.version}"
-                        if victim.model == ver.model
-                        else f"evicted (least recently used) to load {ver.key}"
-                    )
-                    self._unload(victim, reason, eviction=victim.model != ver.model)
-                continue
-            if self._stop.is_set():
-                raise Unavailable("the server is stopping")
-            if not waitable or time.monotonic() > deadline:
-                raise Unavailable(
-                    f"cannot load version {ver.version} of model '{ver.model}': {shortage}; "
-                    "every other version is pinned or has requests in flight"
-                )
-            time.sleep(ROOM_POLL_S)
+                victims = self._victims(ver, over_bytes, over_slots) or []
+                retired = [o for o in victims if self._superseded(o, ver)]
+                waitable = not victims and self._waitable(ver)
+            if not victims:
+                if not waitable:
+                    raise Unavailable(self._no_room(ver, shortage))
+                return shortage
+            for victim in victims:
+                if victim in retired:
+                    self._unload(victim, f"superseded by version {ver.version}")
+                else:
+                    reason = f"evicted (least recently used) to load {ver.key}"
+                    self._unload(victim, reason, eviction=True)
+
+    @staticmethod
+    def _no_room(ver: _Version, shortage: str) -> str:
+        return (
+            f"cannot load version {ver.version} of model '{ver.model}': {shortage}; "
+            "every other version is pinned or has requests in flight"
+        )
 
     def _shortage(self, over_bytes: int, over_slots: int, fitting: int | None) -> str:
         parts = []
@@ -852,7 +883,8 @@ class Scheduler:
 
     def _victims(self, ver: _Version, over_bytes: int, over_slots: int) -> list[_Version] | None:
         """The least recently used idle versions whose unloading covers both shortages; else,
-        for a swap, the predecessors of ``ver``; else None (lock held)."""
+        for a swap, those and the older loaded versions of ``ver``'s model; else None (lock
+        held)."""
         idle = sorted(
             (
                 o
@@ -873,12 +905,26 @@ class Scheduler:
             [
                 o
                 for o in self._models[ver.model].versions.values()
-                if o.state == READY and o.pool is not None and o.version < ver.version
+                if o.state == READY
+                and o.pool is not None
+                and o.version < ver.version
+                and o not in idle
             ]
             if ver.model in self._models
             else []
         )
         return self._cover([*idle, *older], over_bytes, over_slots)
+
+    def _superseded(self, victim: _Version, ver: _Version) -> bool:
+        """Whether unloading ``victim`` to load ``ver`` retires it (a newer version of its model
+        takes its place and its policy no longer serves it) rather than evicts it (lock held)."""
+        m = self._models.get(victim.model)
+        return (
+            victim.model == ver.model
+            and victim.version < ver.version
+            and m is not None
+            and victim.version not in self._wanted(m)
+        )
 
     @staticmethod
     def _cover(options: list[_Version], over_bytes: int, over_slots: int) -> list[_Version] | None:
@@ -893,9 +939,16 @@ class Scheduler:
         return None
 
     def _waitable(self, ver: _Version) -> bool:
-        """Whether waiting can make room: an unpinned version is busy now (lock held)."""
+        """Whether waiting can make room: another unpinned version holds room it gives up once
+        idle: loaded (busy now), being unloaded, or loading with its room reserved (lock
+        held)."""
         return any(
-            o.state in (READY, UNLOADING) and o is not ver and not self._pinned(o)
+            o is not ver
+            and not self._pinned(o)
+            and (
+                o.state in (READY, UNLOADING)
+                or (o.state == LOADING and (o.reserved > 0 or o.pool is not None))
+            )
             for m in self._models.values()
             for o in m.versions.values()
         )

@@ -38,15 +38,21 @@ from serving.watcher import RepositoryWatcher
 X = np.ones((1, IN_FEATURES), np.float32)
 
 
-def sized_pool(sizes: dict[str, int], delay_s: float = 0.0) -> type[EnginePool]:
+def sized_pool(
+    sizes: dict[str, int], delay_s: float = 0.0, gates: dict[str, threading.Event] | None = None
+) -> type[EnginePool]:
     """Real pools whose memory is declared per model instead of measured: what these tests
-    check is the scheduler's policy, and RSS growth in a test process is noise."""
+    check is the scheduler's policy, and RSS growth in a test process is noise. A model named
+    in ``gates`` is built only once its event is set."""
 
     class SizedPool(EnginePool):
         built: list[str] = []
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             time.sleep(delay_s)
+            gate = (gates or {}).get(args[0])
+            if gate is not None:
+                gate.wait(30)
             super().__init__(*args, **kwargs)
             SizedPool.built.append(self.key)
 
@@ -91,6 +97,8 @@ def scheduled(
     load_timeout_s: float = 30.0,
     versions: int | None = None,
     max_batch_size: int = 64,
+    gates: dict[str, threading.Event] | None = None,
+    pools: type[EnginePool] | None = None,
 ) -> Iterator[Served]:
     repo = ModelRepository(tmp / "repo")
     for name in models:
@@ -105,7 +113,7 @@ def scheduled(
         max_batch_size=max_batch_size,
         budget=BudgetConfig(rebalance_s=3600),  # engines move on loads/unloads and when told
     )
-    pools = sized_pool(sizes or {}, delay_s)
+    pools = pools or sized_pool(sizes or {}, delay_s, gates)
     budget = Budget(
         engines=engines, engines_per_version=None, memory_bytes=memory, memory_kind="host"
     )
@@ -459,3 +467,153 @@ def test_a_version_that_failed_to_load_is_retried_when_its_directory_changes(
         assert registry.models() == {"clf": [v2]}
     finally:
         watcher.stop()
+
+
+def test_a_built_version_publishes_while_another_load_waits_for_room(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """Before: a load waiting for a busy version to go idle held the room lock for up to
+    serving.load_timeout_s, so a version that had finished building could not re-check its room
+    and publish: its requests (and every other load) waited out the whole timeout (30 s cold
+    starts in the scheduler benchmark)."""
+    c_built = threading.Event()
+    with scheduled(tmp_path, ("a", "b", "c"), engines=2, gates={"c": c_built}) as s:
+        held = np.full((1, IN_FEATURES), 777, np.float32)  # two engines: two versions resident
+        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": held}) as slow:
+            c = s.scheduler.request("c")  # takes the second place, then builds once c_built is set
+            deadline = time.monotonic() + 10
+            while s.scheduler.memory_used() <= 1000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            b = s.scheduler.request("b")  # no place: a is busy, c is loading; b waits
+            time.sleep(0.2)  # let b's load reach its wait
+            c_built.set()
+            assert c.result(5).key == "c:1"  # published while b waits (a is held for 10 s)
+            gate.set()
+            assert b.result(10).key == "b:1"  # in place of c (idle once published) or a
+            slow.result(10)
+        assert [v.state for v in s.scheduler.versions()].count("READY") == 2
+
+
+def test_versions_are_built_one_at_a_time(tmp_path: Path) -> None:
+    """Before: two loads built their sessions at once and each measured the other's heap growth
+    too (a ResNet-18 measured 72.7 MB beside a CNN load, 48.3 MB alone), which inflated the
+    budget's figures and refused a version as larger than the budget."""
+    building: list[int] = []
+    most = [0]
+    lock = threading.Lock()
+
+    class CountingPool(sized_pool({})):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            with lock:
+                building.append(1)
+                most[0] = max(most[0], len(building))
+            time.sleep(0.2)  # a build long enough for the other load to start its own
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                with lock:
+                    building.pop()
+
+    with scheduled(tmp_path, ("a", "b"), pools=CountingPool) as s:
+        loads = [s.scheduler.request(name) for name in ("a", "b")]
+        assert sorted(f.result(10).key for f in loads) == ["a:1", "b:1"]
+        assert most[0] == 1
+
+
+def test_one_inflated_measurement_does_not_refuse_a_version_for_good(tmp_path: Path) -> None:
+    """Before: a reload whose measurement was inflated past the budget (noise: the heap counts
+    other threads' allocations) recorded the version as larger than the budget, and it was
+    never loaded again although it had measured 4,000 bytes before."""
+    measured = iter([4000, 20_000, 4000])
+
+    class NoisyPool(sized_pool({})):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.size = next(measured)  # before the base class reports its memory
+            super().__init__(*args, **kwargs)
+
+        def memory_bytes(self, engines: int | None = None) -> int:
+            return self.size
+
+    with scheduled(tmp_path, ("a",), pools=NoisyPool) as s:
+        s.use("a")
+        s.scheduler.unload_model("a")
+        with pytest.raises(
+            BadRequest, match=r"over serving.budget.memory_bytes=10000 \(20000 held\)"
+        ):
+            s.scheduler.load_model("a")  # this load does not fit: 503 to its requests
+        s.scheduler.load_model("a")  # but the version is not refused: the next load fits
+        assert s.state("a") == ("READY", "")
+        assert s.pools.built == ["a:1", "a:1", "a:1"]
+
+
+def test_an_lru_victim_of_the_same_model_still_served_is_an_eviction(tmp_path: Path) -> None:
+    """Before: unloading any version of the model being loaded was reported as "superseded by"
+    the loaded version (even an older one superseding a newer) and not counted as an eviction,
+    though the policy still served it."""
+    with scheduled(tmp_path, ("clf",), sizes={"clf": 6000}, versions=10) as s:
+        publish_classifier(s.repo, tmp_path, name="clf", seed=2)
+        s.watcher.poll_once()
+        s.scheduler.request("clf", 2).result(10)
+        s.scheduler.request("clf", 1).result(10)
+        s.scheduler.request("clf", 2).result(10)
+        views = {v.version: v for v in s.scheduler.versions()}
+        assert views[1].reason == "evicted (least recently used) to load clf:2"
+        assert views[2].state == "READY"
+        assert s.scheduler.counters()["clf"].evictions == 2
+
+
+def test_a_reload_reserves_the_largest_of_its_measurements(tmp_path: Path) -> None:
+    """Before: a reload reserved the version's smallest measurement, so one that measured a
+    little more than that held more than its reservation until it re-checked its room, and the
+    memory held went over the budget meanwhile (the scheduler benchmark's peak: 70.5 MB against a
+    69.5 MB budget)."""
+    measured = iter([4000, 4300, 4100])
+    built = threading.Event()
+
+    class NoisyPool(sized_pool({}, gates={"a": built})):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.size = next(measured)
+            super().__init__(*args, **kwargs)
+
+        def memory_bytes(self, engines: int | None = None) -> int:
+            return self.size
+
+    with scheduled(tmp_path, ("a",), pools=NoisyPool) as s:
+        built.set()
+        s.use("a")  # measures 4000
+        s.scheduler.unload_model("a")
+        s.scheduler.load_model("a")  # measures 4300
+        s.scheduler.unload_model("a")
+        built.clear()
+        with cf_thread(s.scheduler.load_model, "a") as loading:  # reserves, waits to build
+            deadline = time.monotonic() + 10
+            while s.scheduler.memory_used() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s.scheduler.memory_used() == 4300
+            built.set()
+            loading.result(10)
+        assert s.scheduler.memory_used() == 4100
+
+
+def test_a_load_waits_for_room_held_by_another_load_in_progress(tmp_path: Path) -> None:
+    """Before: when the only version that could make room was still loading (its room reserved,
+    not yet evictable), a load gave up at once with 503 instead of waiting for it to load and go
+    idle (one failed request in each on-demand run of the scheduler benchmark: two ResNet-18
+    versions, room for one)."""
+    sizes = {"a": 6000, "b": 6000}  # the budget (10,000) holds one
+    a_built = threading.Event()
+    a_built.set()
+    with scheduled(tmp_path, ("a", "b"), sizes=sizes, gates={"a": a_built}) as s:
+        s.use("a")  # measured: a reload reserves 6000
+        s.use("b")  # evicts a
+        a_built.clear()
+        a = s.scheduler.request("a")  # evicts b, reserves its room, waits to build
+        deadline = time.monotonic() + 10
+        while s.state("b")[0] == "READY" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = s.scheduler.request("b")  # no room: only a, still loading, holds it
+        time.sleep(0.2)  # let b's load look for room
+        a_built.set()
+        assert a.result(10).key == "a:1"
+        assert b.result(10).key == "b:1"  # a went idle once loaded, and b evicted it
+        assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")

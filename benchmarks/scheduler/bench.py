@@ -1,12 +1,13 @@
 """Many model versions under one budget: static-equal vs LRU-only vs ours (issue 15).
 
-    .venv/bin/python -m benchmarks.scheduler.bench [--quick]
+    .venv/bin/python -m benchmarks.scheduler.bench [--quick] [--rate R] [--phase-s S]
 
 The repository (:mod:`benchmarks.scheduler.repository`): 16 versions from real training runs,
-built once and cached. Each version is first loaded alone (load + warm-up, median of 3), which
-gives its memory and its cold-start reference. The memory budget is a third of the versions'
-total; the engine budget (``--engines``) is the same for all three contenders, each a
-``fedserve-serve`` subprocess:
+built once and cached. Each version is first loaded alone, the way the server loads it
+(:func:`measure_alone`, medians of 3), which gives its memory and its cold-start reference (its
+build: session load + warm-up). The memory budget is a third of the versions' total; the engine
+budget (``--engines``) is the same for all three contenders, each a ``fedserve-serve``
+subprocess:
 
 * **static-equal** (Triton's way): the versions that fit the memory budget, smallest first and at
   most one per engine, are loaded at start with ``engines / n`` engines each
@@ -17,13 +18,23 @@ total; the engine budget (``--engines``) is the same for all three contenders, e
 
 The load (:mod:`benchmarks.scheduler.workload`, :mod:`benchmarks.scheduler.client`): Poisson
 arrivals at ``--rate`` requests/s of one-row requests, Zipf(s=1.1) over the versions with a new
-random ranking every ``--phase-s`` seconds, the same requests for every contender. Reported per
-contender, medians over ``--repeats`` runs (contenders interleaved, order rotated): successful
-requests/s, failed requests, p50/p99 latency overall and per popularity class, cold starts (the
-scheduler's "cold start" log lines: first request to a non-resident version until it serves)
-p50/p99 and their p99 ratio to that version's load + warm-up alone, the scheduler's peak memory
-(sum of the loaded versions' measured sizes) against the budget and the server's peak RSS, loads
-and evictions. Results: ``benchmarks/results/scheduler[-quick].json`` and ``.log``.
+random ranking every ``--phase-s`` seconds, the same requests for every contender. Open loop:
+every contender is offered the same requests at the same times, so "throughput" is successful
+responses per second at that offered rate, and static-equal's is bounded by the share of the
+requests that address the versions it holds. The rate is meant to be one static-equal serves
+without queueing (its p99 stays near a run's time), so its failures are the 404s of what it
+does not hold, not overload.
+
+Reported per contender, medians over ``--repeats`` runs (contenders interleaved, order rotated):
+offered and successful requests/s, failed requests, p50/p99 latency overall and per popularity
+class, cold starts (the scheduler's "cold start" log lines: first request to a non-resident
+version until it serves) p50/p99 and their ratio to that version's build alone, the same ratio
+for the builds themselves during the run (how much the shared CPU slows a load), the
+scheduler's peak memory (sum of the loaded versions' measured sizes) against the budget and the
+server's peak RSS, loads and evictions. Also printed: the share of requests an ideal LRU cache of
+the budget would miss (:func:`ideal_lru_miss_share`), which no on-demand contender can beat: when
+it is above 1 %, a p99 without load waits is out of reach. Results:
+``benchmarks/results/scheduler[-quick].json`` and ``.log``.
 """
 
 from __future__ import annotations
@@ -37,7 +48,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,22 +58,23 @@ import psutil
 from benchmarks.common import RESULTS, ROOT, machine, median, table, write_json
 from benchmarks.scheduler.client import Record, run
 from benchmarks.scheduler.repository import CACHE, default_mnist, ensure_repository
-from benchmarks.scheduler.workload import CLASSES, Target, schedule
+from benchmarks.scheduler.workload import CLASSES, Arrival, Target, schedule
 from server.processes import free_port, stop_process_group
-from serving.engine import Engine
 from serving.repository import ModelRepository
+from serving.settings import ServingConfig
 from serving.signature import ModelSignature
 from serving.v2_client import V2Client, encode_request
+from serving.version_loader import load_version, release
 
 CONTENDERS = ("static-equal", "LRU-only", "ours")
 COLD_START = re.compile(r"serving (\S+) version (\d+) \(.*cold start ([\d.]+) s\)")
 SWAP_TIMING = re.compile(r"swap timing (\{.*\})")
 
 
-def discover(repo: ModelRepository) -> tuple[list[Target], dict[str, ModelSignature]]:
+def discover(repo: ModelRepository) -> list[Target]:
     """Every version of the repository as a load target (a one-row random input)."""
     rng = np.random.default_rng(0)
-    targets, signatures = [], {}
+    targets = []
     for name in repo.list_models():
         for version in repo.list_versions(name):
             meta = repo.load_metadata(name, version)
@@ -74,25 +85,61 @@ def discover(repo: ModelRepository) -> tuple[list[Target], dict[str, ModelSignat
             assert header is not None
             path = f"/v2/models/{name}/versions/{version}/infer"
             targets.append(Target(name, version, path, body, header))
-            signatures[f"{name}:{version}"] = sig
-    return targets, signatures
+    return targets
 
 
-def measure_alone(
-    repo: ModelRepository, targets: list[Target], signatures: dict[str, ModelSignature]
-) -> dict[str, dict[str, float]]:
-    """Per version: load + warm-up seconds and measured memory, each loaded alone (median of 3)."""
+def measure_alone(repo: ModelRepository, targets: list[Target]) -> dict[str, dict[str, float]]:
+    """Per version, loaded alone the way the server loads it (``load_version``: one engine on the
+    CPU, nothing else running), medians of 3: ``build_s``, the session's load plus its warm-up
+    (what every load costs; the cold-start reference), ``verify_s`` (checksums and the ONNX
+    checker, which only a version's first load in a server pays) and ``memory_bytes`` as
+    measured at load."""
+    settings = ServingConfig(providers="cpu")
     out = {}
     for t in targets:
-        seconds, memory = [], []
+        build, verify, memory = [], [], []
         for _ in range(3):
-            t0 = time.perf_counter()
-            engine = Engine(repo.model_path(t.name, t.version), signatures[t.key], providers="cpu")
-            seconds.append(time.perf_counter() - t0)
-            memory.append(engine.session_memory.host_bytes + engine.run_memory.host_bytes)
-            engine.close()
-        out[t.key] = {"load_warm_s": median(seconds), "memory_bytes": median(memory)}
+            loaded = load_version(repo, t.name, t.version, settings, engines=1)
+            timing = loaded.timing
+            build.append(float(timing["load_s"] or 0.0) + float(timing["warm_s"] or 0.0))
+            verify.append(float(timing["verify_s"] or 0.0))
+            memory.append(loaded.pool.memory_bytes())
+            loaded.pool.close()
+            release(repo, t.name, t.version, loaded.lease)
+        out[t.key] = {
+            "build_s": median(build),
+            "verify_s": median(verify),
+            "memory_bytes": median(memory),
+        }
     return out
+
+
+def ideal_lru_miss_share(
+    targets: list[Target],
+    arrivals: list[Arrival],
+    alone: dict[str, dict[str, float]],
+    budget: int,
+    slots: int,
+) -> float:
+    """The share of requests that find their version not resident under an ideal LRU cache of
+    ``budget`` bytes and ``slots`` versions (sizes as measured alone, loads instantaneous):
+    a floor on the share of requests any on-demand contender makes wait for a load."""
+    resident: dict[int, None] = {}  # insertion order = recency order
+    used, misses = 0, 0
+    for a in arrivals:
+        if a.target in resident:
+            resident.pop(a.target)
+            resident[a.target] = None
+            continue
+        misses += 1
+        size = int(alone[targets[a.target].key]["memory_bytes"])
+        while resident and (used + size > budget or len(resident) >= slots):
+            victim = next(iter(resident))
+            resident.pop(victim)
+            used -= int(alone[targets[victim].key]["memory_bytes"])
+        resident[a.target] = None
+        used += size
+    return misses / max(1, len(arrivals))
 
 
 def static_choice(
@@ -196,11 +243,19 @@ def summarise(
     server_stats: dict[str, float],
     rss_peak: int,
 ) -> dict[str, Any]:
-    """One run's figures; ``cold`` are the cold starts and ``loads`` every load's own duration
-    (verify + load + warm-up, from the server's log), each with its version."""
+    """One run's figures over ``seconds`` of schedule (or until the last answer, if later);
+    ``cold`` are the cold starts (first request to a non-resident version until it serves) and
+    ``loads`` every load's build in the run (session + warm-up, from the server's log), each
+    with its version."""
+    nominal_s = seconds
     ok = [r for r in records if r.status == 200]
-    in_run = [s / alone[k]["load_warm_s"] for k, s in loads]
+    # a server that falls behind answers after the schedule ends: count until its last answer
+    seconds = max(seconds, max((r.due_s + r.latency_s for r in records), default=0.0))
+    in_run = [s / alone[k]["build_s"] for k, s in loads]
+    cold_ratio = [s / alone[k]["build_s"] for k, s in cold]
     out: dict[str, Any] = {
+        "offered_rps": len(records) / nominal_s,
+        "seconds": seconds,
         "throughput_rps": len(ok) / seconds,
         "failed": len(records) - len(ok),
         "failed_by_status": _counts(r.status for r in records if r.status != 200),
@@ -212,24 +267,28 @@ def summarise(
         "peak_memory_bytes": server_stats["peak"],
         "rss_peak_bytes": rss_peak,
         "cold_starts": len(cold),
-        "cold_p50_ms": _pct([s for _, s in cold], 50),
-        "cold_p99_ms": _pct([s for _, s in cold], 99),
-        "cold_ratio_p99": (
-            float(np.percentile([s / alone[k]["load_warm_s"] for k, s in cold], 99))
-            if cold
-            else float("nan")
-        ),
-        # the floor of that ratio: a load's own duration in the run over the same load alone
-        "load_ratio_p50": float(np.percentile(in_run, 50)) if in_run else float("nan"),
-        "load_ratio_p99": float(np.percentile(in_run, 99)) if in_run else float("nan"),
+        "cold_start_p50_ms": _pct([s for _, s in cold], 50),
+        "cold_start_p99_ms": _pct([s for _, s in cold], 99),
+        "cold_start_ratio_p50": _quantile(cold_ratio, 50),
+        "cold_start_ratio_p99": _quantile(cold_ratio, 99),
+        # the floor of that ratio: a build's own duration in the run over the same build alone
+        "build_ratio_p50": _quantile(in_run, 50),
+        "build_ratio_p99": _quantile(in_run, 99),
+        # builds run one at a time: the share of the run the loader was building something, and
+        # so how often a cold start finds another build ahead of its own
+        "loader_busy_share": sum(s for _, s in loads) / seconds,
         "slow_requests_share": sum(1 for r in ok if r.latency_s > 0.1) / max(1, len(ok)),
     }
     for name, _, _ in CLASSES:
         lat = [r.latency_s for r in ok if r.popularity == name]
-        out[f"{name}_p50_ms"] = _pct(lat, 50)
-        out[f"{name}_p99_ms"] = _pct(lat, 99)
-        out[f"{name}_ok"] = len(lat)
+        out[f"class_{name}_p50_ms"] = _pct(lat, 50)
+        out[f"class_{name}_p99_ms"] = _pct(lat, 99)
+        out[f"class_{name}_ok"] = len(lat)
     return out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -256,6 +315,7 @@ def run_contender(
 ) -> dict[str, Any]:
     common = [
         "serving.providers=cpu",
+        "serving.grpc_port=null",
         "serving.versions=100",
         f"serving.budget.memory_bytes={budget}",
         f"serving.budget.engines={args.engines}",
@@ -283,54 +343,75 @@ def run_contender(
         records = run(base, targets, arrivals, connections=args.connections)
         rss_peak = rss.stop()
         stats = scrape(base)
-    log_text = log_path.read_text(errors="replace")
-    cold = [
-        (f"{m.group(1)}:{m.group(2)}", float(m.group(3))) for m in COLD_START.finditer(log_text)
-    ]
-    loads = []
-    for m in SWAP_TIMING.finditer(log_text):
-        t = json.loads(m.group(1))
-        loads.append((f"{t['model']}:{t['version']}", t["verify_s"] + t["load_s"] + t["warm_s"]))
-    return summarise(records, args.phases * args.phase_s, cold, loads, alone, stats, rss_peak)
+    cold, loads, waits = parse_log(log_path.read_text(errors="replace"))
+    out = summarise(records, args.phases * args.phase_s, cold, loads, alone, stats, rss_peak)
+    out["cold_wait_p50_ms"] = _pct(waits, 50)
+    out["cold_wait_p99_ms"] = _pct(waits, 99)
+    return out
 
 
-def report(results: dict[str, list[dict[str, Any]]], budget: int, args: argparse.Namespace) -> str:
+def parse_log(text: str) -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[float]]:
+    """From a server's log: its cold starts and its loads' builds, each (version, seconds), and
+    each cold start's wait before its own load began (the cold start less the load's own
+    verify-build-publish time: queued behind other loads, making room, taking an engine; a
+    version's "serving ... cold start" line comes before its "swap timing" line)."""
+    cold, loads, waits = [], [], []
+    pending: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := COLD_START.search(line):
+            key = f"{m.group(1)}:{m.group(2)}"
+            cold.append((key, float(m.group(3))))
+            pending[key] = float(m.group(3))
+        elif m := SWAP_TIMING.search(line):
+            t = json.loads(m.group(1))
+            key = f"{t['model']}:{t['version']}"
+            loads.append((key, t["load_s"] + t["warm_s"]))
+            if key in pending:
+                own = t["serving_at"] - t["detected_at"]
+                waits.append(max(0.0, pending.pop(key) - own))
+    return cold, loads, waits
+
+
+def report(results: dict[str, list[dict[str, Any]]], budget: int) -> str:
     def med(contender: str, key: str) -> float:
         return median([r[key] for r in results[contender]])
 
-    rows = []
-    metrics = [
-        ("throughput (ok req/s)", "throughput_rps", 1),
-        ("failed requests", "failed", 1),
-        ("p50 ms", "p50_ms", 1),
-        ("p99 ms", "p99_ms", 1),
-        *[(f"{c} p50 / p99 ms", f"{c}", 0) for c, _, _ in CLASSES],
-        ("cold starts", "cold_starts", 1),
-        ("cold start p50 / p99 ms", "cold", 0),
-        ("cold p99 / (load+warm alone)", "cold_ratio_p99", 1),
-        ("a load in the run / alone, p50 / p99", "load_ratio", 0),
-        ("requests over 100 ms (share)", "slow_requests_share", 1),
-        ("peak memory MB (budget)", "peak_memory_bytes", 2),
-        ("server peak RSS MB", "rss_peak_bytes", 2),
-        ("loads / evictions", "loads", 3),
-    ]
-    for label, key, kind in metrics:
-        row = [label]
-        for c in CONTENDERS:
-            if kind == 1:
-                row.append(med(c, key))
-            elif kind == 2:
-                extra = f" ({budget / 1e6:.0f})" if key == "peak_memory_bytes" else ""
-                row.append(f"{med(c, key) / 1e6:.1f}{extra}")
-            elif kind == 3:
-                row.append(f"{med(c, 'loads'):.0f} / {med(c, 'evictions'):.0f}")
-            elif key == "cold":
-                row.append(f"{med(c, 'cold_p50_ms'):.0f} / {med(c, 'cold_p99_ms'):.0f}")
-            elif key == "load_ratio":
-                row.append(f"{med(c, 'load_ratio_p50'):.1f} / {med(c, 'load_ratio_p99'):.1f}")
-            else:
-                row.append(f"{med(c, key + '_p50_ms'):.1f} / {med(c, key + '_p99_ms'):.1f}")
-        rows.append(row)
+    def pair(c: str, key: str, scale: str, unit: str = "") -> str:
+        return f"{med(c, f'{key}_p50{unit}'):{scale}} / {med(c, f'{key}_p99{unit}'):{scale}}"
+
+    rows: list[list[Any]] = []
+    for label, cell in (
+        ("offered (req/s)", lambda c: med(c, "offered_rps")),
+        ("throughput (ok req/s)", lambda c: med(c, "throughput_rps")),
+        ("failed requests", lambda c: med(c, "failed")),
+        ("p50 / p99 ms", lambda c: f"{med(c, 'p50_ms'):.1f} / {med(c, 'p99_ms'):.0f}"),
+        *[
+            (
+                f"{n} (ranks {lo}-{hi}) p50 / p99 ms"
+                if hi < 100
+                else f"{n} (ranks {lo}+) p50 / p99 ms",
+                lambda c, n=n: pair(c, f"class_{n}", ".1f", "_ms"),
+            )
+            for n, lo, hi in CLASSES
+        ],
+        ("requests over 100 ms (share)", lambda c: f"{med(c, 'slow_requests_share'):.3f}"),
+        ("cold starts", lambda c: med(c, "cold_starts")),
+        (
+            "cold start p50 / p99 ms",
+            lambda c: f"{med(c, 'cold_start_p50_ms'):.0f} / {med(c, 'cold_start_p99_ms'):.0f}",
+        ),
+        ("cold start / build alone, p50 / p99", lambda c: pair(c, "cold_start_ratio", ".1f")),
+        ("wait before its own load, p50 / p99 ms", lambda c: pair(c, "cold_wait", ".0f", "_ms")),
+        ("a build in the run / alone, p50 / p99", lambda c: pair(c, "build_ratio", ".1f")),
+        ("building a version (share of the run)", lambda c: f"{med(c, 'loader_busy_share'):.2f}"),
+        (
+            f"peak memory MB (budget {budget / 1e6:.1f})",
+            lambda c: f"{med(c, 'peak_memory_bytes') / 1e6:.1f}",
+        ),
+        ("server peak RSS MB", lambda c: f"{med(c, 'rss_peak_bytes') / 1e6:.0f}"),
+        ("loads / evictions", lambda c: f"{med(c, 'loads'):.0f} / {med(c, 'evictions'):.0f}"),
+    ):
+        rows.append([label, *[cell(c) for c in CONTENDERS]])
     ratio = med("ours", "throughput_rps") / med("static-equal", "throughput_rps")
     rows.append(["ours / static-equal throughput", "", "", f"{ratio:.2f}x"])
     return table(["median of runs", *CONTENDERS], rows)
@@ -356,8 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "-quick" if args.quick else ""
     repo_dir = ensure_repository(args.mnist, args.rebuild)
     repo = ModelRepository(repo_dir)
-    targets, signatures = discover(repo)
-    alone = measure_alone(repo, targets, signatures)
+    targets = discover(repo)
+    alone = measure_alone(repo, targets)
     total = sum(v["memory_bytes"] for v in alone.values())
     budget = int(total * args.memory_share)
     static = static_choice(targets, alone, budget, args.engines)
@@ -368,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     arrivals = schedule(len(targets), args.rate, args.phases, args.phase_s, args.zipf_s, args.seed)
+    miss_share = ideal_lru_miss_share(targets, arrivals, alone, budget, args.engines)
+    print(f"an ideal LRU cache of the budget misses {miss_share:.3%} of the requests", flush=True)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
     logs = CACHE / "logs"
     for rep in range(args.repeats):
@@ -379,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             results[contender].append(res)
             print(f"run {rep} {contender}: {json.dumps(res)}", flush=True)
-    text = report(results, budget, args)
+    text = report(results, budget)
     print(text, flush=True)
     write_json(
         RESULTS / f"scheduler{suffix}.json",
@@ -389,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(),
             "versions": {t.key: alone[t.key] for t in targets},
             "memory_budget_bytes": budget,
+            "ideal_lru_miss_share": miss_share,
             "static_equal_holds": [t.key for t in static],
             "runs": results,
             "table": text,
