@@ -109,16 +109,19 @@ def concat_feeds(batch: Sequence[Request]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([r.feeds[name] for r in batch], axis=0) for name in first}
 
 
-def split_outputs(batch: Sequence[Request], outputs: Mapping[str, np.ndarray]) -> None:
-    """Completes each request of ``batch`` with its rows of ``outputs`` (views, no copies)."""
+def split_outputs(
+    batch: Sequence[Request], outputs: Mapping[str, np.ndarray]
+) -> list[dict[str, np.ndarray]]:
+    """Each request's rows of ``outputs``, in ``batch`` order (views, no copies)."""
     if len(batch) == 1:
-        batch[0].finish(dict(outputs))
-        return
+        return [dict(outputs)]
+    parts = []
     offset = 0
     for req in batch:
         end = offset + req.n
-        req.finish({name: value[offset:end] for name, value in outputs.items()})
+        parts.append({name: value[offset:end] for name, value in outputs.items()})
         offset = end
+    return parts
 
 
 def pad_rows(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

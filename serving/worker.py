@@ -179,8 +179,8 @@ class Worker:
         if dead:  # abandoned meanwhile: the failure handler owns req
             return HANDED_OFF
         req.callback = None
-        req.finish(outputs)
         self._record_stats([req], 0, time.perf_counter() - t0, 0.0)
+        req.finish(outputs)
         return INLINE_DONE
 
     def _inline_failed(self, req: Request, t0: float, exc: BaseException) -> int:
@@ -376,8 +376,11 @@ class Worker:
                     if self.dead:  # abandoned by the watchdog: the pool owns these requests
                         return
                     self._end(t2 - t0, sum(r.n for r in batch), ok=True)
-                split_outputs(batch, outputs)
+                parts = split_outputs(batch, outputs)
+                # statistics first: a client that reads them after its answer sees its request
                 self._record_stats(batch, t1 - t0, t2 - t1, time.perf_counter() - t2)
+                for req, part in zip(batch, parts, strict=True):
+                    req.finish(part)
                 self._release()
         except BaseException as exc:  # noqa: BLE001 - the thread must never die silently
             log.exception("worker %s crashed", self.name)
@@ -411,8 +414,8 @@ class Worker:
                 stopped = self._stopped
                 self._end(time.perf_counter() - t0, req.n, ok=ok and not stopped)
         if not stopped:
-            req.finish(outputs)
             self._record_stats([req], 0.0, time.perf_counter() - t0, 0.0)
+            req.finish(outputs)
 
     def _isolate(
         self, batch: list[Request], exc: BaseException

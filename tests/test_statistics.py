@@ -98,3 +98,36 @@ def test_a_pool_records_every_request_and_batch(tmp_path: Path) -> None:
     assert doc["inference_stats"]["queue"]["count"] == 3
     assert doc["execution_count"] == sum(b["compute_infer"]["count"] for b in doc["batch_stats"])
     assert doc["execution_count"] < 3  # batched
+
+
+@pytest.mark.parametrize("inline_max_ms", [0, 1000], ids=["batched", "inline"])
+def test_a_request_is_answered_after_its_execution_is_counted(
+    tmp_path: Path, inline_max_ms: int
+) -> None:
+    """tritonclient's get_inference_statistics right after an answer must count that answer's
+    execution: the worker used to finish the requests first and record the batch after."""
+    path = make_classifier(tmp_path / "clf.onnx", seed=1)
+    sig = ModelSignature.build(
+        [TensorSpec("x", "FP32", (-1, IN_FEATURES))],
+        [TensorSpec("logits", "FP32", (-1, CLASSES))],
+        8,
+    )
+    settings = ServingConfig(instances=1, providers="cpu", inline_max_ms=inline_max_ms)
+    pool = EnginePool("clf", 1, path, sig, settings)
+    answered_before_counted: list[bool] = []
+    record_execution = pool.stats.record_execution
+
+    def check_then_record(batch: int, rows: int, *args: int) -> None:
+        answered_before_counted.append(current[-1].done)
+        record_execution(batch, rows, *args)
+
+    pool.stats.record_execution = check_then_record  # type: ignore[method-assign]
+    current: list[Request] = []  # one request at a time: each batch is that request
+    try:
+        for _ in range(4):
+            current.append(Request({"x": np.ones((1, IN_FEATURES), np.float32)}, 1))
+            pool.submit(current[-1])
+            current[-1].wait(10)
+    finally:
+        pool.close(5)
+    assert answered_before_counted and not any(answered_before_counted)
