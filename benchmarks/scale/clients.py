@@ -30,7 +30,7 @@ Each size runs the two strategies ``--repeats`` times (default 2) in alternating
 then Flower's first, ...), and a cell reports the median of its runs (peaks: the highest). A round
 at 100 clients is ~100 ClientApp calls on the 2 actors, and their time follows the machine's load
 (35 to 60 ms per call within one job on a shared 2-core machine): two jobs run one after the other
-saw different loads, and with one run each, always in the same order, that drift was read as a
+see different loads, and with one run each, always in the same order, that drift can pass for a
 difference between the strategies.
 
 Run from the repository root, alone on the machine:
