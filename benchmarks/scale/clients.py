@@ -26,8 +26,15 @@ Per cell it prints:
 * the server process's peak memory (VmHWM of ``flwr-simulation``, which runs the ServerApp and the
   Simulation Engine) and its peak open files and threads, sampled every 0.5 s.
 
+Each size runs the two strategies ``--repeats`` times (default 2) in alternating order (ours first,
+then Flower's first, ...), and a cell reports the median of its runs (peaks: the highest). A round
+at 100 clients is ~100 ClientApp calls on the 2 actors, and their time follows the machine's load
+(35 to 60 ms per call within one job on a shared 2-core machine): two jobs run one after the other
+see different loads, and with one run each, always in the same order, that drift can pass for a
+difference between the strategies.
+
 Run from the repository root, alone on the machine:
-``python -m benchmarks.scale.clients`` (``--quick``: 10 and 100 clients, 3 rounds).
+``python -m benchmarks.scale.clients`` (``--quick``: 10 and 100 clients, 3 rounds, one run each).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 import time
 import uuid
@@ -123,6 +131,7 @@ class Cell:
     peaks: Peaks = field(default_factory=Peaks)
     wall_s: float = float("nan")
     run_dir: str = ""
+    runs_round_s: list[float] = field(default_factory=list)  # each run's round, when combined
 
     @property
     def overhead_s(self) -> float:
@@ -212,30 +221,80 @@ def run_cell(strategy: str, clients: int, rounds: int, out_dir: Path) -> Cell:
     return cell
 
 
+def run_order(repeat: int) -> tuple[str, ...]:
+    """The strategies in the order run ``repeat`` (0, 1, ...) runs them: alternated, so that a
+    drift of the machine's load between two consecutive jobs favours neither of them."""
+    return STRATEGIES if repeat % 2 == 0 else STRATEGIES[::-1]
+
+
+def combine(runs: list[Cell]) -> Cell:
+    """One cell from the runs of one (strategy, clients): the median of each time over the runs
+    (NaN runs, failed ones, left out), the highest peaks, the first failing return code."""
+    if not runs or len({(r.strategy, r.clients) for r in runs}) != 1:
+        raise ValueError("combine() takes the runs of one (strategy, clients) cell")
+    first = runs[0]
+    peaks = Peaks(
+        rss_mib=max(r.peaks.rss_mib for r in runs),
+        open_files=max(r.peaks.open_files for r in runs),
+        threads=max(r.peaks.threads for r in runs),
+    )
+    return Cell(
+        first.strategy,
+        first.clients,
+        next((r.returncode for r in runs if r.returncode != 0), 0),
+        startup_s=median([r.startup_s for r in runs]),
+        first_round_s=median([r.first_round_s for r in runs]),
+        round_s=median([r.round_s for r in runs]),
+        training_s=median([r.training_s for r in runs]),
+        peaks=peaks,
+        wall_s=statistics.fsum(r.wall_s for r in runs),
+        run_dir=first.run_dir,
+        runs_round_s=[r.round_s for r in runs],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 and 100 clients, 3 rounds")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--rounds", type=int, default=4, help="rounds per job (median of 2..R)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each cell, in alternating order"
+    )
     parser.add_argument("--name", default="scale", help="results/<name>.json, outputs/<name>/")
     args = parser.parse_args()
     exit_on_sigterm()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     sizes = [10, 100] if args.quick else args.sizes
     rounds = 3 if args.quick else args.rounds
+    repeats = 1 if args.quick else args.repeats
     name = f"{args.name}-quick" if args.quick else args.name
     out_dir = RUNS / name
-    results: dict[str, Any] = {"machine": machine(), "setup": SETUP, "rounds": rounds}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "setup": SETUP,
+        "rounds": rounds,
+        "repeats": repeats,
+    }
+    runs: list[Cell] = []
     cells: list[Cell] = []
     for clients in sizes:
         training = local_training_s(clients)
         print(f"{clients} clients: local training {training:.2f} s/round on {ACTORS} actors")
+        for repeat in range(repeats):
+            for strategy in run_order(repeat):
+                run = run_cell(strategy, clients, rounds, out_dir / f"run{repeat + 1}")
+                run.training_s = training
+                runs.append(run)
+                print(" | ".join(str(v) for v in run.row()), f"(rc {run.returncode})", flush=True)
+                results["runs"] = [{**asdict(r), "overhead_s": r.overhead_s} for r in runs]
+                write_json(RESULTS / f"{name}.json", results)
         for strategy in STRATEGIES:
-            cell = run_cell(strategy, clients, rounds, out_dir)
-            cell.training_s = training
-            cells.append(cell)
-            print(" | ".join(str(v) for v in cell.row()), f"(rc {cell.returncode})", flush=True)
-            results["cells"] = [{**asdict(c), "overhead_s": c.overhead_s} for c in cells]
-            write_json(RESULTS / f"{name}.json", results)
+            cell_runs = [r for r in runs if (r.strategy, r.clients) == (strategy, clients)]
+            cells.append(combine(cell_runs))
+        results["cells"] = [{**asdict(c), "overhead_s": c.overhead_s} for c in cells]
+        write_json(RESULTS / f"{name}.json", results)
     text = table(HEADERS, [cell.row() for cell in cells])
     ratios = []
     for clients in sizes:
