@@ -247,7 +247,7 @@ def client_app(gpu_name: str = "cuda") -> None:
     deltas: dict[str, dict[str, np.ndarray]] = {}
     print(f"{'device':<7} | {'1st call':>8} | {'2nd call':>8} | {'GPU peak MiB':>12} | reply")
     for device in (gpu_name, "cpu"):
-        task = cfg.to_dict() | {"device": device}
+        task = cfg.task_dict() | {"device": device}  # what the server sends its clients
         seconds = []
         for _ in range(2):  # the first call pays data loading, CUDA context and cuDNN set-up
             config = ConfigRecord(
@@ -261,6 +261,8 @@ def client_app(gpu_name: str = "cuda") -> None:
             reply = client_train(msg, context)
             seconds.append(time.perf_counter() - started)
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        if reply.has_error():
+            raise RuntimeError(f"the ClientApp answered an error: {reply.error.reason}")
         arrays = reply.content["arrays"]
         deltas[device] = {k: v.numpy() for k, v in arrays.items()}
         finite = all(np.isfinite(v).all() for v in deltas[device].values())
