@@ -21,16 +21,21 @@ from serving.v2_client import V2Client
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# No forced colours: fedserve-train parses JSON from the Flower CLI, which FORCE_COLOR would colour.
-ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")},
-    "NO_COLOR": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "PYTHONUNBUFFERED": "1",
-    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-}
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment as it is now (a caller may have added, e.g., a model store's
+    credentials after this module was imported), without forced colours: fedserve-train parses
+    JSON from the Flower CLI, which FORCE_COLOR would colour."""
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")},
+        "NO_COLOR": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def spawn(command: list[str], log_path: Path, cwd: Path = PROJECT_DIR) -> subprocess.Popen[bytes]:
@@ -40,7 +45,7 @@ def spawn(command: list[str], log_path: Path, cwd: Path = PROJECT_DIR) -> subpro
         return subprocess.Popen(
             command,
             cwd=cwd,
-            env=ENV,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train->serve latency, local vs store, {' '.join(train)}; in {workdir}", flush=True)
     with moto_server() as (host, port):
         # the spawned trainer and server read the store's endpoint and credentials from the
-        # standard AWS variables; scripts.demo_processes takes the environment at import
+        # standard AWS variables; scripts.demo_processes passes the environment on at each spawn
         os.environ.update(s3_env(f"http://{host}:{port}"))
         import fsspec
 
