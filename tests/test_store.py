@@ -609,7 +609,9 @@ def test_server_follows_a_training_run_through_the_store(tmp_path: Path) -> None
     version is served, its accuracy equal to torch's (the benchmark's quick run)."""
     from benchmarks.storage import train_to_serve
 
-    assert train_to_serve.main(["--quick", "--workdir", str(tmp_path)]) == 0
+    out = tmp_path / "result.json"  # not the checkout's benchmarks/results/
+    assert train_to_serve.main(["--quick", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    assert out.is_file()
     result = json.loads((train_to_serve.RESULTS / "train_to_serve_store-quick.json").read_text())
     assert all(v is not None for v in result["latency_s"]["store"])
     assert len(result["latency_s"]["store"]) == 2

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=1.0, help="serving.store.poll_s")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 4 clients")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.quick:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedians over versions 2..{n}:\n{tables['from_2']}", flush=True)
     suffix = "-quick" if args.quick else ""
     write_json(
-        RESULTS / f"train_to_serve_store{suffix}.json",
+        args.out or RESULTS / f"train_to_serve_store{suffix}.json",
         {
             "command": " ".join(
                 ["python -m benchmarks.storage.train_to_serve", *(argv or sys.argv[1:])]
