@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.buffer.read()  # returns at end-of-file: the launcher closed the pipe or died
     stopped = stop_marked(args[0])
     if stopped:
-        print(f"orphan watch: stopped {stopped} process(es) left behind", file=sys.stderr)
+        print(
+            f"orphan watch: stopped {len(stopped)} process(es) left behind: {', '.join(stopped)}",
+            file=sys.stderr,
+        )
     return 0
 
 

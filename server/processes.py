@@ -149,6 +149,13 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.name()}({proc.pid})"
+    except psutil.Error:
+        return f"?({proc.pid})"
+
+
 def _name(process: subprocess.Popen[bytes]) -> str:
     args = process.args
     if isinstance(args, list | tuple) and args:
@@ -195,16 +202,38 @@ def marked_processes(marker: str, variable: str = RUN_MARKER) -> list[psutil.Pro
     return found
 
 
-def stop_marked(marker: str, grace: float = STOP_GRACE_S) -> int:
-    """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace`` s;
-    returns how many there were."""
-    procs = marked_processes(marker)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    alive = _wait_gone(procs, grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    _wait_gone(alive, grace)
-    return len(procs)
+def stop_marked(marker: str, grace: float = STOP_GRACE_S, sweeps: int = 5) -> list[str]:
+    """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace`` s, and
+    sweep again until a sweep finds none (at most ``sweeps`` times); returns ``name(pid)`` of
+    each process it stopped.
+
+    One sweep is not enough: a process alive while the first is listed can start more marked
+    processes before it dies (Ray's raylet starts its dashboard and runtime-env agents), and those
+    were not in the list.
+    """
+    stopped: list[str] = []
+    for _ in range(sweeps):
+        procs = marked_processes(marker)
+        if not procs:
+            break
+        stopped.extend(_describe(proc) for proc in procs)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        alive = _wait_gone(procs, grace)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        _wait_gone(alive, grace)
+    else:
+        left = marked_processes(marker)
+        if left:
+            logger.warning(
+                "%d process(es) carrying %s=%s still running after %d sweeps: %s",
+                len(left),
+                RUN_MARKER,
+                marker,
+                sweeps,
+                ", ".join(str(p.pid) for p in left),
+            )
+    return stopped

@@ -4,18 +4,21 @@ the demo, the benchmarks and the tests all use them)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import psutil
 import pytest
 from process_marker import marked_processes
 
-from server.processes import _wait_gone, free_port, stop_process_group
+from server.processes import RUN_MARKER, _wait_gone, free_port, stop_marked, stop_process_group
+from server.processes import marked_processes as server_marked_processes
 
 # Starts a grandchild in a session of its own (as the SuperLink starts flower-superexec), prints
 # its pid, then waits; ``IGNORE_TERM`` makes the leader ignore SIGTERM.
@@ -113,3 +116,46 @@ def test_a_zombie_counts_as_stopped() -> None:
         assert _wait_gone([proc], timeout=0.0) == []
     finally:
         zombie.wait()
+
+
+# On SIGTERM, starts one more process in a session of its own (as a dying raylet may still start
+# its agents), prints its pid, then exits.
+SPAWN_ON_TERM = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    def on_term(signum, frame):
+        late = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+        )
+        print(late.pid, flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_stop_marked_also_stops_what_a_marked_process_starts_while_dying() -> None:
+    marker = uuid.uuid4().hex
+    env = {**os.environ, RUN_MARKER: marker}
+    spawner = subprocess.Popen(
+        [sys.executable, "-c", SPAWN_ON_TERM],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert spawner.stdout is not None and spawner.stdout.readline().strip() == "ready"
+    late_pid = 0
+    try:
+        assert len(stop_marked(marker, grace=2.0)) >= 2
+        late_pid = int(spawner.stdout.readline())
+        spawner.wait(10)
+        assert _gone(late_pid), "the process started during the first sweep survived"
+        assert server_marked_processes(marker) == []
+    finally:
+        spawner.kill()
+        spawner.wait()
+        if late_pid and not _gone(late_pid):
+            os.kill(late_pid, signal.SIGKILL)
