@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.app_bundle import stage_app
 from server.job_config import ray_host_port
 from server.orphan_watch import OrphanWatch
 from server.processes import RUN_MARKER, free_port, stop_marked, stop_process_group, wait_for_port
@@ -115,6 +116,30 @@ class SuperLink:
         client (Ray hides GPUs from actors that reserve none, so clients train on CUDA only when
         ``client_gpus`` > 0).
         """
+        # the app's publishable files only: `flwr run` walks every file under the directory it
+        # is given, a project's .venv included (~7 s here), and builds the same FAB from these
+        staged = Path(tempfile.mkdtemp(prefix="app-", dir=self.flwr_home))
+        try:
+            return self._run(
+                stage_app(app_dir, staged / "app"),
+                run_config,
+                num_supernodes,
+                timeout,
+                client_cpus,
+                client_gpus,
+            )
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def _run(
+        self,
+        app_dir: Path,
+        run_config: dict[str, str],
+        num_supernodes: int | None,
+        timeout: float | None,
+        client_cpus: int,
+        client_gpus: float,
+    ) -> int:
         command = [flwr_bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
         if run_config:
             # A TOML file, not key=value pairs: the CLI's inline parser rejects escaped quotes.

@@ -11,10 +11,11 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_files
-from flwr.cli.utils import collect_files
+from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from server.app_bundle import app_files, build_fab, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -32,7 +33,7 @@ GROUPS = {
 
 
 def _fab(extra: dict[str, bytes] | None = None) -> zipfile.ZipFile:
-    files: dict[str, bytes | Path] = dict(collect_files(ROOT))
+    files: dict[str, bytes | Path] = dict(app_files(ROOT))
     files.update(extra or {})
     fab, _ = build_fab_from_files(files)
     return zipfile.ZipFile(io.BytesIO(fab))
@@ -55,6 +56,25 @@ def test_the_fab_ships_the_apps_and_conf_only() -> None:
     size = sum(info.compress_size for info in _fab().infolist())
     # 1.6 MB with benchmarks/ (their results), tests/ and scripts/; ~0.5 MB without
     assert size < 1_000_000, size
+
+
+def test_the_staged_app_builds_the_fab_flwr_run_builds_from_the_checkout(tmp_path: Path) -> None:
+    """What fedserve-train hands `flwr run` (server/app_bundle.py) ships the same bytes as
+    `flwr run .`, which walks the whole checkout (.venv included)."""
+    from_checkout = build_fab_from_disk(ROOT)
+    assert build_fab(ROOT) == from_checkout
+    staged = stage_app(ROOT, tmp_path / "app")
+    assert not (staged / ".venv").exists() and not (staged / ".git").exists()
+    assert build_fab_from_disk(staged) == from_checkout
+
+
+def test_app_files_walks_ignored_directories_when_gitignore_negates(tmp_path: Path) -> None:
+    (tmp_path / ".gitignore").write_text("build/\n!build/keep.py\n")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "keep.py").write_text("")
+    assert "build/keep.py" in app_files(tmp_path)
+    (tmp_path / ".gitignore").write_text("build/\n")
+    assert "build/keep.py" not in app_files(tmp_path)
 
 
 def _requirements(key: str) -> set[str]:
