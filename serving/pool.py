@@ -335,6 +335,12 @@ class EnginePool:
             usage.append(("GPU", 0, self.memory_bytes()))
         return usage
 
+    def adopt_memory(self, session: MemorySample, run: MemorySample) -> None:
+        """Hold what an earlier load of the same files measured: this one was built next to
+        others, so its own measurement counts their allocations too."""
+        self.session_memory, self.run_memory = session, run
+        self._report_memory()
+
     def _report_memory(self) -> None:
         """What the version holds, into its statistics (``memory_usage``)."""
         for kind, device, nbytes in self.memory_usage():

@@ -52,15 +52,17 @@ changes (a non-atomic copy completing, a fixed file). The model control API (:me
 stays unloaded, and is not loaded on demand, until it is loaded through it again.
 
 Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads:
-one makes room (picking and unloading victims is one at a time, waiting for a busy version is
-not) while another builds. Versions are built (verified, loaded, warmed) one at a time: the
+some make room (picking and unloading victims is one at a time, waiting for a busy version is
+not) while others build. A version's first build (verified, loaded, warmed) runs alone: the
 memory measurement is the process heap's growth (:mod:`serving.memory_probe`), so a build next
 to another counts the other's allocations too (measured here: a ResNet-18 at 72.7 MB next to a
 CNN load, 48.3 MB alone; a 1.4 MB MLP at 10.1 MB), which inflated reservations, evicted
-versions for nothing and refused a version as larger than the budget. What remains (request
-buffers, other sessions' runs) only adds, so a version keeps the smallest of its measurements as
-its estimate and is refused as too large only when even that exceeds the budget. Pools are
-built, closed and drained outside the state lock.
+versions for nothing and refused a version as larger than the budget. Rebuilds of files measured
+before run together (:class:`~serving.version_loader.BuildGate`) and keep the earlier
+measurement when theirs is larger. What remains (request buffers, other sessions' runs) only
+adds, so a version keeps the smallest of its measurements as its estimate and is refused as too
+large only when even that exceeds the budget. Pools are built, closed and drained outside the
+state lock.
 """
 
 from __future__ import annotations
@@ -79,13 +81,14 @@ from typing import Any
 from serving.config_schema import ConfigError
 from serving.errors import BadRequest, NotFound, ServingError, Unavailable
 from serving.layout import requested_version
+from serving.memory_probe import MemorySample
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.scheduler_allocation import DemandMeter, allocate
 from serving.scheduler_budget import Budget
 from serving.settings import ServingConfig
 from serving.statistics import ModelStatistics
-from serving.version_loader import LoadError, PoolFactory, load_version, release
+from serving.version_loader import BuildGate, LoadError, PoolFactory, load_version, release
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,8 @@ COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 ROOM_POLL_S = 0.02
 #: the least time between two rounds of engine reassignment
 REBALANCE_MIN_S = 0.2
-#: loads in progress at once: one makes room (evicting, draining) while another builds
-LOAD_THREADS = 2
+#: loads in progress at once: some make room (evicting, draining) while others build
+LOAD_THREADS = 4
 #: a never-measured model's reservation: its files' size times this, plus the largest run memory
 #: measured so far
 FIRST_LOAD_MARGIN = 1.25
@@ -129,6 +132,9 @@ class _Version:
     #: largest measured size: what a reload reserves, so that one measuring a little more than
     #: the last does not take the memory over the budget until it re-checks its room
     largest: int = 0
+    #: the (session, run) samples of its smallest measurement: what a rebuild built next to
+    #: others holds instead of its own, larger, measurement
+    samples: tuple[MemorySample, MemorySample] | None = None
     failure: str | None = None
     failure_stamp: Any = None
     #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
@@ -211,9 +217,9 @@ class Scheduler:
         #: held while a load picks and unloads its victims, so two loads never evict for the
         #: same shortage twice
         self._room_lock = threading.Lock()
-        #: held while a version is verified, loaded and warmed: one at a time, so the heap growth
-        #: each measures is its own (see the module docstring)
-        self._build_lock = threading.Lock()
+        #: a version's first build runs alone, so the heap growth it measures is its own;
+        #: rebuilds run together (see the module docstring)
+        self._builds = BuildGate()
         self._models: dict[str, _Model] = {}
         self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="scheduler-load")
         self._demand = DemandMeter(settings.budget.rebalance_s)
@@ -650,8 +656,10 @@ class Scheduler:
         budget = self.budget.memory_bytes
         t0 = time.perf_counter()
         stamp = self._stamp(ver)
+        # files loaded and measured before (a reload after an eviction): no new measurement needed
+        known = stamp is not None and stamp == ver.verified_stamp and ver.samples is not None
         try:
-            with self._build_lock:  # measured alone (see the module docstring)
+            with self._builds.together() if known else self._builds.alone():
                 loaded = load_version(
                     self.repository,
                     ver.model,
@@ -660,7 +668,7 @@ class Scheduler:
                     pool_factory=self.pool_factory,
                     engines=engines,
                     stats=ver.stats,
-                    verified=stamp is not None and stamp == ver.verified_stamp,
+                    verified=known,
                 )
         except LoadError as exc:
             with self._lock:
@@ -669,12 +677,17 @@ class Scheduler:
             log.error("skipping %s version %d: %s", ver.model, ver.version, exc)
             raise
         pool = loaded.pool
+        if known and ver.samples is not None and pool.memory_bytes() > ver.measured:
+            pool.adopt_memory(*ver.samples)
         measured = pool.memory_bytes()
         with self._lock:
             ver.pool, ver.lease, ver.reserved = pool, loaded.lease, 0
             ver.verified_stamp = stamp
-            self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
+            if not known:
+                self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
             # concurrent loads can only add to a measurement: the smallest is the closest
+            if not ver.measured or measured <= ver.measured:
+                ver.samples = (pool.session_memory, pool.run_memory)
             ver.measured = min(measured, ver.measured) if ver.measured else measured
             ver.largest = max(measured, ver.largest)
             ver.last_load_s = time.perf_counter() - t0

@@ -20,9 +20,11 @@ it) and ``verify_s``, ``load_s``, ``warm_s``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,6 +37,53 @@ from serving.statistics import ModelStatistics
 log = logging.getLogger(__name__)
 
 PoolFactory = Callable[..., EnginePool]
+
+
+class BuildGate:
+    """Builds that measure their memory run alone; rebuilds of measured versions run together.
+
+    A version's memory is the process heap's growth while it is built (:mod:`serving.memory_probe`),
+    so a build next to another counts the other's allocations too: the first build of a version
+    takes the gate :meth:`alone`. A rebuild of files measured before (a reload after an eviction,
+    most loads of an on-demand server) keeps that measurement and takes it :meth:`together` with
+    other rebuilds: a 4 ms MLP rebuild does not queue behind a 180 ms ResNet-18 rebuild (session
+    creation releases the GIL). A build waiting to go alone stops new rebuilds from starting, so
+    it is not starved.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._together = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_alone += 1
+            while self._alone or self._together:
+                self._changed.wait()
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        with self._changed:
+            while self._alone or self._waiting_alone:
+                self._changed.wait()
+            self._together += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._together -= 1
+                self._changed.notify_all()
 
 
 class LoadError(Exception):

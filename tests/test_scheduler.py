@@ -26,6 +26,7 @@ from serving.config_schema import ConfigError
 from serving.dataplane import DataPlane
 from serving.engine import Engine
 from serving.errors import BadRequest, NotFound, Unavailable
+from serving.memory_probe import MemorySample
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
 from serving.repository import ModelRepository
@@ -617,3 +618,60 @@ def test_a_load_waits_for_room_held_by_another_load_in_progress(tmp_path: Path) 
         assert a.result(10).key == "a:1"
         assert b.result(10).key == "b:1"  # a went idle once loaded, and b evicted it
         assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")
+
+
+def test_first_builds_run_alone_and_rebuilds_of_measured_versions_together(tmp_path: Path) -> None:
+    """Before: every build held one lock, so a cold start of a small model measured before
+    queued behind another model's whole build (the benchmark's cold-start p99: 145x a build)."""
+    building = 0
+    most_at_once: list[int] = []
+    counted = threading.Lock()
+
+    class CountingPool(sized_pool({})):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            nonlocal building
+            with counted:
+                building += 1
+                most_at_once.append(building)
+            time.sleep(0.3)
+            with counted:
+                building -= 1
+            super().__init__(*args, **kwargs)
+
+    with scheduled(tmp_path, ("a", "b"), pools=CountingPool) as s:
+        for future in [s.scheduler.request(name) for name in ("a", "b")]:
+            future.result(30)
+        assert max(most_at_once) == 1  # first builds: each measures its own heap growth
+        for name in ("a", "b"):
+            s.scheduler.unload_model(name)
+        most_at_once.clear()
+        with (
+            cf_thread(s.scheduler.load_model, "a") as a,
+            cf_thread(s.scheduler.load_model, "b") as b,
+        ):
+            a.result(30)
+            b.result(30)
+        assert max(most_at_once) == 2  # rebuilds of the same files keep their measurement
+        assert s.state("a")[0] == "READY" and s.state("b")[0] == "READY"
+
+
+def test_a_rebuild_measuring_more_than_before_holds_the_earlier_measurement(
+    tmp_path: Path,
+) -> None:
+    """A rebuild runs next to other builds, so its heap growth counts theirs too: it keeps the
+    version's smaller, earlier measurement instead of crowding other versions out."""
+    heap_growth = iter([4000, 9000, 3500])
+
+    class HeapPool(EnginePool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.session_memory = MemorySample(next(heap_growth), None)
+            self.run_memory = MemorySample(0, None)
+
+    with scheduled(tmp_path, ("a",), pools=HeapPool) as s:
+        s.use("a")
+        assert s.scheduler.memory_used() == 4000
+        for expected in (4000, 3500):  # inflated: the earlier one; smaller: its own
+            s.scheduler.unload_model("a")
+            s.scheduler.load_model("a")
+            assert s.scheduler.memory_used() == expected
