@@ -22,7 +22,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -37,6 +37,10 @@ from serving.config_schema import (
 )
 from serving.errors import PortUnavailable
 from serving.settings import ServeConfig
+
+if TYPE_CHECKING:  # imported where used: `fedserve-serve --help` and bad configs stay fast
+    from serving.store_mirror import StoreMirror
+    from serving.watcher import RepositoryWatcher
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SCHEMA_NAME = "serve_schema"
@@ -73,7 +77,7 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
     decoder = JsonDecoder(settings.json_offload_bytes, settings.json_offload_processes)
     dataplane = DataPlane(
         registry,
-        ready=lambda: watcher.ready and (mirror is None or mirror.synced),
+        ready=lambda: serving_ready(watcher, mirror),
         not_ready_reason=lambda: mirror.problem if mirror is not None else None,
         configs=repository.version_config,
         scheduler=watcher.scheduler,
@@ -96,6 +100,17 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
             mirror.stop()
         decoder.close()
         print("fedserve stopped", flush=True)
+
+
+def serving_ready(watcher: RepositoryWatcher, mirror: StoreMirror | None) -> bool:
+    """Ready once the watcher loaded what the repository held at start; with a model store,
+    once a poll that began after the mirror's first successful sync has finished: the versions
+    that sync brought into the cache are then known, not 404s behind a 200 from ready."""
+    if not watcher.ready:
+        return False
+    if mirror is None:
+        return True
+    return mirror.synced_at is not None and watcher.polled_at >= mirror.synced_at
 
 
 async def run_servers(

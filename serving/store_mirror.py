@@ -94,6 +94,8 @@ class StoreMirror:
         self.versions = versions
         self.models = models
         self.synced = False
+        #: ``time.monotonic()`` when the first successful sync finished (None before)
+        self.synced_at: float | None = None
         self.problem: str | None = None
         self._failures = 0
         self._listing = RemoteListing()
@@ -171,6 +173,8 @@ class StoreMirror:
         self._failures = 0
         self.problem = None
         self.synced = True
+        if self.synced_at is None:
+            self.synced_at = time.monotonic()
         return True
 
     def _sync_model(self, name: str, model: RemoteModel) -> None:

@@ -20,6 +20,7 @@ repository are unloaded. A version that failed to load is retried when its direc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -76,6 +77,8 @@ class RepositoryWatcher:
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
         self.ready = False
+        #: ``time.monotonic()`` when the latest completed poll started
+        self.polled_at = -math.inf
         self._stamp: Any = None
 
     # ---- what the scheduler knows, for callers of the watcher
@@ -179,6 +182,7 @@ class RepositoryWatcher:
             return self._poll(load=True)
 
     def _poll(self, load: bool) -> bool:
+        started = time.monotonic()
         changed = False
         present = set(self.repository.list_models())
         if self.models is not None:
@@ -190,6 +194,7 @@ class RepositoryWatcher:
             except Exception:  # noqa: BLE001 - one broken model must not stop the others
                 log.exception("cannot sync model %s", model)
         changed |= self.scheduler.forget_others(present)
+        self.polled_at = started
         return changed
 
     def _rescan(self, model: str) -> None:

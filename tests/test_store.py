@@ -28,6 +28,7 @@ from store_helpers import BUCKET, TcpProxy, fresh_s3fs, make_bucket, store_env
 
 from benchmarks.storage.moto_s3 import moto_server
 from server.processes import free_port
+from serving.cli import serving_ready
 from serving.dataplane import DataPlane
 from serving.errors import RepositoryError, StoreError
 from serving.inference import InferRequest
@@ -397,11 +398,34 @@ def serve(mirror: StoreMirror) -> tuple[RepositoryWatcher, DataPlane]:
     watcher.start()
     dataplane = DataPlane(
         registry,
-        ready=lambda: watcher.ready and mirror.synced,
+        ready=lambda: serving_ready(watcher, mirror),
         not_ready_reason=lambda: mirror.problem,
         configs=mirror.cache.version_config,
     )
     return watcher, dataplane
+
+
+def test_ready_waits_for_a_poll_after_the_first_sync(url: str, tmp_path: Path) -> None:
+    """Before: ready was the watcher's start and the mirror's first sync, so a store that
+    answered only after the watcher's first poll gave 200 from ready and 404 for its model
+    until the next poll (CI: test_fedserve_serve_waits_for_the_store_then_serves)."""
+    publish_clf(StoreRepository(Store(url)), tmp_path, 1)
+    mirror = mirror_of(url, tmp_path)
+    registry = ModelRegistry()
+    watcher = RepositoryWatcher(
+        mirror.cache, registry, ServingConfig(instances=1, providers="cpu"), poll_interval_s=3600
+    )
+    watcher.start()  # the cache is empty: the store has not been synced yet
+    try:
+        assert not serving_ready(watcher, mirror)
+        assert mirror.sync() and mirror.cache.list_versions("clf") == [1]
+        assert not serving_ready(watcher, mirror)  # clf is in the cache, not yet served
+        watcher.poll_once()
+        assert serving_ready(watcher, mirror)
+        assert registry.versions("clf") == [1]
+    finally:
+        watcher.stop()
+        mirror.stop()
 
 
 def answer(dataplane: DataPlane, x: np.ndarray) -> tuple[int, np.ndarray]:
