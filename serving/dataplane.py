@@ -37,6 +37,7 @@ Errors are :class:`~serving.errors.ServingError` subclasses carrying both HTTP a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,7 +68,7 @@ EXTENSIONS = [
     "statistics",
 ]
 PLATFORM = "onnxruntime_onnx"
-#: attempts of one request across pools swapped under it
+#: attempts of one request across pools swapped under it (at least; see DataPlane.infer)
 SWAP_ATTEMPTS = 3
 
 
@@ -252,10 +253,21 @@ class DataPlane:
         signature = pool.signature
         n = signature.validate(request.inputs)
         wanted = _output_names(signature, request, pool.name)
-        for _ in range(SWAP_ATTEMPTS):
+        retry_until: float | None = None
+        for attempt in itertools.count(1):
             try:
                 done = await pool.infer_async(request.inputs, n)
             except PoolClosed:
+                # With a scheduler, an eviction may close the version between this request's
+                # lookup and its dispatch, again after each reload under a thrashing cache: retry
+                # for as long as a request may wait for a load (serving.load_timeout_s after the
+                # first close), not only SWAP_ATTEMPTS times.
+                now = asyncio.get_running_loop().time()
+                if retry_until is None:
+                    patience = self.scheduler.load_timeout_s if self.scheduler is not None else 0.0
+                    retry_until = now + patience
+                if attempt >= SWAP_ATTEMPTS and now >= retry_until:
+                    break
                 fresh = await self.acquire(pool.name, version)
                 if fresh is pool:
                     raise

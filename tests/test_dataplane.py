@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -185,3 +186,25 @@ def test_metrics_label_unknown_names_apart(make_pool) -> None:
     assert 'fedserve_request_failures_total{code="400",model="clf"} 1.0' in text
     assert 'fedserve_request_failures_total{code="404",model="_unknown"} 2.0' in text
     assert "no-such-model" not in text
+
+
+def test_a_request_outlasts_evictions_between_its_lookup_and_its_dispatch(make_pool) -> None:
+    """Before: under a thrashing on-demand cache, a version evicted between a request's lookup
+    and its dispatch three times in a row (each retry reloading it) failed the request with 503
+    "is being swapped" (scheduler benchmark, LRU-only); with a scheduler a request now retries for
+    as long as it may wait for a load (serving.load_timeout_s)."""
+    registry = ModelRegistry()
+    dataplane = DataPlane(registry)
+    dataplane.scheduler = SimpleNamespace(load_timeout_s=30.0)  # type: ignore[assignment]
+    evicted = [make_pool(1, seed=1) for _ in range(5)]
+    for pool in evicted:
+        pool.close(5)
+    survivor = make_pool(1, seed=1)
+    reloads = iter([*evicted[1:], survivor])
+
+    async def acquire(name: str, version: str | int | None = None) -> EnginePool:
+        return next(reloads)
+
+    dataplane.acquire = acquire  # type: ignore[method-assign]
+    result = asyncio.run(dataplane.infer(evicted[0], InferRequest({"x": X}), None))
+    np.testing.assert_allclose(result.outputs["logits"], expected(X, 1), rtol=1e-5, atol=1e-5)
