@@ -1,6 +1,6 @@
 """Many model versions under one budget: static-equal vs LRU-only vs ours (issue 15).
 
-    .venv/bin/python -m benchmarks.scheduler.bench [--quick] [--rate R] [--phase-s S]
+    .venv/bin/python -m benchmarks.scheduler.bench [--quick] [--rate R] [--phase-s S] [--rows N]
 
 The repository (:mod:`benchmarks.scheduler.repository`): 16 versions from real training runs,
 built once and cached. Each version is first loaded alone, the way the server loads it
@@ -17,7 +17,7 @@ subprocess:
 * **ours**: on demand, LRU eviction, engines follow demand (``serving.instances`` unset).
 
 The load (:mod:`benchmarks.scheduler.workload`, :mod:`benchmarks.scheduler.client`): Poisson
-arrivals at ``--rate`` requests/s of one-row requests, Zipf(s=1.1) over the versions with a new
+arrivals at ``--rate`` requests/s of ``--rows``-row requests (default 1), Zipf(s=1.1) over the versions with a new
 random ranking every ``--phase-s`` seconds, the same requests for every contender. Open loop:
 every contender is offered the same requests at the same times, so "throughput" is successful
 responses per second at that offered rate, and static-equal's is bounded by the share of the
@@ -34,7 +34,7 @@ scheduler's peak memory (sum of the loaded versions' measured sizes) against the
 server's peak RSS, loads and evictions. Also printed: the share of requests an ideal LRU cache of
 the budget would miss (:func:`ideal_lru_miss_share`), which no on-demand contender can beat: when
 it is above 1 %, a p99 without load waits is out of reach. Results:
-``benchmarks/results/scheduler[-quick].json`` and ``.log``.
+``benchmarks/results/<--name, default scheduler>[-quick].json`` and ``.log``.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ COLD_START = re.compile(r"serving (\S+) version (\d+) \(.*cold start ([\d.]+) s\
 SWAP_TIMING = re.compile(r"swap timing (\{.*\})")
 
 
-def discover(repo: ModelRepository) -> list[Target]:
-    """Every version of the repository as a load target (a one-row random input)."""
+def discover(repo: ModelRepository, rows: int = 1) -> list[Target]:
+    """Every version of the repository as a load target (a random input of ``rows`` rows)."""
     rng = np.random.default_rng(0)
     targets = []
     for name in repo.list_models():
@@ -80,7 +80,7 @@ def discover(repo: ModelRepository) -> list[Target]:
             meta = repo.load_metadata(name, version)
             sig = ModelSignature.build(meta["inputs"], meta["outputs"], meta["max_batch_size"])
             spec = sig.inputs[0]
-            shape = [1, *[d if d > 0 else 1 for d in spec.shape[1:]]]
+            shape = [rows, *[d if d > 0 else 1 for d in spec.shape[1:]]]
             body, header = encode_request({spec.name: rng.standard_normal(shape, np.float32)})
             assert header is not None
             path = f"/v2/models/{name}/versions/{version}/infer"
@@ -425,19 +425,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", type=int, default=4, help="hot-set phases per run")
     parser.add_argument("--phase-s", type=float, default=30.0, help="seconds per phase")
     parser.add_argument("--engines", type=int, default=8, help="serving.budget.engines")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (batch size)")
     parser.add_argument("--memory-share", type=float, default=1 / 3, help="budget / total")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mnist", type=Path, default=default_mnist())
     parser.add_argument("--rebuild", action="store_true", help="train the repository again")
+    parser.add_argument("--name", default="scheduler", help="results/<name>[-quick].json")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.phases, args.phase_s = 1, 2, 10.0
     suffix = "-quick" if args.quick else ""
     repo_dir = ensure_repository(args.mnist, args.rebuild)
     repo = ModelRepository(repo_dir)
-    targets = discover(repo)
+    targets = discover(repo, args.rows)
     alone = measure_alone(repo, targets)
     total = sum(v["memory_bytes"] for v in alone.values())
     budget = int(total * args.memory_share)
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(results, budget)
     print(text, flush=True)
     write_json(
-        RESULTS / f"scheduler{suffix}.json",
+        RESULTS / f"{args.name}{suffix}.json",
         {
             "command": "python -m benchmarks.scheduler.bench " + " ".join(sys.argv[1:]),
             "args": {k: str(v) for k, v in vars(args).items()},
