@@ -17,13 +17,13 @@ subprocess:
 * **ours**: on demand, LRU eviction, engines follow demand (``serving.instances`` unset).
 
 The load (:mod:`benchmarks.scheduler.workload`, :mod:`benchmarks.scheduler.client`): Poisson
-arrivals at ``--rate`` requests/s of ``--rows``-row requests (default 1), Zipf(s=1.1) over the versions with a new
-random ranking every ``--phase-s`` seconds, the same requests for every contender. Open loop:
-every contender is offered the same requests at the same times, so "throughput" is successful
-responses per second at that offered rate, and static-equal's is bounded by the share of the
-requests that address the versions it holds. The rate is meant to be one static-equal serves
-without queueing (its p99 stays near a run's time), so its failures are the 404s of what it
-does not hold, not overload.
+arrivals at ``--rate`` requests/s of ``--rows``-row requests (default 1), Zipf(s=1.1) over the
+versions with a new random ranking every ``--phase-s`` seconds, the same requests for every
+contender. Open loop: every contender is offered the same requests at the same times, so
+"throughput" is successful responses per second at that offered rate, and static-equal's is bounded
+by the share of the requests that address the versions it holds. The rate is meant to be one
+static-equal serves without queueing (its p99 stays near a run's time), so its failures are the 404s
+of what it does not hold, not overload.
 
 Reported per contender, medians over ``--repeats`` runs (contenders interleaved, order rotated):
 offered and successful requests/s, failed requests, p50/p99 latency overall and per popularity
