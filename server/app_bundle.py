@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import pathspec
-from flwr.cli.build import build_fab_from_files
 from flwr.cli.utils import filter_paths_for_publish
 
 
@@ -50,12 +49,6 @@ def app_files(root: Path) -> dict[str, Path]:
             if not path.is_symlink():
                 files[f"{prefix}{name}"] = path
     return files
-
-
-def build_fab(root: Path) -> bytes:
-    """The FAB ``flwr run root`` would build, from :func:`app_files`."""
-    fab, _ = build_fab_from_files(app_files(root))
-    return fab
 
 
 def stage_app(root: Path, destination: Path) -> Path:

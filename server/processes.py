@@ -208,8 +208,8 @@ def stop_marked(marker: str, grace: float = STOP_GRACE_S, sweeps: int = 5) -> li
     each process it stopped.
 
     One sweep is not enough: a process alive while the first is listed can start more marked
-    processes before it dies (Ray's raylet starts its dashboard and runtime-env agents), and those
-    were not in the list.
+    processes before it dies, and those were not in the list (CI once found Ray's dashboard and
+    runtime-env agents running 30 s after a single sweep).
     """
     stopped: list[str] = []
     for _ in range(sweeps):

@@ -23,8 +23,8 @@ the thread
 When the store does not answer (or the local cache fails: a full disk), nothing cached changes
 (what serves keeps serving) and the thread retries with exponential backoff up to
 ``serving.store.retry_max_s``, one log line per attempt;
-:attr:`StoreMirror.problem` says what failed until a sync succeeds again, and ``synced`` stays
-False until the first one did (the server is not ready before).
+:attr:`StoreMirror.problem` says what failed until a sync succeeds again, and ``synced_at`` stays
+None until the first one did (the server is not ready before).
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class StoreMirror:
         self.cache = ModelRepository(root)
         self.versions = versions
         self.models = models
-        self.synced = False
         #: ``time.monotonic()`` when the first successful sync finished (None before)
         self.synced_at: float | None = None
         self.problem: str | None = None
@@ -172,7 +171,6 @@ class StoreMirror:
             log.info("model store %s answers again", self.store.url)
         self._failures = 0
         self.problem = None
-        self.synced = True
         if self.synced_at is None:
             self.synced_at = time.monotonic()
         return True

@@ -15,7 +15,7 @@ from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from server.app_bundle import app_files, build_fab, stage_app
+from server.app_bundle import app_files, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -62,7 +62,7 @@ def test_the_staged_app_builds_the_fab_flwr_run_builds_from_the_checkout(tmp_pat
     """What fedserve-train hands `flwr run` (server/app_bundle.py) ships the same bytes as
     `flwr run .`, which walks the whole checkout (.venv included)."""
     from_checkout = build_fab_from_disk(ROOT)
-    assert build_fab(ROOT) == from_checkout
+    assert build_fab_from_files(app_files(ROOT))[0] == from_checkout
     staged = stage_app(ROOT, tmp_path / "app")
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()
     assert build_fab_from_disk(staged) == from_checkout

@@ -42,11 +42,11 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 
-#: the SuperLink's replies for a message (or a reply) whose TTL ran out
 #: the shortest wait between two pulls (seconds)
 MIN_POLL_S = 0.01
 #: a wait between two pulls lasts this many times the last pull
 PULL_COST_FACTOR = 20.0
+#: the SuperLink's replies for a message (or a reply) whose TTL ran out
 EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 
 
