@@ -38,7 +38,7 @@ from pathlib import Path
 from server.app_bundle import stage_app
 from server.job_config import ray_host_port
 from server.orphan_watch import OrphanWatch
-from server.processes import RUN_MARKER, free_port, stop_marked, stop_process_group, wait_for_port
+from server.processes import free_port, marker_env, stop_marked, stop_process_group, wait_for_port
 from server.simulation_runtime import write_wrapper
 from task.config import ConfigError
 
@@ -71,7 +71,7 @@ def flwr_env(flwr_home: Path, marker: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
     env = {**env, **FLWR_ENV, "NO_COLOR": "1", "FLWR_HOME": str(flwr_home), "PATH": path}
     if marker is not None:
-        env[RUN_MARKER] = marker
+        env.update(marker_env(marker))
     return env
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import uuid
 
-from server.processes import RUN_MARKER, stop_marked
+from server.processes import RUN_MARKER, marker_env, stop_marked
 
 
 class OrphanWatch:
@@ -43,7 +43,7 @@ class OrphanWatch:
 
     def env(self) -> dict[str, str]:
         """The variables that put a process under this watch."""
-        return {RUN_MARKER: self.marker}
+        return marker_env(self.marker)
 
     def close(self, timeout: float = 10.0) -> None:
         """End the watch: it sweeps once more (a no-op after a clean stop) and exits."""

@@ -163,6 +163,16 @@ def _name(process: subprocess.Popen[bytes]) -> str:
     return Path(os.fsdecode(args)).name  # type: ignore[arg-type]
 
 
+def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """``procs`` and every live process below them, each once, never this process."""
+    family = {proc.pid: proc for proc in procs}
+    for proc in procs:
+        for child in descendants(proc.pid):
+            family.setdefault(child.pid, child)
+    family.pop(os.getpid(), None)
+    return [proc for proc in family.values() if _running(proc)]
+
+
 def wait_for_port(
     port: int, process: subprocess.Popen[bytes], log_file: Path, name: str, timeout: float = 60.0
 ) -> None:
@@ -178,6 +188,17 @@ def wait_for_port(
     raise RuntimeError(
         f"{name} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}"
     )
+
+
+def marker_env(marker: str, variable: str = RUN_MARKER) -> dict[str, str]:
+    """The variables that mark a process, and everything it starts, as carrying ``marker``.
+
+    By default setproctitle writes a long title over the memory ``/proc/<pid>/environ`` reads,
+    which wipes the marker from a titled process's environment (``ray::DashboardAgent`` kept it
+    or lost it by the order Ray's raylet happened to give its variables: CI found Ray's agents
+    alive after the orphan watch's sweep). ``SPT_NOENV`` confines the title to argv's space.
+    """
+    return {variable: marker, "SPT_NOENV": "1"}
 
 
 def marked_processes(marker: str, variable: str = RUN_MARKER) -> list[psutil.Process]:
@@ -203,17 +224,17 @@ def marked_processes(marker: str, variable: str = RUN_MARKER) -> list[psutil.Pro
 
 
 def stop_marked(marker: str, grace: float = STOP_GRACE_S, sweeps: int = 5) -> list[str]:
-    """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace`` s, and
-    sweep again until a sweep finds none (at most ``sweeps`` times); returns ``name(pid)`` of
-    each process it stopped.
+    """SIGTERM every process carrying ``marker`` and every descendant of one, SIGKILL what is
+    left after ``grace`` s, and sweep again until a sweep finds none (at most ``sweeps`` times);
+    returns ``name(pid)`` of each process it stopped.
 
-    One sweep is not enough: a process alive while the first is listed can start more marked
-    processes before it dies, and those were not in the list (CI once found Ray's dashboard and
-    runtime-env agents running 30 s after a single sweep).
+    Descendants count even when their environment does not show the marker (a process may have
+    overwritten it; see :func:`marker_env`). One sweep is not enough: a process alive while the
+    first is listed can start more processes before it dies, and those were not in the list.
     """
     stopped: list[str] = []
     for _ in range(sweeps):
-        procs = marked_processes(marker)
+        procs = _with_descendants(marked_processes(marker))
         if not procs:
             break
         stopped.extend(_describe(proc) for proc in procs)
@@ -226,7 +247,7 @@ def stop_marked(marker: str, grace: float = STOP_GRACE_S, sweeps: int = 5) -> li
                 proc.kill()
         _wait_gone(alive, grace)
     else:
-        left = marked_processes(marker)
+        left = _with_descendants(marked_processes(marker))
         if left:
             logger.warning(
                 "%d process(es) carrying %s=%s still running after %d sweeps: %s",

@@ -27,6 +27,9 @@ def process_marker(monkeypatch: pytest.MonkeyPatch) -> str:
     """A marker every process this test starts inherits (see :mod:`process_marker`)."""
     from process_marker import VARIABLE, new_marker
 
+    from server.processes import marker_env
+
     marker = new_marker()
-    monkeypatch.setenv(VARIABLE, marker)
+    for name, value in marker_env(marker, VARIABLE).items():
+        monkeypatch.setenv(name, value)
     return marker

@@ -25,7 +25,8 @@ def new_marker() -> str:
 
 
 def marked_env(marker: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    return {**(os.environ if base is None else base), VARIABLE: marker}
+    base = os.environ if base is None else base
+    return {**base, **server_processes.marker_env(marker, VARIABLE)}
 
 
 def marked_processes(marker: str) -> list[str]:

@@ -17,7 +17,14 @@ import psutil
 import pytest
 from process_marker import marked_processes
 
-from server.processes import RUN_MARKER, _wait_gone, free_port, stop_marked, stop_process_group
+from server.processes import (
+    RUN_MARKER,
+    _wait_gone,
+    free_port,
+    marker_env,
+    stop_marked,
+    stop_process_group,
+)
 from server.processes import marked_processes as server_marked_processes
 
 # Starts a grandchild in a session of its own (as the SuperLink starts flower-superexec), prints
@@ -118,8 +125,7 @@ def test_a_zombie_counts_as_stopped() -> None:
         zombie.wait()
 
 
-# On SIGTERM, starts one more process in a session of its own (as a dying raylet may still start
-# its agents), prints its pid, then exits.
+# On SIGTERM, starts one more process in a session of its own, prints its pid, then exits.
 SPAWN_ON_TERM = textwrap.dedent(
     """
     import signal, subprocess, sys, time
@@ -159,3 +165,74 @@ def test_stop_marked_also_stops_what_a_marked_process_starts_while_dying() -> No
         spawner.wait()
         if late_pid and not _gone(late_pid):
             os.kill(late_pid, signal.SIGKILL)
+
+
+# Starts a child in a session of its own that zeroes its environment block (what setproctitle
+# does to make room for a long title), prints the child's pid, then waits.
+CHILD_CLEARS_ITS_ENVIRONMENT = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    CLEAR = (
+        "import ctypes, time\\n"
+        "stat = open('/proc/self/stat').read().rsplit(')', 1)[1].split()\\n"
+        "start, end = int(stat[47]), int(stat[48])\\n"  # fields 50, 51: env_start, env_end
+        "ctypes.memset(start, 0, end - start)\\n"
+        "print('cleared', flush=True)\\n"
+        "time.sleep(300)\\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLEAR], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert child.stdout.readline().strip() == "cleared"
+    print(child.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_stop_marked_stops_a_descendant_whose_environment_no_longer_shows_the_marker() -> None:
+    marker = uuid.uuid4().hex
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CHILD_CLEARS_ITS_ENVIRONMENT],
+        env={**os.environ, RUN_MARKER: marker},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    try:
+        assert [p.pid for p in server_marked_processes(marker)] == [parent.pid]  # child unseen
+        stopped = stop_marked(marker, grace=2.0)
+        parent.wait(10)
+        assert _gone(child_pid), f"the child survived; stopped: {stopped}"
+        assert len(stopped) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+        if not _gone(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def test_a_process_titled_as_ray_titles_its_agents_keeps_its_marker() -> None:
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "SPT_NOENV"}
+    titled = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from ray._raylet import setproctitle; "
+            "setproctitle('ray::DashboardAgent'); print('titled', flush=True); time.sleep(300)",
+        ],
+        env={**env, **marker_env(marker)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert titled.stdout is not None
+    try:
+        assert titled.stdout.readline().strip() == "titled"
+        assert psutil.Process(titled.pid).cmdline()[0] == "ray::DashboardAgent"
+        assert [p.pid for p in server_marked_processes(marker)] == [titled.pid]
+    finally:
+        titled.kill()
+        titled.wait()

@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks.common import RESULTS, machine, table, write_json
 from benchmarks.training.jobs import ENV, MARKER, RUNS, TRAIN, JobResult, read_history, run_job
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.processes import marked_processes
+from server.processes import marked_processes, marker_env
 
 #: the default config, no export (the rows are about training)
 DEFAULT = ["repository=null"]
@@ -241,7 +241,7 @@ def _signalled_run(
     with open(run_dir / f"{signum.name.lower()}.log", "w") as log:
         process = subprocess.Popen(
             command,
-            env={**os.environ, **ENV, MARKER: marker},
+            env={**os.environ, **ENV, **marker_env(marker, MARKER)},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a user's signal reaches the trainer alone

@@ -56,7 +56,7 @@ import torch
 from benchmarks.common import RESULTS, machine, median, table, write_json
 from benchmarks.training.jobs import RUNS, exit_on_sigterm, run_job
 from server.config_loader import compose_experiment
-from server.processes import marked_processes
+from server.processes import marked_processes, marker_env
 from task.federated import client_data
 from task.models import build_model
 from task.training import make_loader, train
@@ -201,7 +201,7 @@ def run_cell(strategy: str, clients: int, rounds: int, out_dir: Path) -> Cell:
             overrides,
             run_dir,
             timeout_s=3600,
-            env={SAMPLE_MARKER: marker},
+            env=marker_env(marker, SAMPLE_MARKER),
         )
     finally:
         sampler.done.set()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, write_json
-from server.processes import marked_processes, stop_process_group
+from server.processes import marked_processes, marker_env, stop_process_group
 
 RUNS = ROOT / "outputs" / "benchmarks"  # gitignored: per-job Hydra dirs and logs
 TRAIN = Path(sys.executable).parent / "fedserve-train"
@@ -119,7 +119,7 @@ def run_job(
     history_file.unlink(missing_ok=True)
     (run_dir / JOB_FILE).unlink(missing_ok=True)
     marker = uuid.uuid4().hex
-    job_env = {**os.environ, **ENV, **(env or {}), MARKER: marker}
+    job_env = {**os.environ, **ENV, **(env or {}), **marker_env(marker, MARKER)}
     command = [str(TRAIN), *overrides, f"hydra.run.dir={run_dir}"]
     log_path = log_file or run_dir / "train.log"
     load_start = os.getloadavg()[0]
