@@ -113,13 +113,21 @@ def http_server(
     return HttpServer(config)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The HTTP front end's bound socket; :class:`PortUnavailable` naming the address and the
     key to change when it cannot be bound (uvicorn would log and ``sys.exit(1)`` from inside the
-    event loop, skipping the CLI's cleanup)."""
+    event loop, skipping the CLI's cleanup). ``reuse_port``: several processes may bind it.
+
+    The protocol is named: asyncio turns Nagle's algorithm off only on sockets whose ``proto``
+    is TCP, and a connection accepted from a ``proto`` 0 socket kept it on, so every response
+    (headers and body are two writes) waited ~40 ms for the client's delayed ACK on asyncio's
+    loop (uvloop sets TCP_NODELAY either way).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -5,6 +5,7 @@ forgets unloaded versions."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
@@ -20,6 +21,7 @@ from serving_helpers import make_classifier, publish_classifier, running_fronten
 
 from serving.api import ApiSettings, create_app
 from serving.dataplane import DataPlane
+from serving.http_server import listen_socket
 from serving.json_offload import JsonDecoder
 from serving.ndjson_stream import LineSplitter
 from serving.pool import EnginePool
@@ -246,3 +248,23 @@ def test_metrics_forget_unloaded_versions(tmp_path: Path) -> None:
     assert 'version="300"' in text and 'version="299"' not in text
     assert "junk-" not in text
     assert sizes[1] <= sizes[0] + 200, sizes  # the same series, only bigger numbers
+
+
+def test_connections_accepted_on_the_http_socket_send_without_nagle_delay() -> None:
+    # what uvicorn does with fedserve-serve's socket, on asyncio's own loop (not uvloop)
+    sock = listen_socket("127.0.0.1", 0)
+
+    async def accept_one() -> int:
+        accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(lambda _r, w: accepted.set_result(w), sock=sock)
+        async with server:
+            _, client = await asyncio.open_connection(*sock.getsockname()[:2])
+            writer = await asyncio.wait_for(accepted, 10)
+            nodelay = writer.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY
+            )
+            client.close()
+            writer.close()
+            return int(nodelay)
+
+    assert asyncio.run(accept_one()) != 0

@@ -18,13 +18,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import uvloop
 
 from benchmarks.common import median, table
 from benchmarks.serving.load import wrk_load
@@ -37,7 +38,7 @@ def serve_child(repo: str, port: int, instances: int) -> None:
     """One complete server (watcher, engines, HTTP front end) on a ``SO_REUSEPORT`` socket."""
     from serving.api import ApiSettings, create_app
     from serving.dataplane import DataPlane
-    from serving.http_server import http_server
+    from serving.http_server import http_server, listen_socket
     from serving.registry import ModelRegistry
     from serving.repository import ModelRepository
     from serving.settings import ServingConfig
@@ -49,13 +50,11 @@ def serve_child(repo: str, port: int, instances: int) -> None:
     watcher.start()
     dataplane = DataPlane(registry, ready=lambda: watcher.ready)
     app = create_app(dataplane, settings=ApiSettings.from_config(settings, None))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
+    sock = listen_socket("127.0.0.1", port, reuse_port=True)
     server = http_server(app, "127.0.0.1", port, settings, log_level="warning")
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as fedserve-serve
+            runner.run(server.serve(sockets=[sock]))
     finally:
         watcher.stop()
 
