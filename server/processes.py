@@ -12,7 +12,10 @@ machine whose PID 1 does not reap, a re-parented one stays a zombie forever).
 
 Processes that left the tree (re-parented to init when a parent died) are found by their
 environment instead: everything a launcher starts carries ``FEDSERVE_RUN_MARKER``
-(:mod:`server.orphan_watch`), and :func:`stop_marked` stops every process carrying a given one.
+(:mod:`server.orphan_watch`), and :func:`stop_marked` stops every process carrying a given one and
+everything below those (a process's environment as ``/proc`` shows it can lose the marker; see
+:func:`marker_env`). So a launcher must not run below another run's processes: the outer sweep
+would stop the inner run's orphan watch along with it.
 """
 
 from __future__ import annotations
@@ -167,8 +170,10 @@ def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
     """``procs`` and every live process below them, each once, never this process."""
     family = {proc.pid: proc for proc in procs}
     for proc in procs:
-        for child in descendants(proc.pid):
-            family.setdefault(child.pid, child)
+        # the listed object: psutil refuses it if its pid was reused since
+        with contextlib.suppress(psutil.Error):
+            for child in proc.children(recursive=True):
+                family.setdefault(child.pid, child)
     family.pop(os.getpid(), None)
     return [proc for proc in family.values() if _running(proc)]
 
@@ -193,10 +198,11 @@ def wait_for_port(
 def marker_env(marker: str, variable: str = RUN_MARKER) -> dict[str, str]:
     """The variables that mark a process, and everything it starts, as carrying ``marker``.
 
-    By default setproctitle writes a long title over the memory ``/proc/<pid>/environ`` reads,
-    which wipes the marker from a titled process's environment (``ray::DashboardAgent`` kept it
-    or lost it by the order Ray's raylet happened to give its variables: CI found Ray's agents
-    alive after the orphan watch's sweep). ``SPT_NOENV`` confines the title to argv's space.
+    By default setproctitle (Ray titles its workers and agents with it) uses the memory
+    ``/proc/<pid>/environ`` reads as room for the title and clears it, so a titled process's
+    environment can lose the marker: Ray's ``ray::DashboardAgent`` was seen here with both of
+    two markers, with neither, and in CI with the test's but not the run's, so the orphan
+    watch's sweep missed it. ``SPT_NOENV`` confines the title to argv's space.
     """
     return {variable: marker, "SPT_NOENV": "1"}
 
@@ -250,7 +256,7 @@ def stop_marked(marker: str, grace: float = STOP_GRACE_S, sweeps: int = 5) -> li
         left = _with_descendants(marked_processes(marker))
         if left:
             logger.warning(
-                "%d process(es) carrying %s=%s still running after %d sweeps: %s",
+                "%d process(es) carrying %s=%s, or below one, still running after %d sweeps: %s",
                 len(left),
                 RUN_MARKER,
                 marker,

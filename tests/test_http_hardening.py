@@ -250,7 +250,7 @@ def test_metrics_forget_unloaded_versions(tmp_path: Path) -> None:
     assert sizes[1] <= sizes[0] + 200, sizes  # the same series, only bigger numbers
 
 
-def test_connections_accepted_on_the_http_socket_send_without_nagle_delay() -> None:
+def test_connections_accepted_on_the_http_socket_have_nagle_turned_off() -> None:
     # what uvicorn does with fedserve-serve's socket, on asyncio's own loop (not uvloop)
     sock = listen_socket("127.0.0.1", 0)
 

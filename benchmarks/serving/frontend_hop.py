@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         try:
-            assert engine.stdout is not None and engine.stdout.readline().strip() == "ready"
+            if engine.stdout is None or engine.stdout.readline().strip() != "ready":
+                raise RuntimeError("the engine side did not start; see its stderr above")
             samples: dict[int, list[dict[str, float]]] = {n: [] for n in IN_FLIGHT}
             for _ in range(args.rounds):  # interleaved
                 for n in IN_FLIGHT:
