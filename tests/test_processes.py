@@ -168,7 +168,7 @@ def test_stop_marked_also_stops_what_a_marked_process_starts_while_dying() -> No
 
 
 # Starts a child in a session of its own that zeroes its environment block (what setproctitle
-# does to make room for a long title), prints the child's pid, then waits.
+# does to the block it takes for the title), prints the child's pid, then waits.
 CHILD_CLEARS_ITS_ENVIRONMENT = textwrap.dedent(
     """
     import subprocess, sys, time
