@@ -41,9 +41,10 @@ is :mod:`serving.http_server`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,9 @@ from serving.api_errors import (
     json_response,
 )
 from serving.auth import AllowedHosts, BearerAuth
-from serving.dataplane import DataPlane
+from serving.dataplane import FrontEndPlane
 from serving.errors import ServingError
+from serving.inference import InferRequest
 from serving.json_offload import JsonDecoder
 from serving.metrics import CONTENT_TYPE
 from serving.model_control_routes import model_control_routes
@@ -69,6 +71,7 @@ from serving.ndjson_stream import NDJSONStream
 from serving.protocol import encode_response
 from serving.request_body import receive_body
 from serving.settings import ServingConfig
+from serving.tensor_spec import TensorSpec
 
 
 @dataclass
@@ -100,7 +103,9 @@ class ApiSettings:
 class HttpRoutes:
     """Route handlers bound to a dataplane and the HTTP settings (see :func:`create_app`)."""
 
-    def __init__(self, dataplane: DataPlane, settings: ApiSettings, decoder: JsonDecoder) -> None:
+    def __init__(
+        self, dataplane: FrontEndPlane, settings: ApiSettings, decoder: JsonDecoder
+    ) -> None:
         self.dataplane = dataplane
         self.settings = settings
         self.decoder = decoder
@@ -122,11 +127,18 @@ class HttpRoutes:
                 header_length = value.decode("latin-1")
             elif key == b"content-encoding":
                 encoding = value
+        reading: asyncio.Future[bytes] | None = None
+
+        async def decode(specs: Mapping[str, TensorSpec] | None) -> InferRequest:
+            nonlocal reading
+            if reading is None:  # read once: a second decode (with specs) re-reads nothing
+                reading = asyncio.ensure_future(
+                    receive_body(receive, length, encoding, self.settings.body_limit_bytes)
+                )
+            return await self.decoder.decode(await reading, header_length, specs)
+
         try:
-            pool = await dataplane.acquire(name, version)
-            body = await receive_body(receive, length, encoding, self.settings.body_limit_bytes)
-            ireq = await self.decoder.decode(body, header_length, pool.signature.input_map)
-            result = await dataplane.infer(pool, ireq, version)
+            ireq, result = await dataplane.infer_with(name, version, decode)
             payload, header_len = encode_response(
                 result.model_name,
                 str(result.model_version),
@@ -152,7 +164,7 @@ class HttpRoutes:
 
     async def infer_stream(self, request: HttpRequest) -> Response:
         params = request.path_params
-        await self.dataplane.acquire(params["name"], params.get("version"))  # 404 before the stream
+        await self.dataplane.input_specs(params["name"], params.get("version"))  # 404 first
         return NDJSONStream(
             self.dataplane,
             params["name"],
@@ -164,37 +176,41 @@ class HttpRoutes:
     # ---- metadata
 
     async def server_metadata(self, request: HttpRequest) -> Response:
-        return json_response(self.dataplane.server_metadata())
+        return json_response(await self.dataplane.server_metadata())
 
     async def live(self, request: HttpRequest) -> Response:
         return json_response({"live": True})
 
     async def ready(self, request: HttpRequest) -> Response:
-        ok = self.dataplane.ready()
+        ok = await self.dataplane.ready()
         body: dict[str, Any] = {"ready": ok}
-        if not ok and (reason := self.dataplane.not_ready_reason()):
+        if not ok and (reason := await self.dataplane.not_ready_reason()):
             body["reason"] = reason
         return json_response(body, status=200 if ok else 503)
 
     async def model_metadata(self, request: HttpRequest) -> Response:
         params = request.path_params
-        return json_response(self.dataplane.model_metadata(params["name"], params.get("version")))
+        return json_response(
+            await self.dataplane.model_metadata(params["name"], params.get("version"))
+        )
 
     async def model_ready(self, request: HttpRequest) -> Response:
         params = request.path_params
-        doc = self.dataplane.model_ready(params["name"], params.get("version"))
+        doc = await self.dataplane.model_ready(params["name"], params.get("version"))
         return json_response(doc, status=200 if doc["ready"] else 503)
 
     async def model_config(self, request: HttpRequest) -> Response:
         params = request.path_params
-        return json_response(self.dataplane.model_config(params["name"], params.get("version")))
+        return json_response(
+            await self.dataplane.model_config(params["name"], params.get("version"))
+        )
 
     async def metrics_endpoint(self, request: HttpRequest) -> Response:
-        return Response(self.dataplane.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await self.dataplane.metrics_text(), media_type=CONTENT_TYPE)
 
 
 def create_app(
-    dataplane: DataPlane,
+    dataplane: FrontEndPlane,
     *,
     settings: ApiSettings | None = None,
     decoder: JsonDecoder | None = None,

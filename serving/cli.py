@@ -6,21 +6,21 @@ A Hydra app on ``conf/serve.yaml`` against the schema :class:`~serving.settings.
 key, its type and default; unknown keys and wrong types exit 2 with one line). Loads every
 model of the repository (verified, warmed), prints the URLs and what it serves, keeps watching the
 repository for new versions, and serves HTTP (:mod:`serving.api`) and gRPC
-(:mod:`serving.grpc_server`, ``serving.grpc_port``) from one event loop.
+(:mod:`serving.grpc_server`, ``serving.grpc_port``) from one event loop
+(:mod:`serving.servers`), and from ``serving.frontends - 1`` front-end processes more.
 
-SIGTERM or SIGINT: both servers stop accepting, the requests in flight finish (at most
-``serving.drain_timeout_s``), the watcher stops and closes every version (its queue drains) and
-releases its lease, and the process exits 0. This module owns the signals: uvicorn's own handler
-would re-raise the signal after its shutdown and skip all of that.
+SIGTERM or SIGINT: the front-end processes and then both servers stop accepting, the requests in
+flight finish (at most ``serving.drain_timeout_s``), the watcher stops and closes every version
+(its queue drains) and releases its lease, and the process exits 0. The signals are this
+process's (:func:`serving.servers.run_servers`): uvicorn's own handler would re-raise the signal
+after its shutdown and skip all of that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +51,12 @@ log = logging.getLogger(__name__)
 
 def serve(cfg: DictConfig | ServeConfig) -> None:
     """Run the server described by a composed ``serve`` config until SIGINT/SIGTERM, then shut
-    down cleanly (see :func:`run_servers`) and return."""
+    down cleanly (see :func:`serving.servers.run_servers`) and return."""
     from serving.api import ApiSettings, create_app
     from serving.dataplane import DataPlane
     from serving.json_offload import JsonDecoder
     from serving.registry import ModelRegistry
+    from serving.servers import event_loop_factory, run_servers
     from serving.store_mirror import open_served_repository
     from serving.watcher import RepositoryWatcher
 
@@ -87,7 +88,7 @@ def serve(cfg: DictConfig | ServeConfig) -> None:
     )
     watcher.start()
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(
                 run_servers(
                     conf, app, dataplane, banner=lambda grpc: _banner(conf, registry, grpc, mirror)
@@ -111,86 +112,6 @@ def serving_ready(watcher: RepositoryWatcher, mirror: StoreMirror | None) -> boo
     if mirror is None:
         return True
     return mirror.synced_at is not None and watcher.polled_at >= mirror.synced_at
-
-
-async def run_servers(
-    conf: ServeConfig,
-    app: Any,
-    dataplane: Any,
-    *,
-    stop: asyncio.Event | None = None,
-    banner: Callable[[int | None], None] = lambda grpc_port: None,
-) -> None:
-    """Serve ``app`` over HTTP (and ``dataplane`` over gRPC unless ``serving.grpc_port`` is null)
-    in this event loop until ``stop`` is set — by default on SIGTERM or SIGINT — then stop
-    accepting, let the requests in flight finish (at most ``serving.drain_timeout_s``) and
-    return. A second SIGINT stops at once. ``banner(grpc_port)`` runs once both listen."""
-    from serving.grpc_server import grpc_server
-    from serving.http_server import http_server, listen_socket
-
-    settings = conf.serving
-    http = http_server(app, conf.host, conf.port, settings, log_level=conf.log_level)
-    listening = listen_socket(conf.host, conf.port)  # before gRPC: a port in use stops nothing
-    grpc = None
-    grpc_port = None
-    if settings.grpc_port is not None:
-        grpc, grpc_port = grpc_server(
-            dataplane,
-            conf.host,
-            settings.grpc_port,
-            token=conf.token or None,
-            max_message_bytes=settings.body_limit_bytes,
-        )
-        await grpc.start()
-    loop = asyncio.get_running_loop()
-    signals: tuple[signal.Signals, ...] = ()
-    if stop is None:
-        stop = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            if sig == signal.SIGINT:
-                log.warning("second SIGINT: stopping without waiting for requests in flight")
-                http.force_exit = True
-            return
-        log.info(
-            "%s: draining requests in flight (at most %.0f s)", sig.name, settings.drain_timeout_s
-        )
-        stop.set()
-
-    for sig in signals:
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        serving = asyncio.ensure_future(http.serve(sockets=[listening]))
-        while not http.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if serving.done():
-            serving.result()
-            raise RuntimeError("the HTTP server stopped before it listened")
-        banner(grpc_port)
-        await stop.wait()
-        http.begin_shutdown()
-        if grpc is not None:
-            await asyncio.gather(serving, grpc.stop(settings.drain_timeout_s))
-        else:
-            await serving
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        if grpc is not None:
-            await grpc.stop(0)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (uvicorn[standard] brings it; both front ends run
-    on it: a bare grpc.aio servicer costs less CPU per call there, benchmarks.serving.grpc_floor),
-    else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _banner(conf: ServeConfig, registry: Any, grpc_port: int | None, mirror: Any) -> None:

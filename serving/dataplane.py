@@ -39,8 +39,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -55,6 +55,7 @@ from serving.scheduler import Scheduler
 from serving.scheduler_metrics import SchedulerCollector
 from serving.signature import ModelSignature
 from serving.statistics import ModelStatistics
+from serving.tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,39 @@ EXTENSIONS = [
 PLATFORM = "onnxruntime_onnx"
 #: attempts of one request across pools swapped under it (at least; see DataPlane.infer)
 SWAP_ATTEMPTS = 3
+
+#: a front end's decoding of one request: the model's input specs (None: not known yet) in, the
+#: request out; it raises BadRequest (400) for bad input, PayloadTooLarge for too much of it
+Decoder = Callable[[Mapping[str, TensorSpec] | None], Awaitable[InferRequest]]
+
+
+class FrontEndPlane(Protocol):
+    """What a front end (HTTP, NDJSON stream, gRPC) calls: :class:`DataPlane` in the engine
+    process, :class:`~serving.dataplane_link.RemoteDataPlane` in a front-end process."""
+
+    async def server_metadata(self) -> dict[str, Any]: ...
+    async def ready(self) -> bool: ...
+    async def not_ready_reason(self) -> str | None: ...
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]: ...
+    async def load_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None: ...
+    async def unload_model(
+        self, name: str, parameters: Mapping[str, Any] | None = None
+    ) -> None: ...
+    async def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]: ...
+    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def model_ready(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def metrics_text(self) -> bytes: ...
+    async def input_specs(
+        self, name: str, version: str | int | None = None
+    ) -> Mapping[str, TensorSpec]: ...
+    async def infer_with(
+        self, name: str, version: str | int | None, decode: Decoder
+    ) -> tuple[InferRequest, InferResult]: ...
+    def record_success(self, result: InferResult, latency_s: float) -> None: ...
+    def record_failure(self, name: str, status: int) -> None: ...
 
 
 class DataPlane:
@@ -103,17 +137,17 @@ class DataPlane:
 
     # ---- server
 
-    def server_metadata(self) -> dict[str, Any]:
+    async def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return bool(self._ready())
 
-    def not_ready_reason(self) -> str | None:
+    async def not_ready_reason(self) -> str | None:
         """Why the server is not ready, when something says (e.g. the model store's error)."""
         return self._not_ready_reason()
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Triton's repository index: every version the repository serves with its state
         (READY, LOADING, UNLOADING, UNAVAILABLE) and the reason; only the loaded ones without
         a scheduler or when ``ready_only``."""
@@ -144,7 +178,7 @@ class DataPlane:
         ``unload_dependents`` is accepted; models here have no dependents."""
         await asyncio.to_thread(self._control().unload_model, name)
 
-    def model_statistics(
+    async def model_statistics(
         self, name: str | None = None, version: str | None = None
     ) -> dict[str, Any]:
         """Triton's statistics extension: ``{"model_stats": [...]}`` of every loaded version, of
@@ -186,7 +220,7 @@ class DataPlane:
                 raise
         return await self.scheduler.acquire(name, version)
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         pool = self.lookup(name, version)
         sig = pool.signature
         return {
@@ -197,17 +231,21 @@ class DataPlane:
             "outputs": [s.to_dict() for s in sig.outputs],
         }
 
-    def model_ready(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def model_ready(self, name: str, version: str | None = None) -> dict[str, Any]:
         """``{"name", "version", "ready"}``: ready while the version has a live engine."""
         pool = self.lookup(name, version)
         return {"name": pool.name, "version": str(pool.version), "ready": pool.ready}
 
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration extension: ``json_format.MessageToDict`` of
         :meth:`model_config_message` (protobuf's JSON, proto field names), nothing added."""
         return json_format.MessageToDict(
             self.model_config_message(name, version), preserving_proto_field_name=True
         )
+
+    async def metrics_text(self) -> bytes:
+        """``/metrics``: Prometheus' text format of every metric (ours, Triton's, the budget's)."""
+        return self.metrics.render()
 
     def model_config_message(self, name: str, version: str | None = None) -> ModelConfig:
         """The served version's Triton ModelConfig: its repository config completed for it
@@ -240,6 +278,30 @@ class DataPlane:
         return config
 
     # ---- inference
+
+    async def input_specs(
+        self, name: str, version: str | int | None = None
+    ) -> Mapping[str, TensorSpec]:
+        """The input specs of the version :meth:`acquire` finds (NotFound, Unavailable): what a
+        decoder names in its messages, and the check that a model is served before a stream."""
+        return (await self.acquire(name, version)).signature.input_map
+
+    async def infer_with(
+        self, name: str, version: str | int | None, decode: Decoder
+    ) -> tuple[InferRequest, InferResult]:
+        """A front end's whole inference: :meth:`acquire`, then ``decode(specs)`` (the front
+        end's wire format into an InferRequest; the specs only make its messages name the
+        model's expectation), then :meth:`infer`. Returns the request and its result."""
+        pool = await self.acquire(name, version)
+        request = await decode(pool.signature.input_map)
+        return request, await self.infer(pool, request, version)
+
+    async def infer_request(
+        self, name: str, version: str | int | None, request: InferRequest
+    ) -> InferResult:
+        """:meth:`infer` of a request decoded elsewhere (a front-end process; it is validated
+        here against the version that runs it)."""
+        return await self.infer(await self.acquire(name, version), request, version)
 
     async def infer(
         self, pool: EnginePool, request: InferRequest, version: str | int | None

@@ -3,8 +3,8 @@
 The service and its messages are Triton's own generated code (``tritonclient.grpc.service_pb2``,
 ``service_pb2_grpc``, ``model_config_pb2``), so ``tritonclient.grpc`` (sync, aio, streaming) talks
 to this server as it talks to Triton. It runs on ``grpc.aio`` in the same event loop as the HTTP
-front end, over the same :class:`~serving.dataplane.DataPlane` (lookup, validation, dispatch, retry
-on swap, documents, metrics): a thin adapter like :mod:`serving.api`.
+front end, over the same dataplane (:class:`~serving.dataplane.FrontEndPlane`: lookup,
+validation, dispatch, retry on swap, documents, metrics): a thin adapter like :mod:`serving.api`.
 
 =========================  ==================================================================
 ``ServerLive/Ready``       as ``/v2/health/live|ready`` (answered without the token, like them)
@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -47,7 +47,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from serving.auth import TOKEN_REFUSED, bearer_token_ok
-from serving.dataplane import DataPlane
+from serving.dataplane import FrontEndPlane
 from serving.errors import BadRequest, NotFound, PortUnavailable, ServingError
 from serving.grpc_codec import (
     UndecodableRequest,
@@ -55,7 +55,8 @@ from serving.grpc_codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from serving.inference import InferResult
+from serving.inference import InferRequest
+from serving.tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ MAX_DETAILS_BYTES = 4096
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The service's methods over one dataplane (see the module docstring)."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: FrontEndPlane) -> None:
         self.dataplane = dataplane
 
     # ---- server
@@ -84,32 +85,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
+        return service_pb2.ServerReadyResponse(ready=await self.dataplane.ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerMetadataResponse(**self.dataplane.server_metadata())
+        return service_pb2.ServerMetadataResponse(**await self.dataplane.server_metadata())
 
     # ---- models
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
-            doc = self.dataplane.model_ready(request.name, request.version or None)
+            doc = await self.dataplane.model_ready(request.name, request.version or None)
         except NotFound:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=doc["ready"])
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        return await _answer(
-            context,
-            lambda: json_format.ParseDict(
-                self.dataplane.model_metadata(request.name, request.version or None),
+        async def metadata() -> Any:
+            return json_format.ParseDict(
+                await self.dataplane.model_metadata(request.name, request.version or None),
                 service_pb2.ModelMetadataResponse(),
-            ),
-        )
+            )
+
+        return await _answer(context, metadata)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        def config() -> Any:
-            doc = self.dataplane.model_config(request.name, request.version or None)
+        async def config() -> Any:
+            doc = await self.dataplane.model_config(request.name, request.version or None)
             message = json_format.ParseDict(
                 doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True
             )
@@ -119,33 +120,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         response = service_pb2.RepositoryIndexResponse()
-        for doc in self.dataplane.repository_index(ready_only=request.ready):
+        for doc in await self.dataplane.repository_index(ready_only=request.ready):
             response.models.add(**doc)
         return response
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        return await _answer(
-            context,
-            lambda: json_format.ParseDict(
-                self.dataplane.model_statistics(request.name or None, request.version or None),
+        async def statistics() -> Any:
+            return json_format.ParseDict(
+                await self.dataplane.model_statistics(
+                    request.name or None, request.version or None
+                ),
                 service_pb2.ModelStatisticsResponse(),
                 ignore_unknown_fields=True,
-            ),
-        )
+            )
+
+        return await _answer(context, statistics)
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         async def load() -> Any:
             await self.dataplane.load_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelLoadResponse()
 
-        return await _answer_async(context, load)
+        return await _answer(context, load)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def unload() -> Any:
             await self.dataplane.unload_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelUnloadResponse()
 
-        return await _answer_async(context, unload)
+        return await _answer(context, unload)
 
     # ---- inference
 
@@ -164,9 +167,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             if isinstance(request, UndecodableRequest):
                 raise BadRequest(request.error)
-            pool = await dataplane.acquire(name, version)
-            ireq = decode_infer_request(request, pool.signature.input_map)
-            result: InferResult = await dataplane.infer(pool, ireq, version)
+
+            async def decode(specs: Mapping[str, TensorSpec] | None) -> InferRequest:
+                return decode_infer_request(request, specs)
+
+            ireq, result = await dataplane.infer_with(name, version, decode)
             response = encode_infer_response(
                 result.model_name,
                 str(result.model_version),
@@ -248,15 +253,8 @@ def _parameters(parameters: Any) -> dict[str, Any]:
     return out
 
 
-async def _answer(context: Any, build: Callable[[], Any]) -> Any:
-    """``build()``, or the gRPC status of the ServingError it raised."""
-    try:
-        return build()
-    except ServingError as exc:
-        await _abort(context, exc)
-
-
-async def _answer_async(context: Any, build: Callable[[], Awaitable[Any]]) -> Any:
+async def _answer(context: Any, build: Callable[[], Awaitable[Any]]) -> Any:
+    """``await build()``, or the gRPC status of the ServingError it raised."""
     try:
         return await build()
     except ServingError as exc:
@@ -342,21 +340,24 @@ def _add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
 
 
 def grpc_server(
-    dataplane: DataPlane,
+    dataplane: FrontEndPlane,
     host: str,
     port: int,
     *,
     token: str | None = None,
     max_message_bytes: int,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """A ``grpc.aio`` server for ``dataplane`` bound to ``host:port`` (0: a free port), not yet
-    started; returns it and the bound port. Call it inside the event loop that will run it."""
+    started; returns it and the bound port. Call it inside the event loop that will run it.
+    ``reuse_port``: the front-end processes of one server share the port (SO_REUSEPORT); the
+    engine process checks first that nothing else holds it (:func:`check_port_free`)."""
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(token)] if token else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     _add_service(server, InferenceServicer(dataplane))

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.api_errors import error_response, json_response
-from serving.dataplane import DataPlane
+from serving.dataplane import FrontEndPlane
 from serving.errors import BadRequest, ServingError
 from serving.request_body import read_body
 
@@ -40,7 +40,7 @@ CONTROL_LIMIT_NAME = 'the model control limit; send only {"parameters": {...}}'
 Handler = Callable[[HttpRequest], Awaitable[Response]]
 
 
-def model_control_routes(dataplane: DataPlane) -> list[Route]:
+def model_control_routes(dataplane: FrontEndPlane) -> list[Route]:
     """The routes, bound to ``dataplane`` (put them before the model routes)."""
 
     def guarded(handler: Callable[[HttpRequest], Awaitable[Any]]) -> Handler:
@@ -57,7 +57,7 @@ def model_control_routes(dataplane: DataPlane) -> list[Route]:
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise BadRequest(f"'ready' must be true or false, got {ready!r}")
-        return dataplane.repository_index(ready_only=ready)
+        return await dataplane.repository_index(ready_only=ready)
 
     async def load(request: HttpRequest) -> Any:
         body = await _json_object(request)
@@ -71,7 +71,7 @@ def model_control_routes(dataplane: DataPlane) -> list[Route]:
 
     async def stats(request: HttpRequest) -> Any:
         params = request.path_params
-        return dataplane.model_statistics(params.get("name"), params.get("version"))
+        return await dataplane.model_statistics(params.get("name"), params.get("version"))
 
     return [
         Route("/v2/repository/index", guarded(index), methods=["POST"]),

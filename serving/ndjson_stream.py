@@ -1,8 +1,8 @@
 """``POST .../infer_stream``: NDJSON requests in, NDJSON results out, on one connection.
 
-An adapter on :class:`~serving.dataplane.DataPlane` and the KServe v2 JSON codec: each line is
-one v2 JSON request, looked up, validated and run like a single ``infer`` (a line goes to the
-newest loaded version at the time it is read, unless the URL names a version).
+An adapter on the dataplane (:class:`~serving.dataplane.FrontEndPlane`) and the KServe v2 JSON
+codec: each line is one v2 JSON request, looked up, validated and run like a single ``infer`` (a
+line goes to the newest loaded version at the time it is read, unless the URL names a version).
 """
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from serving.dataplane import DataPlane
+from serving.dataplane import FrontEndPlane
 from serving.errors import PayloadTooLarge, ServingError
+from serving.inference import InferRequest
 from serving.json_offload import JsonDecoder
 from serving.protocol import encode_response
+from serving.tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class NDJSONStream(Response):
 
     def __init__(
         self,
-        dataplane: DataPlane,
+        dataplane: FrontEndPlane,
         name: str,
         version: str | None,
         body_limit_bytes: int,
@@ -62,11 +65,14 @@ class NDJSONStream(Response):
                     f"{self.limit} bytes (serving.body_limit_bytes)"
                 )
             t0 = time.perf_counter()
-            pool = await dataplane.acquire(self.name, self.version)
-            ireq = await self.decoder.decode(line, None, pool.signature.input_map)
-            ireq.outputs = [(name, False) for name, _ in ireq.outputs or []] or None
-            ireq.binary_output = False
-            result = await dataplane.infer(pool, ireq, self.version)
+
+            async def decode(specs: Mapping[str, TensorSpec] | None) -> InferRequest:
+                request = await self.decoder.decode(line, None, specs)
+                request.outputs = [(name, False) for name, _ in request.outputs or []] or None
+                request.binary_output = False  # NDJSON answers are JSON lines
+                return request
+
+            ireq, result = await dataplane.infer_with(self.name, self.version, decode)
             payload, _ = encode_response(
                 result.model_name,
                 str(result.model_version),

@@ -117,6 +117,10 @@ class ServingConfig:
     json_offload_processes: int = 1
     #: KServe v2 / Triton gRPC port (GRPCInferenceService); null disables gRPC
     grpc_port: int | None = 8001
+    #: processes running the HTTP and gRPC front ends on the same ports (the kernel spreads
+    #: connections over them); 1: the engine process alone. The others forward each call to the
+    #: engine process, which keeps the one engine pool per version (serving.dataplane_link)
+    frontends: int = 1
     #: open HTTP connections + requests in flight before new requests get 503 (null: no limit)
     max_connections: int | None = 2048
     #: an idle keep-alive HTTP connection is closed after this many seconds
@@ -156,6 +160,10 @@ class ServingConfig:
         _at_least("serving.json_offload_processes", self.json_offload_processes, 1)
         if self.json_offload_bytes is not None:
             _at_least("serving.json_offload_bytes", self.json_offload_bytes, 0)
+        if self.frontends < 1:
+            raise ConfigError(
+                f"serving.frontends must be >= 1 (1: no front-end processes), got {self.frontends}"
+            )
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ConfigError(
                 f"serving.grpc_port must be in [0, 65535] or null (no gRPC), got {self.grpc_port}"

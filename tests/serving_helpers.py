@@ -158,13 +158,13 @@ def running_frontends(
     serving: Any = None,
     timeout: float = 15.0,
 ) -> Iterator[tuple[str, str]]:
-    """Runs ``fedserve-serve``'s HTTP and gRPC front ends (:func:`serving.cli.run_servers`) in a
+    """Runs ``fedserve-serve``'s HTTP and gRPC front ends (:func:`serving.servers.run_servers`) in a
     thread's event loop on free 127.0.0.1 ports; yields ``(http_url, grpc_address)`` and always
     stops them."""
     import asyncio
     import dataclasses
 
-    from serving.cli import run_servers
+    from serving.servers import run_servers
     from serving.settings import ServeConfig, ServingConfig
 
     settings = dataclasses.replace(serving or ServingConfig(), grpc_port=free_port())
@@ -195,3 +195,39 @@ def running_frontends(
         if not loop.is_closed():
             loop.call_soon_threadsafe(stop.set)
         thread.join(timeout)
+
+
+@contextlib.contextmanager
+def linked(dataplane: Any) -> Iterator[Any]:
+    """``dataplane`` served by a :class:`~serving.dataplane_link.LinkServer` on a thread's event
+    loop (as the engine process serves it to its front-end processes); yields a
+    :class:`~serving.dataplane_link.RemoteDataPlane` on that link, which connects in the event
+    loop of its first call."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from serving.dataplane_link import LinkServer, RemoteDataPlane
+
+    directory = tempfile.mkdtemp(prefix="link-")
+    server = LinkServer(dataplane, f"{directory}/link", config=None)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        loop.run_until_complete(server.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="link", daemon=True)
+    thread.start()
+    if not started.wait(15):
+        raise RuntimeError("the link server did not start")
+    try:
+        yield RemoteDataPlane(server.path)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(15)
+        loop.close()
+        shutil.rmtree(directory, ignore_errors=True)

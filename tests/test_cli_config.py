@@ -64,6 +64,7 @@ def test_fedserve_train_names_the_key_and_the_type_in_one_line(
         ("serving.pin=[a:x]", "serving.pin entries are 'model' or 'model:version', got 'a:x'"),
         ("serving.budget.memory_fraction=2", "serving.budget.memory_fraction must be in (0, 1]"),
         ("serving.budget.rebalance_s=inf", "serving.budget.rebalance_s must be a finite number"),
+        ("serving.frontends=0", "serving.frontends must be >= 1 (1: no front-end processes)"),
     ],
 )
 def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(
@@ -165,16 +166,22 @@ def test_fedserve_serve_refuses_a_budget_the_pins_do_not_fit(tmp_path: Path) -> 
     assert all(repo.leased_versions(name) == set() for name in ("a", "b", "c"))
 
 
+@pytest.mark.parametrize("frontends", [1, 2])
 @pytest.mark.parametrize("front_end", ["http", "grpc"])
-def test_fedserve_serve_names_a_port_in_use_in_one_line(tmp_path: Path, front_end: str) -> None:
-    """It printed uvicorn's or our OSError's whole traceback and exited 1."""
+def test_fedserve_serve_names_a_port_in_use_in_one_line(
+    tmp_path: Path, front_end: str, frontends: int
+) -> None:
+    """It printed uvicorn's or our OSError's whole traceback and exited 1. With front-end
+    processes the ports are bound with SO_REUSEPORT, which joins a socket bound so by the same
+    user instead of failing: the port held here that way must still be refused."""
     (tmp_path / "repo").mkdir()
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
         http, grpc = (busy, free_port()) if front_end == "http" else (free_port(), busy)
-        ports = [f"port={http}", f"serving.grpc_port={grpc}"]
+        ports = [f"port={http}", f"serving.grpc_port={grpc}", f"serving.frontends={frontends}"]
         result = _run("fedserve-serve", [f"repository={tmp_path / 'repo'}", *ports], tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]

@@ -23,7 +23,7 @@ import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tga
 import tritonclient.http as th
 from google.protobuf import json_format
-from serving_helpers import IN_FEATURES, publish_classifier, running_frontends
+from serving_helpers import IN_FEATURES, linked, publish_classifier, running_frontends
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -56,7 +56,9 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, token: str | None = None) -> Iterator[Served]:
+def serve(tmp: Path, token: str | None = None, *, through_link: bool = False) -> Iterator[Served]:
+    """The front ends over the dataplane, or (``through_link``) over a RemoteDataPlane on a link
+    to it, as a front-end process serves them (``serving.frontends > 1``)."""
     repo = ModelRepository(tmp / "repo")
     publish_classifier(repo, tmp, seed=1)
     registry = ModelRegistry()
@@ -64,17 +66,24 @@ def serve(tmp: Path, token: str | None = None) -> Iterator[Served]:
     watcher = RepositoryWatcher(repo, registry, settings, poll_interval_s=0.1)
     watcher.start()
     dataplane = DataPlane(registry, ready=lambda: watcher.ready, scheduler=watcher.scheduler)
-    app = create_app(dataplane, settings=ApiSettings.from_config(settings, token))
     try:
-        with running_frontends(dataplane, app, token=token, serving=settings) as (http, grpc_addr):
+        with contextlib.ExitStack() as stack:
+            front = stack.enter_context(linked(dataplane)) if through_link else dataplane
+            app = create_app(front, settings=ApiSettings.from_config(settings, token))
+            http, grpc_addr = stack.enter_context(
+                running_frontends(front, app, token=token, serving=settings)
+            )
             yield Served(http, grpc_addr, repo)
     finally:
         watcher.stop()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with serve(tmp_path_factory.mktemp("conformance")) as s:
+@pytest.fixture(scope="module", params=["engine process", "front-end process"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    through_link = request.param == "front-end process"
+    with serve(tmp_path_factory.mktemp("conformance"), through_link=through_link) as s:
         yield s
 
 
@@ -304,6 +313,30 @@ def test_errors_same_message_matching_status(served: Served, case: str) -> None:
     assert messages["http"] == messages["grpc"]
 
 
+def test_a_body_that_does_not_decode_is_answered_as_by_the_engine_process(served: Served) -> None:
+    """A front-end process decodes without the model's specs: a body that does not decode is
+    decoded again with them, so its message names what the model expects, and an unknown model
+    is a 404 before its body's error, as in the engine process."""
+    bad = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]}]}
+    expects = "(model expects x: FP32 [-1, 4])"
+    r = httpx.post(served.http_url + "/v2/models/clf/infer", json=bad)
+    assert r.status_code == 400 and expects in r.json()["error"], r.text
+    r = httpx.post(served.http_url + "/v2/models/nope/infer", json=bad)
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], r.text
+    short = service_pb2.ModelInferRequest(model_name="clf", raw_input_contents=[bytes(12)])
+    short.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            infer(short, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expects in info.value.details(), info.value.details()
+
+
 def test_grpc_message_over_the_limit_is_resource_exhausted(served: Served) -> None:
     big = np.zeros((64, (1 << 20) // 64 // 4 + 1), np.float32)  # > body_limit_bytes (1 MiB)
     with pytest.raises(InferenceServerException) as info:
@@ -432,8 +465,9 @@ def test_grpc_stream_stops_reading_a_client_that_reads_no_answers() -> None:
 # ---------------------------------------------------------------- auth
 
 
-def test_bearer_token_on_both(tmp_path: Path) -> None:
-    with serve(tmp_path, token=TOKEN) as s:
+@pytest.mark.parametrize("through_link", [False, True])
+def test_bearer_token_on_both(tmp_path: Path, through_link: bool) -> None:
+    with serve(tmp_path, token=TOKEN, through_link=through_link) as s:
         for protocol in PROTOCOLS:
             c = s.client(protocol)
             assert c.is_server_live()  # the probes need no token, as over HTTP
@@ -468,8 +502,9 @@ def test_statistics_on_both(served: Served) -> None:
     assert 'nv_inference_request_success{model="clf",version="1"}' in text
 
 
-def test_model_control_on_both(tmp_path: Path) -> None:
-    with serve(tmp_path) as s:
+@pytest.mark.parametrize("through_link", [False, True])
+def test_model_control_on_both(tmp_path: Path, through_link: bool) -> None:
+    with serve(tmp_path, through_link=through_link) as s:
         for protocol in PROTOCOLS:
             c = s.client(protocol)
             c.unload_model("clf")

@@ -72,7 +72,7 @@ def test_lookup_errors_carry_http_and_grpc_status(make_pool) -> None:
         assert message in info.value.message
         assert (info.value.status, info.value.grpc_code) == (404, "NOT_FOUND")
     with pytest.raises(NotFound):
-        dataplane.model_metadata("nope")
+        asyncio.run(dataplane.model_metadata("nope"))
 
 
 def test_infer_answers_and_names_model_version_and_outputs(make_pool) -> None:
@@ -151,13 +151,17 @@ def test_documents(make_pool) -> None:
     registry.add(make_pool(1, seed=1))
     registry.add(make_pool(2, seed=2))
     dataplane = DataPlane(registry, ready=lambda: False)
-    assert dataplane.ready() is False
-    assert dataplane.server_metadata()["name"] == "fedserve"
-    meta = dataplane.model_metadata("clf")
+    assert asyncio.run(dataplane.ready()) is False
+    assert asyncio.run(dataplane.server_metadata())["name"] == "fedserve"
+    meta = asyncio.run(dataplane.model_metadata("clf"))
     assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, IN_FEATURES]}]
-    assert dataplane.model_ready("clf", "1") == {"name": "clf", "version": "1", "ready": True}
-    config = dataplane.model_config("clf")
+    assert asyncio.run(dataplane.model_ready("clf", "1")) == {
+        "name": "clf",
+        "version": "1",
+        "ready": True,
+    }
+    config = asyncio.run(dataplane.model_config("clf"))
     # Triton's ModelConfig as protobuf's JSON, nothing more (no top-level "version")
     proto = json_format.ParseDict(config, model_config_pb2.ModelConfig())
     assert json_format.MessageToDict(proto, preserving_proto_field_name=True) == config
@@ -166,7 +170,7 @@ def test_documents(make_pool) -> None:
     assert proto.dynamic_batching.max_queue_delay_microseconds == 1000
     assert proto.instance_group[0].count == 1
     assert proto.parameters["policy"].string_value == "least_loaded"
-    assert dataplane.repository_index() == [
+    assert asyncio.run(dataplane.repository_index()) == [
         {"name": "clf", "version": "1", "state": "READY", "reason": ""},
         {"name": "clf", "version": "2", "state": "READY", "reason": ""},
     ]

@@ -81,7 +81,7 @@ def test_hand_made_repository_is_served(served) -> None:
     x = np.random.default_rng(0).random((3, IN_FEATURES), dtype=np.float32)
     w, b = classifier_weights(2)  # the newest version answers (Triton's default policy)
     np.testing.assert_allclose(infer(dataplane, x), x @ w + b, rtol=1e-5, atol=1e-5)
-    config = json_format.ParseDict(dataplane.model_config("clf"), ModelConfig())
+    config = json_format.ParseDict(asyncio.run(dataplane.model_config("clf")), ModelConfig())
     assert config.backend == "onnxruntime" and config.max_batch_size == 16
     assert config.parameters["intra_op_thread_count"].string_value == "1"  # the file's own
     assert config.instance_group[0].count == 1  # what runs (serving.instances=1)

@@ -435,7 +435,8 @@ def test_memory_is_measured_when_a_version_loads(tmp_path: Path) -> None:
         pool = registry.get("wide")
         memory = pool.memory_bytes()
         assert weights.nbytes <= memory < 16 * weights.nbytes
-        stats = DataPlane(registry, scheduler=watcher.scheduler).model_statistics("wide")
+        dataplane = DataPlane(registry, scheduler=watcher.scheduler)
+        stats = asyncio.run(dataplane.model_statistics("wide"))
         usage = stats["model_stats"][0]["memory_usage"]
         assert usage == [{"type": "CPU", "id": 0, "byte_size": memory}]
         assert watcher.scheduler.memory_used() == memory

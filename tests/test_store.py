@@ -454,7 +454,7 @@ def test_server_follows_the_store_and_survives_its_absence(
     watcher, dataplane = serve(mirror)
     x = np.random.default_rng(0).random((2, IN_FEATURES), dtype=np.float32)
     try:
-        assert dataplane.ready() and mirror.cache.leased_versions("clf") == {1}
+        assert asyncio.run(dataplane.ready()) and mirror.cache.leased_versions("clf") == {1}
         publish_clf(repo, tmp_path, 2)
         wait_for_version(dataplane, 2)
         w, b = classifier_weights(2)
@@ -476,7 +476,7 @@ def test_server_follows_the_store_and_survives_its_absence(
         retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
         assert retries and all("\n" not in r.getMessage() for r in retries)
         assert mirror.next_wait() > 0.1  # backing off
-        assert dataplane.ready()  # the first sync was done: it keeps serving
+        assert asyncio.run(dataplane.ready())  # the first sync was done: it keeps serving
         # the store is back: the server catches up
         proxy.up()
         assert publish_clf(repo, tmp_path, 4) == 3  # the failed publish took no number
@@ -506,12 +506,13 @@ def test_store_unreachable_at_start_is_not_ready_until_it_answers(
     mirror = mirror_of(url, tmp_path, poll_s=0.1, retry_max_s=0.3)
     watcher, dataplane = serve(mirror)
     try:
-        assert not dataplane.ready()
-        reason = dataplane.not_ready_reason()
+        assert not asyncio.run(dataplane.ready())
+        reason = asyncio.run(dataplane.not_ready_reason())
         assert reason is not None and url in reason and "list" in reason
         proxy.up()
         wait_for_version(dataplane, 1)
-        assert dataplane.ready() and dataplane.not_ready_reason() is None
+        assert asyncio.run(dataplane.ready())
+        assert asyncio.run(dataplane.not_ready_reason()) is None
     finally:
         watcher.stop()
         mirror.cache.release_all()
