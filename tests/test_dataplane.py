@@ -4,14 +4,12 @@ swap closes the pool under a request, the documents, and the request metrics."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
+from serving_helpers import IN_FEATURES, classifier_weights
 from tritonclient.grpc import model_config_pb2
 
 from serving.dataplane import DataPlane
@@ -19,33 +17,6 @@ from serving.errors import BadRequest, InputError, NotFound, PoolClosed
 from serving.inference import InferRequest
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
-from serving.settings import ServingConfig
-from serving.signature import ModelSignature
-from serving.tensor_spec import TensorSpec
-
-
-def signature(max_batch_size: int = 64) -> ModelSignature:
-    return ModelSignature.build(
-        [TensorSpec("x", "FP32", (-1, IN_FEATURES))],
-        [TensorSpec("logits", "FP32", (-1, CLASSES))],
-        max_batch_size,
-    )
-
-
-@pytest.fixture
-def make_pool(tmp_path: Path) -> Iterator:
-    pools: list[EnginePool] = []
-
-    def make(version: int, seed: int, max_batch_size: int = 64) -> EnginePool:
-        path = make_classifier(tmp_path / f"clf-{version}.onnx", seed=seed)
-        settings = ServingConfig(instances=1, providers="cpu", inline_max_ms=0)
-        pool = EnginePool("clf", version, path, signature(max_batch_size), settings)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close(5)
 
 
 def expected(x: np.ndarray, seed: int) -> np.ndarray:

@@ -70,16 +70,19 @@ def h2load_load(
     warmup_s: float,
     window_s: float,
     server_pids: Sequence[int],
+    connections: int = CONNECTIONS,
+    streams: int = STREAMS,
 ) -> dict[str, float]:
-    """One window of h2load against ``address`` (host:port); the result has the keys of
-    :class:`benchmarks.serving.load.LoadResult`'s windows."""
+    """One window of h2load against ``address`` (host:port), ``connections`` x ``streams`` calls
+    in flight; the result has the keys of :class:`benchmarks.serving.load.LoadResult`'s
+    windows."""
     with tempfile.TemporaryDirectory(prefix="fedserve-h2load-") as tmp:
         body = Path(tmp, "body.bin")
         body.write_bytes(frame)
         log = Path(tmp, "requests.log")
         cmd = [
             "h2load", f"http://{address}{GRPC_PATH}",
-            "-c", str(CONNECTIONS), "-m", str(STREAMS), "-t", "1",
+            "-c", str(connections), "-m", str(streams), "-t", "1",
             f"--warm-up-time={round(warmup_s * 1000)}ms", f"--duration={round(window_s * 1000)}ms",
             "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
             f"--log-file={log}",
