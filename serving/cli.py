@@ -121,6 +121,12 @@ def _banner(conf: ServeConfig, registry: Any, grpc_port: int | None, mirror: Any
         print(f"  not ready: {mirror.problem}; retrying", flush=True)
     if grpc_port is not None:
         print(f"  gRPC (KServe v2 / Triton GRPCInferenceService) at {host}:{grpc_port}", flush=True)
+    if conf.serving.frontends > 1:
+        print(
+            f"  {conf.serving.frontends} processes run the front ends on these ports "
+            "(serving.frontends), one engine pool per version behind them",
+            flush=True,
+        )
     models = registry.models()
     if not models:
         print("  no models loaded yet; watching the repository", flush=True)

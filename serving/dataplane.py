@@ -3,11 +3,17 @@
 A front end only turns its wire format into calls here and the answers back (KServe's python
 server has the same split: thin protocol front ends over one dataplane)::
 
-    pool = await dataplane.acquire(name, version)          # NotFound (404), Unavailable (503)
-    request = <codec>.decode(body, pool.signature.input_map)
-    result = await dataplane.infer(pool, request, version)  # InputError, Overloaded, Unavailable
+    async def decode(specs):                 # the model's input specs: for messages only
+        return <codec>.decode(body, specs)
+    request, result = await dataplane.infer_with(name, version, decode)
+        # NotFound (404), Unavailable (503), InputError (400), Overloaded (429)
     body = <codec>.encode(result, request)
     dataplane.record_success(result, latency_s)             # or record_failure(name, status)
+
+Every method a front end calls is in :class:`FrontEndPlane`, awaited: a front-end process
+(``serving.frontends > 1``) runs the same front ends over
+:class:`~serving.dataplane_link.RemoteDataPlane`, which makes each call here, in the engine
+process.
 
 * **Lookup** (:meth:`DataPlane.lookup`) is the one place a model name and version become an
   engine pool (the newest loaded version when ``version`` is None or empty);

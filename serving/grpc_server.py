@@ -351,7 +351,8 @@ def grpc_server(
     """A ``grpc.aio`` server for ``dataplane`` bound to ``host:port`` (0: a free port), not yet
     started; returns it and the bound port. Call it inside the event loop that will run it.
     ``reuse_port``: the front-end processes of one server share the port (SO_REUSEPORT); the
-    engine process checks first that nothing else holds it (:func:`check_port_free`)."""
+    engine process checks first that nothing else holds it
+    (:func:`serving.frontend_processes.check_port_free`)."""
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(token)] if token else None,
         options=[

