@@ -2,12 +2,15 @@
 
     .venv/bin/python -m benchmarks.serving.frontend_processes [--processes 2] [--rounds 3]
 
-Three ways to serve the MNIST ``cnn`` (random weights, exported by ``server/export.py``) with the
-same total engines (2) on this machine, each over HTTP (wrk, 32 connections, binary batch-1
-requests) and gRPC (h2load, 8 connections x 4 streams: with SO_REUSEPORT each connection lands on
-one process, so a few connections could all land on one), interleaved rounds, medians:
+Four ways to serve the MNIST ``cnn`` (random weights, exported by ``server/export.py``) on this
+machine, all but one with the same total engines (2), each over HTTP (wrk, 32 connections, binary
+batch-1 requests) and gRPC (h2load, 8 connections x 4 streams: with SO_REUSEPORT each connection
+lands on one process, so a few connections could all land on one), interleaved rounds, medians:
 
 * ``1 process``: fedserve-serve as it runs by default;
+* ``1 process, 2 / N engines``: the same with one whole server's engines, to tell what the
+  next contender's servers gain from their smaller pools from what they gain from a second
+  process;
 * ``frontends=N``: fedserve-serve with ``serving.frontends=N``: N - 1 front-end processes on the
   same ports forward each call to the engine process, which keeps the one engine pool
   (:mod:`serving.dataplane_link`);
@@ -121,7 +124,8 @@ def contender(
             _wait_listening([p.pid for p in procs], port)  # the first one ready answered all
         else:
             frontends = processes if kind == "frontends" else 1
-            cmd = _serve_cmd(repo, port, grpc_port, engines, frontends)
+            pool = engines // processes if kind == "one-small" else engines
+            cmd = _serve_cmd(repo, port, grpc_port, pool, frontends)
             proc = stack.enter_context(server_process(cmd, base, kind, "cnn"))
             pids = lambda: _family(proc.pid)  # noqa: E731
         yield base, address, pids
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", type=int, default=2, help="engines in total")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window", type=float, default=4.0)
-    ap.add_argument("--kinds", default="one,frontends,servers")
+    ap.add_argument("--kinds", default="one,one-small,frontends,servers")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--grpc-port", type=int, help=argparse.SUPPRESS)
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.processes
     labels = {
         "one": "1 process",
+        "one-small": f"1 process, {args.engines // n} engine(s)",
         "frontends": f"frontends={n} (one pool)",
         "servers": f"{n} servers (own pools)",
     }
