@@ -2,7 +2,7 @@
 
 With ``serving.frontends: N > 1`` the engine process (the engines, the scheduler, the one
 :class:`~serving.dataplane.DataPlane`) starts N - 1 front-end processes
-(:mod:`serving.frontend_process`) that run the same HTTP and gRPC front ends on the same ports.
+(:mod:`serving.frontend_worker`) that run the same HTTP and gRPC front ends on the same ports.
 Their dataplane is a :class:`RemoteDataPlane`: each call goes over a Unix socket to
 :class:`LinkServer` in the engine process, which makes it on the real dataplane. So every
 version keeps one engine pool and one least-loaded dispatcher for all processes, and there is
@@ -15,7 +15,7 @@ specs (they only make error messages name what the model expects) and sends the 
 engine process validates them against the version that runs them. A request that does not
 decode asks for the specs and is decoded again, so its message is the engine process's own.
 
-Wire: frames of a 4-byte little-endian length and a pickle (protocol 5, numpy arrays copied
+Wire: frames of an 8-byte little-endian length and a pickle (protocol 5, numpy arrays copied
 once). A call is ``(call_id, method, args)`` (``call_id`` 0: no answer wanted, for the request
 metrics); an answer is ``(call_id, OK, value)``, ``(call_id, SERVING_ERROR, (class name,
 message, headers))`` rebuilt as the same :class:`~serving.errors.ServingError` subclass, or
@@ -44,7 +44,7 @@ from serving.tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<I")
+HEADER = struct.Struct("<Q")
 OK, SERVING_ERROR, FAILED = 0, 1, 2
 #: the dataplane methods a front-end process may call (all of FrontEndPlane's but
 #: ``infer_with``, which it composes itself) plus ``hello`` (the config its front ends serve)
@@ -268,8 +268,13 @@ class _LinkConnection(_Frames):
             self._answer(call_id, OK, value)
 
     def _answer(self, call_id: int, status: int, value: Any) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
             self.send((call_id, status, value))
+        except Exception as exc:  # noqa: BLE001 - an answer that cannot be sent is a 500, not a hang
+            log.exception("link answer to call %d could not be sent", call_id)
+            self.send((call_id, FAILED, f"the answer could not be sent: {type(exc).__name__}"))
 
 
 # ---------------------------------------------------------------- the front-end process's side
@@ -357,8 +362,8 @@ class RemoteDataPlane:
             raise Unavailable("the engine process is gone; retry")
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
+        link.send((call_id, method, args))  # raises before anything waits if it cannot pickle
         link.pending[call_id] = future
-        link.send((call_id, method, args))
         return await future
 
     def _notify(self, method: str, *args: Any) -> None:

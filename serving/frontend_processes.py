@@ -5,9 +5,12 @@ Ctrl-C reaches the engine process alone, which stops them in order), with this p
 environment (its run marker too: :func:`server.processes.stop_marked` finds them). They reach the
 dataplane through one :class:`~serving.dataplane_link.LinkServer` on a Unix socket in a private
 directory. :meth:`FrontendProcesses.start` returns once every one listens; one that exits while
-the server runs is logged and started again; :meth:`FrontendProcesses.stop` sends SIGTERM (each
-drains its requests in flight, which still run on this process's engines) and SIGKILL to any left
-after the drain timeout. A front-end process whose link closes (this process died) exits.
+the server runs is logged and started again (after 1 s, doubling up to 30 s while replacements
+keep dying within :data:`STABLE_S`); :meth:`FrontendProcesses.stop` sends SIGTERM (each drains
+its requests in flight, which still run on this process's engines) and SIGKILL to any left after
+the drain timeout. A SIGKILL goes to the process's whole group, so the helper processes it
+started (big-JSON decoders) go with it; so does a group whose leader died. A front-end process
+whose link closes (this process died) exits.
 """
 
 from __future__ import annotations
@@ -32,15 +35,20 @@ log = logging.getLogger(__name__)
 
 #: how long the front-end processes may take to listen (imports, binding)
 START_TIMEOUT_S = 60.0
-#: how often a front-end process's exit is looked for, and the wait before it is started again
+#: how often a front-end process's exit is looked for
 POLL_S = 0.2
+#: the wait before a dead front-end process is replaced, doubled (up to the most) while the
+#: replacements keep dying within STABLE_S of their start
 RESTART_DELAY_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+STABLE_S = 30.0
 
 
 def check_port_free(host: str, port: int, what: str, fix: str) -> None:
     """:class:`PortUnavailable` when ``host:port`` is in use. A socket bound with SO_REUSEPORT
     joins others bound so by the same user, so binding the shared ports proves nothing: this
-    binds without it first (port 0: nothing to check)."""
+    binds without it first (port 0: nothing to check). A check, not a lock: two servers doing
+    this at the same instant could both pass it."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -64,6 +72,7 @@ class FrontendProcesses:
         self._directory = tempfile.mkdtemp(prefix="fedserve-link-")  # mode 0700
         self.link = LinkServer(dataplane, os.path.join(self._directory, "link"), config)
         self.processes: list[subprocess.Popen[bytes]] = []
+        self._started_at: dict[int, float] = {}
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
 
@@ -71,15 +80,19 @@ class FrontendProcesses:
     def pids(self) -> set[int]:
         return {p.pid for p in self.processes}
 
-    async def start(self) -> None:
-        """Start them; return once every one listens (RuntimeError naming the exit status of
-        one that exits first, or after :data:`START_TIMEOUT_S`)."""
+    async def start(self, stop: asyncio.Event) -> None:
+        """Start them; return once every one listens, or once ``stop`` is set (a signal while
+        they start); RuntimeError naming the exit status of one that exits first, or after
+        :data:`START_TIMEOUT_S`."""
         await self.link.start()
         self.processes = [self._spawn() for _ in range(self.count)]
         listening = asyncio.ensure_future(self.link.wait_listening(lambda: self.pids))
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while not listening.done():
+                if stop.is_set():
+                    listening.cancel()
+                    return
                 for process in self.processes:
                     if process.poll() is not None:
                         raise RuntimeError(
@@ -100,33 +113,41 @@ class FrontendProcesses:
         log.info("%d front-end processes listen: %s", self.count, sorted(self.pids))
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "serving.frontend_worker", self.link.path],
-            start_new_session=True,
+            start_new_session=True,  # its own group: see the module
         )
+        self._started_at[process.pid] = time.monotonic()
+        return process
 
     async def _keep_up(self) -> None:
+        delays = [RESTART_DELAY_S] * len(self.processes)
         while not self._stopping:
             await asyncio.sleep(POLL_S)
             for i, process in enumerate(self.processes):
                 if process.poll() is None or self._stopping:
                     continue
+                _kill_group(process.pid)  # what it started, if it did not stop them itself
+                lived = time.monotonic() - self._started_at.pop(process.pid, 0.0)
+                if lived >= STABLE_S:
+                    delays[i] = RESTART_DELAY_S
+                delay, delays[i] = delays[i], min(2 * delays[i], RESTART_DELAY_MAX_S)
                 log.warning(
-                    "front-end process %d exited with %s; starting another in %.0f s",
+                    "front-end process %d exited with %s after %.0f s; starting another in %.0f s",
                     process.pid,
                     process.returncode,
-                    RESTART_DELAY_S,
+                    lived,
+                    delay,
                 )
-                await asyncio.sleep(RESTART_DELAY_S)
+                await asyncio.sleep(delay)
                 if not self._stopping:
                     self.processes[i] = self._spawn()
 
     def kill(self) -> None:
-        """SIGKILL every one (a second Ctrl-C)."""
+        """SIGKILL every one and what it started (a second Ctrl-C)."""
         self._stopping = True
         for process in self.processes:
-            if process.poll() is None:
-                process.kill()
+            _kill_group(process.pid)
 
     async def stop(self, drain_timeout_s: float) -> None:
         """SIGTERM each; wait for them to drain (at most ``drain_timeout_s`` + 5 s), SIGKILL what
@@ -144,7 +165,15 @@ class FrontendProcesses:
         for process in self.processes:
             if process.poll() is None:
                 log.warning("front-end process %d did not stop; killing it", process.pid)
-                process.kill()
-                process.wait()
+            _kill_group(process.pid)
+            process.wait()
         await self.link.close()
         shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a front-end process and what it started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -4,8 +4,8 @@ Started by the engine process (:mod:`serving.frontend_processes`) when ``serving
 It asks the engine process over the link for the config (with the ports already bound there),
 serves the same HTTP and gRPC front ends on those ports (:func:`serving.servers.run_servers`,
 joining them) over a :class:`~serving.dataplane_link.RemoteDataPlane`, and says it listens. It
-stops on SIGTERM or SIGINT (draining its requests in flight) and at once when the link closes
-(the engine process is gone: nothing could answer).
+stops on SIGTERM or SIGINT (draining its requests in flight) and when the link closes (the engine
+process is gone: every call fails at once with 503, so the drain is short).
 """
 
 from __future__ import annotations

@@ -88,6 +88,7 @@ async def run_servers(
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    serving: asyncio.Future[None] | None = None
     try:
         serving = asyncio.ensure_future(http.serve(sockets=[listening]))
         while not http.started and not serving.done():
@@ -102,8 +103,9 @@ async def run_servers(
                 serving=dataclasses.replace(settings, grpc_port=grpc_port),
             )
             frontends = FrontendProcesses(settings.frontends - 1, dataplane, bound)
-            await frontends.start()
-        banner(grpc_port)
+            await frontends.start(stop)
+        if not stop.is_set():
+            banner(grpc_port)
         await stop.wait()
         http.begin_shutdown()
         draining = [serving]
@@ -119,6 +121,10 @@ async def run_servers(
             await frontends.stop(0)
         if grpc is not None:
             await grpc.stop(0)
+        if serving is not None and not serving.done():  # failed after it started listening
+            http.force_exit = True
+            http.begin_shutdown()
+            await asyncio.wait({serving}, timeout=10)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -260,6 +260,11 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         self.serving.validate()
+        if self.port != 0 and self.serving.grpc_port == self.port:
+            raise ConfigError(
+                f"serving.grpc_port and port are both {self.port}: HTTP and gRPC need ports of "
+                "their own; pass serving.grpc_port=<another port>"
+            )
 
 
 def _at_least(key: str, value: float, low: float) -> None:

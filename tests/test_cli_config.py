@@ -65,6 +65,7 @@ def test_fedserve_train_names_the_key_and_the_type_in_one_line(
         ("serving.budget.memory_fraction=2", "serving.budget.memory_fraction must be in (0, 1]"),
         ("serving.budget.rebalance_s=inf", "serving.budget.rebalance_s must be a finite number"),
         ("serving.frontends=0", "serving.frontends must be >= 1 (1: no front-end processes)"),
+        ("serving.grpc_port=8000", "serving.grpc_port and port are both 8000"),
     ],
 )
 def test_fedserve_serve_rejects_unknown_keys_and_bad_values_in_one_line(

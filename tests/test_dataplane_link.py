@@ -12,6 +12,7 @@ from serving_helpers import IN_FEATURES, linked
 
 from serving.dataplane import DataPlane
 from serving.dataplane_link import (
+    LinkError,
     pack_request,
     pack_result,
     rebuild_error,
@@ -102,3 +103,23 @@ def test_a_call_on_a_link_that_closes_fails_with_503_instead_of_hanging(make_poo
             await asyncio.wait_for(remote.model_metadata("clf"), 10)
 
     asyncio.run(call_after_close())
+
+
+def test_an_answer_that_cannot_be_sent_fails_its_call_instead_of_hanging_it() -> None:
+    """The answer was pickled outside any handler: an unpicklable value killed the task that
+    answered, and the front end's call waited forever."""
+
+    class Plane:
+        async def server_metadata(self) -> dict:
+            return {"name": lambda: "not picklable"}
+
+        async def ready(self) -> bool:
+            return True
+
+    async def call() -> None:
+        with linked(Plane()) as remote:
+            with pytest.raises(LinkError, match="could not be sent"):
+                await asyncio.wait_for(remote.server_metadata(), 10)
+            assert await asyncio.wait_for(remote.ready(), 10)  # the link goes on
+
+    asyncio.run(call())

@@ -75,7 +75,8 @@ def serving(tmp_path: Path, frontends: int) -> Iterator[Server]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", f"repository={repo.root}", f"port={port}",
          "serving.instances=1", "log_level=warning", f"serving.grpc_port={grpc_port}",
-         f"serving.frontends={frontends}", "serving.drain_timeout_s=5"],
+         f"serving.frontends={frontends}", "serving.drain_timeout_s=5",
+         "serving.json_offload_bytes=0"],  # every JSON body decoded in a helper process
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -154,7 +155,7 @@ def test_front_end_processes_share_the_ports_and_one_engine_pool(
         out, _ = server.proc.communicate(timeout=60)
     assert server.proc.returncode == 0, out
     assert "fedserve stopped" in out
-    assert "exited with -9; starting another" in out
+    assert "exited with -9 after" in out and "starting another in 1 s" in out
     assert wait_until_marked_gone(process_marker) == []
 
 
@@ -170,4 +171,26 @@ def test_front_end_processes_stop_when_the_engine_process_dies(
         except psutil.TimeoutExpired:
             worker.kill()
             pytest.fail("the front-end process outlived its engine process")
+    assert wait_until_marked_gone(process_marker) == []
+
+
+def test_a_stop_while_front_end_processes_start_returns_at_once(process_marker: str) -> None:
+    """A SIGTERM or Ctrl-C while the front-end processes started waited for them to listen (up
+    to a minute), and a second Ctrl-C then failed the start with a traceback."""
+    import asyncio
+
+    from serving.dataplane import DataPlane
+    from serving.frontend_processes import FrontendProcesses
+    from serving.registry import ModelRegistry
+
+    async def start_stopped() -> FrontendProcesses:
+        stop = asyncio.Event()
+        stop.set()  # the signal came first: no front-end process gets to listen
+        processes = FrontendProcesses(1, DataPlane(ModelRegistry()), config=None)
+        await asyncio.wait_for(processes.start(stop), 10)
+        await processes.stop(0)
+        return processes
+
+    processes = asyncio.run(start_stopped())
+    assert all(p.poll() is not None for p in processes.processes)
     assert wait_until_marked_gone(process_marker) == []

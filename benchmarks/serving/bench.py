@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="onnxruntime provider of our server's engines, the ceiling and the slowed servers",
     )
+    ap.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="interop: also a fedserve-serve with serving.frontends=N (N > 1) as contenders",
+    )
     ap.add_argument("--out", default=None, help="default benchmarks/results/serving.json")
     ap.add_argument(
         "--quick",

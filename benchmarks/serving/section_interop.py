@@ -7,6 +7,8 @@ connections; gRPC: h2load, 4 connections x 8 streams, :mod:`benchmarks.serving.g
 * ``ceiling``: raw onnxruntime in this process (:mod:`benchmarks.serving.ceiling`);
 * ``ours http`` / ``ours grpc``: one ``fedserve-serve`` (default config: one engine per core,
   dynamic batching up to 64 rows with a 1 ms delay) serving both;
+* ``ours http fN`` / ``ours grpc fN`` (``--frontends N``, N > 1): a second ``fedserve-serve``
+  with ``serving.frontends=N`` (front-end processes on the same ports, one engine pool);
 * ``triton http`` / ``triton grpc``: Triton 2.x through PyTriton, 2 model instances of one
   1-thread onnxruntime session each, max_batch_size 64, dynamic batching with a 1 ms delay
   (:mod:`benchmarks.serving.triton`).
@@ -55,16 +57,28 @@ def interop_section(
         repo, name, [f"serving.providers={args.providers}", f"serving.grpc_port={grpc_port}"]
     )
     raw: dict[str, Any] = {}
+    frontends = getattr(args, "frontends", 1)
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(ctx)
+        multi: dict[str, Any] = {}
+        if frontends > 1:
+            multi_grpc = free_port()
+            mctx, mbase = our_server(
+                repo,
+                name,
+                [f"serving.providers={args.providers}", f"serving.grpc_port={multi_grpc}",
+                 f"serving.frontends={frontends}"],
+            )  # fmt: skip
+            mproc = stack.enter_context(mctx)
+            multi = {"base": mbase, "grpc": f"127.0.0.1:{multi_grpc}", "proc": mproc}
         triton, tbase, tgrpc = stack.enter_context(triton_server(info, name))
         ours_grpc = f"127.0.0.1:{grpc_port}"
-        for http_base in (base, tbase):
+        for http_base in (base, tbase, *([multi["base"]] if multi else [])):
             with V2Client(http_base, timeout=120.0) as client:
                 for body, hlen in bodies.values():
                     answer = client.post(f"/v2/models/{name}/infer", body, hlen)
                     assert answer.status == 200, (http_base, answer.status, answer.body[:200])
-        for address in (ours_grpc, tgrpc):
+        for address in (ours_grpc, tgrpc, *([multi["grpc"]] if multi else [])):
             for frame in frames.values():
                 check_target(address, frame)
         triton_pids = lambda: [triton.pid, *_children(triton.pid)]  # noqa: E731
@@ -84,6 +98,15 @@ def interop_section(
                 "triton grpc": GrpcLoad(f"{name} triton grpc b{rows}", tgrpc, frames[rows], rows,
                                         triton_pids()),
             }  # fmt: skip
+            if multi:
+                f = f"f{frontends}"
+                family = lambda: [multi["proc"].pid, *_children(multi["proc"].pid)]  # noqa: E731
+                contenders[f"ours http {f}"] = Load(
+                    f"{name} ours http {f} b{rows}", multi["base"] + path, body, hlen, rows, family
+                )
+                contenders[f"ours grpc {f}"] = GrpcLoad(
+                    f"{name} ours grpc {f} b{rows}", multi["grpc"], frames[rows], rows, family()
+                )
             raw[f"b{rows}"] = paired(contenders, rows, first["rows_per_s"], args)
     return summarize_interop(raw)
 
@@ -111,5 +134,11 @@ def summarize_interop(raw: dict[str, Any]) -> dict[str, Any]:
                 res[f"ours {proto}"], res["ceiling"], "rows_per_s"
             )
         s["grpc_vs_http"] = paired_ratio(res["ours grpc"], res["ours http"], "requests_per_s")
+        for key in res:  # the front-end processes' contenders, when run
+            if key.startswith("ours ") and len(key.split()) == 3:
+                proto = key.split()[1]
+                s[f"{key} vs triton"] = paired_ratio(
+                    res[key], res[f"triton {proto}"], "requests_per_s"
+                )
         out[f"b{b}"] = s
     return out

@@ -232,9 +232,16 @@ def interop_lines(r: dict[str, Any]) -> list[str]:
             [f"ceiling, batch {b}", "-", fmt(c["rows_per_s"]), fmt(c["p50_ms"], 2),
              fmt(c["p99_ms"], 2), "-", "-", f"{c['cores']:.2f}", fmt(c["rows_per_core_s"]), "-"]
         )  # fmt: skip
-        for key in ("ours http", "ours grpc", "triton http", "triton grpc"):
+        multi = [k for k in s if k.startswith("ours ") and k.endswith(" vs triton")]
+        for key in ("ours http", "ours grpc", *(k.removesuffix(" vs triton") for k in multi),
+                    "triton http", "triton grpc"):  # fmt: skip
             proto = key.split()[1]
-            ratio = f"{s[f'{proto}_vs_triton']:.2f}" if key.startswith("ours") else "1.00"
+            if key.startswith("triton"):
+                ratio = "1.00"
+            elif len(key.split()) == 3:  # ours with front-end processes
+                ratio = f"{s[f'{key} vs triton']:.2f}"
+            else:
+                ratio = f"{s[f'{proto}_vs_triton']:.2f}"
             rows.append([f"{key}, batch {b}", *load_cells(s[key]), ratio])
     lines.append(table(["contender", *LOAD_HEADERS, "x Triton req/s"], rows))
     b1, b64 = r["b1"], r["b64"]
