@@ -41,7 +41,6 @@ is :mod:`serving.http_server`.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -127,15 +126,19 @@ class HttpRoutes:
                 header_length = value.decode("latin-1")
             elif key == b"content-encoding":
                 encoding = value
-        reading: asyncio.Future[bytes] | None = None
+        read: list[bytes | ServingError] = []  # the body, or why it could not be read
 
         async def decode(specs: Mapping[str, TensorSpec] | None) -> InferRequest:
-            nonlocal reading
-            if reading is None:  # read once: a second decode (with specs) re-reads nothing
-                reading = asyncio.ensure_future(
-                    receive_body(receive, length, encoding, self.settings.body_limit_bytes)
-                )
-            return await self.decoder.decode(await reading, header_length, specs)
+            if not read:  # read once: a second decode (with specs) re-reads nothing
+                limit = self.settings.body_limit_bytes
+                try:
+                    read.append(await receive_body(receive, length, encoding, limit))
+                except ServingError as exc:
+                    read.append(exc)
+            body = read[0]
+            if isinstance(body, ServingError):
+                raise body
+            return await self.decoder.decode(body, header_length, specs)
 
         try:
             ireq, result = await dataplane.infer_with(name, version, decode)

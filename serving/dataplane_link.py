@@ -176,7 +176,8 @@ class LinkServer:
         self.listening: set[int] = set()
         self._changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_LinkConnection] = set()
+        #: the front-end processes' open links (closed by :meth:`close`)
+        self.connections: set[_LinkConnection] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,7 +196,7 @@ class LinkServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for connection in list(self._connections):
+            for connection in list(self.connections):
                 if connection.transport is not None:
                     connection.transport.close()
             await self._server.wait_closed()
@@ -213,11 +214,11 @@ class _LinkConnection(_Frames):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.server._connections.add(self)
+        self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.server._connections.discard(self)
+        self.server.connections.discard(self)
         if self.pid is not None:
             self.server.listening.discard(self.pid)
             self.server.listening_changed()

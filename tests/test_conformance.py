@@ -323,6 +323,15 @@ def test_a_body_that_does_not_decode_is_answered_as_by_the_engine_process(served
     assert r.status_code == 400 and expects in r.json()["error"], r.text
     r = httpx.post(served.http_url + "/v2/models/nope/infer", json=bad)
     assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], r.text
+    body = json.dumps(bad).encode()  # a body that cannot be read: its error, read once
+    headers = {"content-encoding": "br"}
+    r = httpx.post(served.http_url + "/v2/models/clf/infer", content=body, headers=headers)
+    assert r.status_code == 400 and "unsupported Content-Encoding 'br'" in r.text, r.text
+    too_big = bytes(2 << 20)  # over this server's body limit (1 MiB)
+    r = httpx.post(served.http_url + "/v2/models/clf/infer", content=too_big)
+    assert r.status_code == 413, r.text
+    r = httpx.post(served.http_url + "/v2/models/nope/infer", content=too_big)
+    assert r.status_code == 404, r.text  # the model first, as in the engine process
     short = service_pb2.ModelInferRequest(model_name="clf", raw_input_contents=[bytes(12)])
     short.inputs.add(name="x", datatype="FP32", shape=[1, 4])
     with grpc.insecure_channel(served.grpc_address) as channel:
