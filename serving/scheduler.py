@@ -80,7 +80,7 @@ from typing import Any
 
 from serving.config_schema import ConfigError
 from serving.errors import BadRequest, NotFound, ServingError, Unavailable
-from serving.layout import requested_version
+from serving.layout import METADATA_FILE, requested_version
 from serving.memory_probe import MemorySample
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
@@ -99,8 +99,10 @@ COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 ROOM_POLL_S = 0.02
 #: the least time between two rounds of engine reassignment
 REBALANCE_MIN_S = 0.2
-#: loads in progress at once: some make room (evicting, draining) while others build
-LOAD_THREADS = 4
+#: loads in progress at once. A load waiting for room (a busy version to go idle, another load's
+#: reservation) or for the build gate holds its thread but no CPU; with 4 threads, the cold starts
+#: of small versions queued 150-300 ms (p99) behind ResNet-18 loads that waited for each other
+LOAD_THREADS = 16
 #: a never-measured model's reservation: its files' size times this, plus the largest run memory
 #: measured so far
 FIRST_LOAD_MARGIN = 1.25
@@ -140,6 +142,10 @@ class _Version:
     #: the directory stamp it was last verified at (a reload with the same stamp skips verify)
     verified_stamp: Any = None
     last_load_s: float = 0.0
+    #: where the load in progress spent its time before its build (seconds; see _load)
+    stages: dict[str, float] = field(default_factory=dict)
+    #: perf_counter when the load in progress was handed to a loader thread
+    submitted_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -588,6 +594,7 @@ class Scheduler:
                 raise Unavailable("the server is stopping")
             ver.future = Future()
             ver.evict = evict
+            ver.submitted_at = time.perf_counter()
             if ver.state != UNLOADING:  # else the load starts once the unload is done
                 ver.state, ver.reason = LOADING, "loading"
             fut = ver.future
@@ -620,7 +627,11 @@ class Scheduler:
         self._kick.set()
 
     def _load(self, ver: _Version) -> EnginePool:
-        """Make room, load, measure, publish (runs on the loader thread)."""
+        """Make room, load, measure, publish (runs on the loader thread). Stamps where the time
+        before the build went (``ver.stages``): waiting for a loader thread, making room, taking
+        an engine; the build adds its wait for the build gate."""
+        started = time.perf_counter()
+        ver.stages = {"queued_s": started - ver.submitted_at}
         deadline = time.monotonic() + self.drain_timeout_s + 1.0
         while True:  # requested again while its unload drains: let the unload finish
             with self._lock:
@@ -639,12 +650,16 @@ class Scheduler:
                 f"(its files), more than serving.budget.memory_bytes={budget}",
             )
             raise LoadError(ver.failure)
+        t0 = time.perf_counter()
         self._make_room(ver, min(need, budget))
+        t1 = time.perf_counter()
         engines = self.budget.engines_per_version or 1
         with self._engines_lock:  # its engines are claimed: no rebalance hands them elsewhere
             if self.budget.engines_per_version is None:
                 self._free_an_engine()
             self._claimed += engines
+        ver.stages["room_s"] = t1 - t0
+        ver.stages["engine_s"] = time.perf_counter() - t1
         try:
             return self._load_reserved(ver, engines)
         finally:
@@ -656,20 +671,23 @@ class Scheduler:
         budget = self.budget.memory_bytes
         t0 = time.perf_counter()
         stamp = self._stamp(ver)
-        # files loaded and measured before (a reload after an eviction): no new measurement needed
-        known = stamp is not None and stamp == ver.verified_stamp and ver.samples is not None
+        # files loaded before and unchanged (a reload after an eviction): verified already
+        verified = stamp is not None and stamp == ver.verified_stamp
+        # a measurement of the same files, or of a version of the same model whose files have the
+        # same names and sizes (a new round of the same architecture): no new measurement needed
+        reference = self._measured_like(ver, stamp)
         try:
-            with self._builds.together() if known else self._builds.alone():
-                loaded = load_version(
-                    self.repository,
-                    ver.model,
-                    ver.version,
-                    self.settings,
-                    pool_factory=self.pool_factory,
-                    engines=engines,
-                    stats=ver.stats,
-                    verified=known,
-                )
+            loaded = load_version(
+                self.repository,
+                ver.model,
+                ver.version,
+                self.settings,
+                pool_factory=self.pool_factory,
+                engines=engines,
+                stats=ver.stats,
+                verified=verified,
+                gate=self._builds.together() if reference else self._builds.alone(),
+            )
         except LoadError as exc:
             with self._lock:
                 ver.reserved = 0
@@ -677,13 +695,13 @@ class Scheduler:
             log.error("skipping %s version %d: %s", ver.model, ver.version, exc)
             raise
         pool = loaded.pool
-        if known and ver.samples is not None and pool.memory_bytes() > ver.measured:
-            pool.adopt_memory(*ver.samples)
+        if reference is not None and pool.memory_bytes() > reference[0]:
+            pool.adopt_memory(*reference[1])
         measured = pool.memory_bytes()
         with self._lock:
             ver.pool, ver.lease, ver.reserved = pool, loaded.lease, 0
             ver.verified_stamp = stamp
-            if not known:
+            if reference is None:
                 self._largest_run_bytes = max(self._largest_run_bytes, pool.working_bytes())
             # concurrent loads can only add to a measurement: the smallest is the closest
             if not ver.measured or measured <= ver.measured:
@@ -728,6 +746,7 @@ class Scheduler:
             raise LoadError(f"{ver.key} was removed from the repository while it loaded")
         t0 = time.perf_counter()
         self.registry.add(pool)
+        timing.update(ver.stages)
         timing["swap_s"] = time.perf_counter() - t0
         timing["serving_at"] = time.time()
         self.timings[(ver.model, ver.version)] = timing
@@ -780,6 +799,26 @@ class Scheduler:
             return (os.stat(vdir).st_mtime_ns, tuple(files))
         except (OSError, AttributeError, ValueError):
             return None
+
+    def _measured_like(
+        self, ver: _Version, stamp: Any
+    ) -> tuple[int, tuple[MemorySample, MemorySample]] | None:
+        """(bytes, samples) of the smallest measurement of files like ``ver``'s (``stamp``): its
+        own, or another version's of the same model with the same file names and sizes; None
+        when there is none and its build must measure alone."""
+        if stamp is None:
+            return None
+        shape = _file_shape(stamp)
+        with self._lock:
+            m = self._models.get(ver.model)
+            like = [
+                (o.measured, o.samples)
+                for o in (m.versions.values() if m is not None else ())
+                if o.samples is not None
+                and o.verified_stamp is not None
+                and _file_shape(o.verified_stamp) == shape
+            ]
+        return min(like, key=lambda item: item[0]) if like else None
 
     def _estimate(self, ver: _Version) -> tuple[int, int]:
         """(bytes to reserve, bytes it holds at least) before a version is measured (see the
@@ -1137,6 +1176,12 @@ class Scheduler:
             m = self._models.get(model)
             times = [v.last_load_s for v in m.versions.values() if v.last_load_s] if m else []
         return max(times, default=1.0)
+
+
+def _file_shape(stamp: Any) -> tuple[tuple[str, int], ...]:
+    """The names and sizes of a version directory's model files (not its metadata, whose
+    metrics vary in length), from its stamp (see _stamp): what decides the memory it takes."""
+    return tuple((name, size) for name, size, _ in stamp[1] if name != METADATA_FILE)
 
 
 def _parse_pins(pins: Iterable[str]) -> dict[str, set[int] | None]:

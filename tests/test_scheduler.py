@@ -34,6 +34,7 @@ from serving.scheduler import Scheduler
 from serving.scheduler_budget import Budget
 from serving.settings import BudgetConfig, ServingConfig
 from serving.tensor_spec import TensorSpec
+from serving.version_loader import load_version
 from serving.watcher import RepositoryWatcher
 
 X = np.ones((1, IN_FEATURES), np.float32)
@@ -654,6 +655,91 @@ def test_first_builds_run_alone_and_rebuilds_of_measured_versions_together(tmp_p
             b.result(30)
         assert max(most_at_once) == 2  # rebuilds of the same files keep their measurement
         assert s.state("a")[0] == "READY" and s.state("b")[0] == "READY"
+
+
+def test_a_new_version_like_a_measured_one_builds_with_rebuilds_and_holds_its_measurement(
+    tmp_path: Path,
+) -> None:
+    """Before: every version's first build ran alone (its heap growth is its memory), so the
+    first cold start of each new version of a model (a round of training: the same
+    architecture, files of the same sizes) held every other build back, up to a ResNet-18's
+    200 ms. Now it runs together with rebuilds and holds the measurement of its sibling."""
+    building = 0
+    most_at_once: list[int] = []
+    counted = threading.Lock()
+    heap_growth = {"a:1": 4000, "a:2": 9000, "b:1": 5000}  # a:2 built next to b's rebuild
+
+    class CountingPool(EnginePool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            nonlocal building
+            with counted:
+                building += 1
+                most_at_once.append(building)
+            time.sleep(0.3)
+            with counted:
+                building -= 1
+            super().__init__(*args, **kwargs)
+            self.session_memory = MemorySample(heap_growth[self.key], None)
+            self.run_memory = MemorySample(0, None)
+
+    with scheduled(tmp_path, ("a", "b"), pools=CountingPool, memory=100_000, versions=2) as s:
+        s.use("a")
+        s.use("b")
+        for name in ("a", "b"):
+            s.scheduler.unload_model(name)
+        publish_classifier(s.repo, tmp_path, name="a", seed=2)  # the same architecture
+        s.watcher.poll_once()
+        most_at_once.clear()
+        with cf_thread(s.scheduler.load_model, "b") as b:
+            s.scheduler.load_model("a")  # a:2 (new) and a:1 (a rebuild)
+            b.result(30)
+        assert max(most_at_once) == 3  # a:2 built next to the rebuilds of a:1 and b
+        views = {f"{v.model}:{v.version}": v for v in s.scheduler.versions()}
+        assert views["a:2"].state == "READY"
+        assert views["a:2"].memory_bytes == 4000  # a:1's measurement, not its inflated 9000
+
+
+def test_verification_runs_outside_the_build_gate(tmp_path: Path) -> None:
+    """Before: a version's first load verified its files (checksums, onnx checker: 120 ms of a
+    ResNet-18's 250 ms) while holding the gate that keeps other builds out; only the build
+    measures memory, so only the build holds it now."""
+    repo = ModelRepository(tmp_path / "repo")
+    publish_classifier(repo, tmp_path, name="a", seed=1)
+    held = threading.Event()
+    seen: dict[str, bool] = {}
+
+    @contextlib.contextmanager
+    def gate() -> Iterator[None]:
+        held.set()
+        try:
+            yield
+        finally:
+            held.clear()
+
+    class Watched(ModelRepository):
+        def verify(self, model: str, version: int) -> None:
+            seen["verify"] = held.is_set()
+            super().verify(model, version)
+
+    class Built(EnginePool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            seen["build"] = held.is_set()
+            super().__init__(*args, **kwargs)
+
+    loaded = load_version(
+        Watched(tmp_path / "repo"),
+        "a",
+        1,
+        ServingConfig(providers="cpu"),
+        pool_factory=Built,
+        engines=1,
+        gate=gate(),
+    )
+    try:
+        assert seen == {"verify": False, "build": True}
+        assert loaded.timing["gate_s"] is not None
+    finally:
+        loaded.pool.close()
 
 
 def test_a_rebuild_measuring_more_than_before_holds_the_earlier_measurement(

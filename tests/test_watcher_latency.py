@@ -22,9 +22,14 @@ TIMING_KEYS = {
     "detected_at",
     "serving_at",
     "verify_s",
+    "gate_s",
     "load_s",
     "warm_s",
     "swap_s",
+    # where the scheduler's load waited before it built: a loader thread, room, an engine
+    "queued_s",
+    "room_s",
+    "engine_s",
 }
 
 
