@@ -20,8 +20,8 @@ so a worker can tell a bad request (the probe passes) from a broken engine (it f
 
 Memory (:mod:`serving.memory_probe`): :attr:`session_memory` is the growth of the process's heap
 in use (and of device memory on CUDA) while the session was created, at least the model files'
-size; :attr:`run_memory` the growth during warm-up (batch 1 and ``max_batch_size``), i.e. what runs
-leave in onnxruntime's arena. On the CPU every run ends with arena shrinkage
+size; :attr:`run_memory` the growth during warm-up (:meth:`Engine.warmup_batches`), i.e. what
+runs leave in onnxruntime's arena. On the CPU every run ends with arena shrinkage
 (``memory.enable_memory_arena_shrinkage``), so what concurrent runs of several engines add is freed
 when they end (measured: four concurrent 64-row CNN runs left 17.3 MB in the arena without it,
 nothing with it, at the same speed): a version holds ``session + run`` however many engines it
@@ -51,8 +51,9 @@ import onnxruntime as ort
 
 from serving.batching import pad_rows
 from serving.datatypes import ort_to_v2
+from serving.graph_cache import GraphCache
 from serving.memory_probe import MemorySample
-from serving.providers import CUDA, resolve_providers, session_providers
+from serving.providers import CPU, CUDA, resolve_providers, session_providers
 from serving.signature import ModelSignature
 from serving.tensor_spec import TensorSpec
 
@@ -76,6 +77,7 @@ class Engine:
         pad_batches: bool | str = "auto",
         warmup: bool = True,
         name: str = "engine",
+        graph_cache: GraphCache | None = None,
     ) -> None:
         self.name = name
         self.model_path = Path(model_path)
@@ -89,12 +91,23 @@ class Engine:
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.requested_providers = resolve_providers(providers)
         initialize_runtime()
-        before = MemorySample.now()
-        self.session = ort.InferenceSession(
-            str(self.model_path),
-            options,
-            providers=session_providers(self.requested_providers, cudnn_conv_algo_search),
+        chosen = session_providers(self.requested_providers, cudnn_conv_algo_search)
+        entry = (
+            graph_cache.entry(self.model_path)
+            if graph_cache is not None and self.requested_providers == [CPU]
+            else None
         )
+        before = MemorySample.now()
+        #: the graph the session was created from: the model file, or its cached optimized graph
+        self.graph_path = self.model_path
+        if entry is not None and entry.exists():
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self.graph_path = entry
+            self.session = ort.InferenceSession(str(entry), options, providers=chosen)
+        elif entry is not None:
+            self.session = _create_saving(self.model_path, options, chosen, entry)
+        else:
+            self.session = ort.InferenceSession(str(self.model_path), options, providers=chosen)
         created = MemorySample.now()
         grown = created.growth_since(before)
         self.session_memory = MemorySample(
@@ -171,22 +184,52 @@ class Engine:
         self.run(self.probe_feeds or self.signature.example_feeds(1))
 
     def warmup(self) -> None:
-        """One run at batch 1 and one at max_batch_size (allocations, kernel selection)."""
+        """Runs at the batch sizes :meth:`warmup_batches` names (allocations, kernel set-up)."""
         t0 = time.perf_counter()
-        sizes = {1}
-        if self.signature.max_batch_size > 1:
-            sizes.add(self.signature.max_batch_size)
-        for n in sorted(sizes):
+        for n in self.warmup_batches():
             self.run(self.signature.example_feeds(n))
         self.warmup_seconds = time.perf_counter() - t0
+
+    def warmup_batches(self) -> list[int]:
+        """Batch 1, and on CUDA also ``max_batch_size``: there the first run of a shape sets up
+        cuDNN for every convolution (tens of ms). On the CPU a shape's first run costs little
+        more than the next (a 64-row run after a 1-row warm-up, measured: CNN 26 vs 19-23 ms,
+        ResNet-18 55 vs 52) while a max-batch warm-up adds its whole run to every load (CNN
+        24 ms of a 39 ms load, ResNet-18 59 of 160), which on-demand loading pays at every
+        cold start."""
+        if self.providers[:1] == [CUDA] and self.signature.max_batch_size > 1:
+            return [1, self.signature.max_batch_size]
+        return [1]
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
 
 
+def _create_saving(
+    model_path: Path, options: ort.SessionOptions, providers: list[Any], entry: Path
+) -> ort.InferenceSession:
+    """A session of ``model_path`` that also saves its optimized graph as ``entry`` (see
+    :mod:`serving.graph_cache`). If saving is what fails, the session is created without it."""
+    saving = GraphCache.saving_name(entry)
+    options.optimized_model_filepath = str(saving)
+    # onnxruntime warns that an NCHWc graph is specific to this machine: the cache is this process's
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - retried without saving; a bad model fails again
+        saving.unlink(missing_ok=True)
+        log.warning("cannot save the optimized graph of %s (%s); loading without", model_path, exc)
+        options.optimized_model_filepath = ""
+        options.log_severity_level = 2
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    GraphCache.commit(saving, entry)
+    return session
+
+
 #: what a clone shares with the engine it was made from
 _SHARED = (
     "model_path",
+    "graph_path",
     "requested_providers",
     "session",
     "session_memory",

@@ -65,6 +65,7 @@ from serving.batching import Request
 from serving.dispatcher import Dispatcher
 from serving.engine import Engine
 from serving.errors import PoolClosed, ServingError, Unavailable
+from serving.graph_cache import GraphCache
 from serving.memory_probe import MemorySample
 from serving.providers import CUDA, default_instances, resolve_providers
 from serving.settings import ServingConfig
@@ -194,6 +195,7 @@ class EnginePool:
             pad_batches=s.pad_batches,
             warmup=s.warmup,
             name=name,
+            graph_cache=GraphCache.default(),
         )
         return self._primary
 
