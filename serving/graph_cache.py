@@ -5,16 +5,19 @@ constant folding, fusions, the NCHWc layout for convolutions). Measured here for
 is 52 of the 68 ms a session takes to create: from its saved optimized graph, with optimizations
 off, a session takes 16 ms, and its outputs are bit-identical and its runs as fast. An on-demand
 server loads the same files again after every eviction (the scheduler benchmark: ~1,900 loads of
-16 versions in a 270 s run), so the first session of a file saves its optimized graph
-(``optimized_model_filepath``) here and later sessions of the same file load that.
+16 versions in a 270 s run), so the first load of a file saves its optimized graph here
+(``optimized_model_filepath``) and later loads of the same file create their session from that.
 
-The cache belongs to this process: a temporary directory removed at exit. A saved graph is specific
-to the machine (the NCHWc block size follows the CPU's vector width) and to the onnxruntime
-version, so it is never shared or kept. Only CPU-only sessions use it (on CUDA the optimized graph
-holds provider-specific nodes; not measured here). A file is known by the names, sizes and
-modification times of its version directory's files, so a changed file gets a new entry. A graph is
-saved under a temporary name and renamed, so a reader never sees half of one. Models whose files
-exceed ``MAX_MODEL_BYTES`` are not cached (a saved graph over 2 GB needs external data).
+The cache belongs to this process: a temporary directory removed at exit by the process that made
+it. A saved graph is specific to the machine (the NCHWc block size follows the CPU's vector width)
+and to the onnxruntime version, so it is never shared or kept. Only CPU-only sessions use it (on
+CUDA the optimized graph holds provider-specific nodes; not measured here), and only for a version
+directory that holds its model file and the metadata alone: onnxruntime saves a reference to
+external data relative to the saved graph, which would not find it. A file is known by its path and
+the names, sizes, inodes and change times of its directory's files (``utime`` cannot set a change
+time back), so a rewritten file gets a new entry; the entry it replaces is deleted, and beyond
+``max_bytes`` the least recently used entries go. A graph is saved under a temporary name and
+renamed, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import onnxruntime as ort
 
+from serving.layout import METADATA_FILE
+
 log = logging.getLogger(__name__)
 
-#: models whose version directory holds more than this are not cached
-MAX_MODEL_BYTES = 1 << 30
+#: what the cache may hold on disk (the saved graphs are about their models' size)
+MAX_CACHE_BYTES = 4 << 30
 
 
 class GraphCache:
@@ -42,45 +48,96 @@ class GraphCache:
     _default: GraphCache | None = None
     _default_lock = threading.Lock()
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int = MAX_CACHE_BYTES) -> None:
         self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        #: model path -> its current entry, least recently used first
+        self._entries: OrderedDict[str, Path] = OrderedDict()
 
     @classmethod
     def default(cls) -> GraphCache:
-        """This process's cache: a temporary directory, created at first use, removed at exit."""
+        """This process's cache: a temporary directory, created at first use, removed at exit
+        (by this process only: a forked child inherits the exit handler)."""
         with cls._default_lock:
             if cls._default is None:
                 root = Path(tempfile.mkdtemp(prefix="fedserve-graphs-"))
-                atexit.register(shutil.rmtree, root, ignore_errors=True)
+                owner = os.getpid()
+
+                def remove() -> None:
+                    if os.getpid() == owner:
+                        shutil.rmtree(root, ignore_errors=True)
+
+                atexit.register(remove)
                 log.info("optimized graphs of loaded models are kept in %s", root)
                 cls._default = cls(root)
             return cls._default
 
     def entry(self, model_path: Path) -> Path | None:
         """The cache file for ``model_path`` as its directory holds it now (it may not exist
-        yet); None when the files cannot be read or are too large to cache."""
+        yet); None when it cannot be cached (see the module docstring). An entry the directory's
+        files no longer match is deleted."""
         try:
             with os.scandir(model_path.parent) as entries:
                 files = sorted(
-                    (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()
+                    (e.name, st.st_size, st.st_ino, st.st_ctime_ns)
+                    for e in entries
+                    if e.is_file() or e.is_dir()
+                    for st in [e.stat()]
                 )
         except OSError:
             return None
-        if sum(size for _, size, _ in files) > MAX_MODEL_BYTES:
-            return None
+        if {name for name, *_ in files} - {model_path.name, METADATA_FILE}:
+            return None  # external data (or anything else) next to the model
         key = repr((str(model_path.resolve()), files, ort.__version__))
-        return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+        entry = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+        with self._lock:
+            previous = self._entries.pop(str(model_path), None)
+            self._entries[str(model_path)] = entry
+        if previous is not None and previous != entry:
+            previous.unlink(missing_ok=True)
+        return entry
+
+    def discard(self, entry: Path) -> None:
+        """Forget an entry that could not be loaded (a session is then made from the model)."""
+        entry.unlink(missing_ok=True)
 
     @staticmethod
     def saving_name(entry: Path) -> Path:
         """A name to save ``entry`` under before it is renamed into place (unique per thread)."""
         return entry.with_name(f"{entry.stem}.{os.getpid()}.{threading.get_ident()}.saving")
 
-    @staticmethod
-    def commit(saving: Path, entry: Path) -> None:
-        """Rename a saved graph into place; a failure only costs the next load its optimization."""
+    def commit(self, saving: Path, entry: Path) -> bool:
+        """Rename a saved graph into place, then keep the cache within ``max_bytes``; False
+        (only the next load's optimization is lost) when that fails."""
         try:
             os.replace(saving, entry)
         except OSError as exc:
             log.warning("cannot keep the optimized graph %s: %s", entry, exc)
             saving.unlink(missing_ok=True)
+            return False
+        self._trim(keep=entry)
+        return True
+
+    def _trim(self, keep: Path) -> None:
+        with self._lock:
+            entries = list(self._entries.items())
+        sizes = {path: _size(entry) for path, entry in entries}
+        total = sum(sizes.values())
+        for path, entry in entries:  # least recently used first
+            if total <= self.max_bytes:
+                break
+            if entry == keep:
+                continue
+            entry.unlink(missing_ok=True)
+            total -= sizes[path]
+            with self._lock:
+                if self._entries.get(path) == entry:
+                    del self._entries[path]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

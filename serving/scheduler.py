@@ -53,16 +53,20 @@ stays unloaded, and is not loaded on demand, until it is loaded through it again
 
 Locking: one lock guards the state; up to ``LOAD_THREADS`` loads run at once on loader threads:
 some make room (picking and unloading victims is one at a time, waiting for a busy version is
-not) while others build. A version's first build (verified, loaded, warmed) runs alone: the
-memory measurement is the process heap's growth (:mod:`serving.memory_probe`), so a build next
-to another counts the other's allocations too (measured here: a ResNet-18 at 72.7 MB next to a
-CNN load, 48.3 MB alone; a 1.4 MB MLP at 10.1 MB), which inflated reservations, evicted
-versions for nothing and refused a version as larger than the budget. Rebuilds of files measured
-before run together (:class:`~serving.version_loader.BuildGate`) and keep the earlier
-measurement when theirs is larger. What remains (request buffers, other sessions' runs) only
-adds, so a version keeps the smallest of its measurements as its estimate and is refused as too
-large only when even that exceeds the budget. Pools are built, closed and drained outside the
-state lock.
+not) while others build. A version's first build (its session loaded and warmed; verification
+runs before, outside the gate) runs alone: the memory measurement is the process heap's growth
+(:mod:`serving.memory_probe`), so a build next to another counts the other's allocations too
+(measured here: a ResNet-18 at 72.7 MB next to a CNN load, 48.3 MB alone; a 1.4 MB MLP at 10.1
+MB), which inflated reservations, evicted versions for nothing and refused a version as larger
+than the budget. Builds of files like ones measured before run together
+(:class:`~serving.version_loader.BuildGate`) and keep the earlier measurement when theirs is
+larger: a reload of the same files, or a new version whose model files have the same names and
+sizes as a measured version of the same model (a new round of the same architecture; the
+metadata, and so a different ``max_batch_size``, is not compared, which matters on CUDA only,
+where the warm-up runs at the largest batch). What remains (request buffers, other sessions'
+runs, another load's verification) only adds, so a version keeps the smallest of its
+measurements as its estimate and is refused as too large only when even that exceeds the
+budget. Pools are built, closed and drained outside the state lock.
 """
 
 from __future__ import annotations

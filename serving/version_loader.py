@@ -43,15 +43,15 @@ PoolFactory = Callable[..., EnginePool]
 
 
 class BuildGate:
-    """Builds that measure their memory run alone; rebuilds of measured versions run together.
+    """Builds that measure their memory run alone; builds of files measured before run together.
 
     A version's memory is the process heap's growth while it is built (:mod:`serving.memory_probe`),
     so a build next to another counts the other's allocations too: the first build of a version
-    takes the gate :meth:`alone`. A rebuild of files measured before (a reload after an eviction,
-    most loads of an on-demand server) keeps that measurement and takes it :meth:`together` with
-    other rebuilds: a 4 ms MLP rebuild does not queue behind a 180 ms ResNet-18 rebuild (session
-    creation releases the GIL). A build waiting to go alone stops new rebuilds from starting, so
-    it is not starved.
+    takes the gate :meth:`alone`. A build of files like ones measured before (a reload after an
+    eviction, most loads of an on-demand server; a new round of a measured architecture) keeps that
+    measurement and takes it :meth:`together` with other such builds: a 4 ms MLP rebuild does not
+    queue behind a 180 ms ResNet-18 rebuild (session creation releases the GIL). A build waiting
+    to go alone stops new rebuilds from starting, so it is not starved.
     """
 
     def __init__(self) -> None:

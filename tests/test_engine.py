@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier
+from serving_helpers import CLASSES, IN_FEATURES, classifier_weights, make_classifier, make_cnn
 
 from serving.engine import Engine
 from serving.errors import InputError
@@ -70,9 +71,9 @@ def test_a_reload_creates_its_session_from_the_cached_optimized_graph(tmp_path: 
     path = make_classifier(tmp_path / "v1" / "model.onnx", seed=1)
     x = np.random.default_rng(0).random((5, IN_FEATURES), dtype=np.float32)
     first = Engine(path, signature(), providers="cpu", graph_cache=cache)
-    assert first.graph_path == path  # optimized from the file, and saved
     saved = list(cache.root.iterdir())
     assert [p.suffix for p in saved] == [".onnx"]
+    assert first.graph_path == saved[0]  # optimized from the file once, saved, loaded from there
     again = Engine(path, signature(), providers="cpu", graph_cache=cache)
     assert again.graph_path == saved[0]
     np.testing.assert_array_equal(again.run({"x": x})["logits"], first.run({"x": x})["logits"])
@@ -80,10 +81,70 @@ def test_a_reload_creates_its_session_from_the_cached_optimized_graph(tmp_path: 
     time.sleep(0.01)
     make_classifier(path, seed=2)
     changed = Engine(path, signature(), providers="cpu", graph_cache=cache)
-    assert changed.graph_path == path
+    assert changed.graph_path not in (path, saved[0])
     w, b = classifier_weights(2)
     np.testing.assert_allclose(changed.run({"x": x})["logits"], x @ w + b, rtol=1e-5, atol=1e-5)
-    assert len(list(cache.root.iterdir())) == 2
+    assert list(cache.root.iterdir()) == [changed.graph_path]  # the stale entry is gone
+
+
+def test_the_load_that_saves_the_graph_measures_one_copy_of_the_weights(tmp_path: Path) -> None:
+    """Before: the session that saved the optimized graph was kept, and it holds a second copy
+    of the weights for its whole life (13.3 MB for a 6.8 MB CNN session), so a version's first
+    measurement doubled: reloads reserved twice its size, and a version could be refused as
+    larger than the budget."""
+    path = make_cnn(tmp_path / "v1" / "model.onnx")
+    cache = GraphCache(tmp_path / "cache")
+    cache.root.mkdir()
+    plain = Engine(path, None, max_batch_size=8, providers="cpu").session_memory.host_bytes
+    saving = Engine(path, None, max_batch_size=8, providers="cpu", graph_cache=cache)
+    assert saving.graph_path.parent == cache.root
+    assert saving.session_memory.host_bytes < 1.3 * plain
+
+
+def test_a_model_with_external_data_is_not_cached(tmp_path: Path) -> None:
+    """onnxruntime saves the external-data reference relative to the saved graph, which would not
+    find it: every reload of such a version failed."""
+    w, b = classifier_weights(1)
+    model = onnx.load(str(make_classifier(tmp_path / "src.onnx", seed=1)))
+    (tmp_path / "v1").mkdir()
+    onnx.save(
+        model,
+        str(tmp_path / "v1" / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    cache = GraphCache(tmp_path / "cache")
+    cache.root.mkdir()
+    x = np.ones((2, IN_FEATURES), np.float32)
+    for _ in range(2):
+        engine = Engine(tmp_path / "v1" / "model.onnx", signature(), graph_cache=cache)
+        assert engine.graph_path == tmp_path / "v1" / "model.onnx"
+        np.testing.assert_allclose(engine.run({"x": x})["logits"], x @ w + b, rtol=1e-5)
+    assert list(cache.root.iterdir()) == []
+
+
+def test_a_cached_graph_that_cannot_be_loaded_is_dropped(tmp_path: Path) -> None:
+    cache = GraphCache(tmp_path / "cache")
+    cache.root.mkdir()
+    path = make_classifier(tmp_path / "v1" / "model.onnx", seed=1)
+    entry = Engine(path, signature(), providers="cpu", graph_cache=cache).graph_path
+    assert entry.parent == cache.root
+    entry.write_bytes(b"not a graph")
+    engine = Engine(path, signature(), providers="cpu", graph_cache=cache)
+    assert engine.graph_path == path and not entry.exists()
+    again = Engine(path, signature(), providers="cpu", graph_cache=cache)
+    assert again.graph_path == entry  # saved again
+
+
+def test_the_cache_keeps_within_its_size_least_recently_used_first(tmp_path: Path) -> None:
+    paths = [make_classifier(tmp_path / f"v{i}" / "model.onnx", seed=i) for i in range(3)]
+    first = Engine(paths[0], signature(), providers="cpu", graph_cache=GraphCache(tmp_path / "x"))
+    assert first.graph_path == paths[0]  # no such cache directory: loaded without
+    cache = GraphCache(tmp_path / "cache", max_bytes=1)
+    cache.root.mkdir()
+    entries = [Engine(p, signature(), graph_cache=cache).graph_path for p in paths]
+    assert list(cache.root.iterdir()) == [entries[-1]]  # only the newest fits
 
 
 def test_a_graph_that_cannot_be_saved_still_loads(tmp_path: Path) -> None:
@@ -94,6 +155,10 @@ def test_a_graph_that_cannot_be_saved_still_loads(tmp_path: Path) -> None:
     x = np.ones((1, IN_FEATURES), np.float32)
     w, b = classifier_weights(1)
     np.testing.assert_allclose(engine.run({"x": x})["logits"], x @ w + b, rtol=1e-5, atol=1e-5)
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(Exception, match="(?i)protobuf|pars"):  # a bad model fails as before
+        Engine(tmp_path / "v2" / "model.onnx", signature(), graph_cache=cache)
 
 
 def test_signature_from_graph_and_mismatch_detected(model_path: Path) -> None:

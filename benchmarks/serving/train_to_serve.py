@@ -88,6 +88,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("write", _write),
     ("publish->detect", _detect),
     ("verify", _watcher("verify_s")),
+    ("build gate", _watcher("gate_s")),
     ("load", _watcher("load_s")),
     ("warm", _watcher("warm_s")),
     ("swap", _watcher("swap_s")),
