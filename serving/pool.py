@@ -139,9 +139,6 @@ class EnginePool:
         self.last_used = time.monotonic()
         #: rows dispatched here so far (the scheduler samples it for the arrival rate)
         self.arrived_rows = 0
-        #: called when a run ends and nothing is left queued or running here (set by the
-        #: scheduler, whose loads may wait for this version to go idle); runs under a worker's lock
-        self.on_idle: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._inline_alarm = threading.Event()
         t0 = time.perf_counter()
@@ -212,13 +209,7 @@ class EnginePool:
             run_timeout_s=self.settings.run_timeout_s,
             stats=self.stats,
             inline_alarm=self._inline_alarm,
-            on_idle=self._worker_idle,
         )
-
-    def _worker_idle(self) -> None:
-        on_idle = self.on_idle
-        if on_idle is not None and self.outstanding == 0:
-            on_idle()
 
     # ---- requests
 

@@ -99,8 +99,7 @@ log = logging.getLogger(__name__)
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 #: seconds; the cold-start histogram's buckets (first request to a non-resident version -> ready)
 COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: how often a load waiting for room looks again at the latest; it is woken at once when a
-#: version goes idle, a load publishes or fails, or an unload ends
+#: how often a load waiting for an in-flight version to go idle looks again
 ROOM_POLL_S = 0.02
 #: the least time between two rounds of engine reassignment
 REBALANCE_MIN_S = 0.2
@@ -228,8 +227,6 @@ class Scheduler:
         #: held while a load picks and unloads its victims, so two loads never evict for the
         #: same shortage twice
         self._room_lock = threading.Lock()
-        #: set when room may have appeared (see ROOM_POLL_S); a leaf lock, set from engine threads
-        self._room_changed = threading.Event()
         #: a version's first build runs alone, so the heap growth it measures is its own;
         #: rebuilds run together (see the module docstring)
         self._builds = BuildGate()
@@ -626,13 +623,11 @@ class Scheduler:
                 if ver.state == LOADING:
                     ver.state = UNAVAILABLE
                     ver.reason = str(exc) if ver.failure is None else ver.failure
-            self._room_changed.set()  # its reservation is free
             fut.set_exception(exc)
             return
         with self._lock:
             ver.future = None
         fut.set_result(pool)
-        self._room_changed.set()  # its reservation became its measured size
         self._kick.set()
 
     def _load(self, ver: _Version) -> EnginePool:
@@ -753,7 +748,6 @@ class Scheduler:
         if gone:  # the model left the repository while this version loaded
             self._discard(ver)
             raise LoadError(f"{ver.key} was removed from the repository while it loaded")
-        pool.on_idle = self._room_changed.set  # a leaf lock: safe under an engine's lock
         t0 = time.perf_counter()
         self.registry.add(pool)
         timing.update(ver.stages)
@@ -879,7 +873,6 @@ class Scheduler:
         publication frees the room the waiter needs (its requests end, it becomes evictable)."""
         deadline = time.monotonic() + self.load_timeout_s
         while True:
-            self._room_changed.clear()  # what changes from here on wakes the wait below
             with self._room_lock:
                 shortage = self._claim_room(ver, need)
             if shortage is None:
@@ -888,7 +881,7 @@ class Scheduler:
                 raise Unavailable("the server is stopping")
             if time.monotonic() > deadline:
                 raise Unavailable(self._no_room(ver, shortage))
-            self._room_changed.wait(ROOM_POLL_S)
+            time.sleep(ROOM_POLL_S)
 
     def _claim_room(self, ver: _Version, need: int) -> str | None:
         """One attempt of :meth:`_make_room` (room lock held): reserve, evicting idle versions
@@ -1036,7 +1029,6 @@ class Scheduler:
                     ver.pool = ver.lease = None
                 if ver.state == UNLOADING:
                     ver.state, ver.reason = UNAVAILABLE, reason
-            self._room_changed.set()
             self._kick.set()
         log.info("unloaded %s version %d (%s)", ver.model, ver.version, reason)
 

@@ -79,7 +79,6 @@ class Worker:
         run_timeout_s: float = 0.0,
         stats: ModelStatistics | None = None,
         inline_alarm: threading.Event | None = None,
-        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.name = name or engine.name
@@ -89,9 +88,6 @@ class Worker:
         self._on_failure = on_failure
         self._stats = stats
         self._inline_alarm = inline_alarm
-        #: called (lock held: it must take no lock but a leaf one) when a run ends and nothing is
-        #: queued: the scheduler's loads waiting for a busy version to go idle look again at once
-        self._on_idle = on_idle
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Request] = deque()
         sig = engine.signature
@@ -311,8 +307,6 @@ class Worker:
             self.peak_s = max(self.peak_s, seconds)
         if self._queue or self.closing:
             self._cond.notify()
-        elif self._on_idle is not None:
-            self._on_idle()
 
     def _take_batch(self) -> list[Request] | None:
         """Called with the lock held; waits for work, returns a batch or None to exit."""

@@ -212,27 +212,6 @@ def test_a_version_with_requests_in_flight_is_never_evicted(
         assert s.state("b")[0] == "READY"
 
 
-def test_a_load_waiting_for_a_busy_version_starts_when_it_goes_idle(
-    tmp_path: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Before: a load waiting for room looked again every 20 ms (ROOM_POLL_S), however soon the
-    busy version went idle: ~10 ms more on average for every cold start that had to wait (the
-    scheduler benchmark's ResNet-18s waiting for each other). Now the end of the version's last
-    run wakes it. The poll is made 30 s here, so only the wake-up can start the load in time."""
-    monkeypatch.setattr("serving.scheduler.ROOM_POLL_S", 30.0)
-    sizes = {"a": 6000, "b": 6000}  # the budget (10,000) holds one
-    with scheduled(tmp_path, ("a", "b"), sizes=sizes) as s:
-        held = np.full((1, IN_FEATURES), 777, np.float32)
-        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": held}) as slow:
-            b = s.scheduler.request("b")  # a is busy: b waits for room
-            time.sleep(0.2)
-            assert not b.done() and s.state("a")[0] == "READY"
-            gate.set()  # a's request ends: a goes idle
-            assert b.result(5).key == "b:1"
-            slow.result(5)
-        assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")
-
-
 @contextlib.contextmanager
 def cf_thread(fn: Any, *args: Any) -> Iterator[Any]:
     """Runs ``fn(*args)`` in a thread; yields a future-like handle with ``result(timeout)``."""
