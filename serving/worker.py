@@ -96,6 +96,9 @@ class Worker:
         # state read lock-free by the dispatcher, the scheduler and the metrics collector
         self.queued_items = 0
         self.running_items = 0
+        #: rows of a failed run still being isolated (rerun one by one, the engine probed): not
+        #: answered yet, so the version is busy (the scheduler never evicts a busy version)
+        self.isolating_items = 0
         self.running_since = 0.0
         self.ewma_s = 0.0
         self.ewma_item_s = 0.0
@@ -123,7 +126,7 @@ class Worker:
 
     @property
     def outstanding(self) -> int:
-        return self.queued_items + self.running_items
+        return self.queued_items + self.running_items + self.isolating_items
 
     @property
     def accepting(self) -> bool:
@@ -191,6 +194,7 @@ class Worker:
             self._end(time.perf_counter() - t0, req.n, ok=False)
             # the probe below runs on this engine: no batch may start meanwhile
             self._busy = not (dead or stopped)
+            self.isolating_items = req.n if self._busy else 0
         if dead:
             return HANDED_OFF
         if req.done:  # the watchdog answered it (past run_timeout_s)
@@ -206,6 +210,7 @@ class Worker:
         finally:
             with self._cond:
                 self._busy = False
+                self.isolating_items = 0
                 if self._queue:
                     self._cond.notify()
         if broken is not None:
@@ -365,6 +370,8 @@ class Worker:
                     with self._cond:
                         stopped, dead = self._stopped, self.dead
                         self._end(time.perf_counter() - t0, 0, ok=False)
+                        if not (stopped or dead):
+                            self.isolating_items = sum(r.n for r in batch)
                     if dead:
                         return
                     if not stopped and not self._handle_failure(batch, exc):
@@ -390,6 +397,7 @@ class Worker:
         """The batching thread is done with its batch."""
         with self._cond:
             self._busy = False
+            self.isolating_items = 0
 
     def _handle_failure(self, batch: list[Request], exc: BaseException) -> bool:
         """A batch run raised: answer the bad requests 400, or take the engine out (False)."""
@@ -509,6 +517,7 @@ class Worker:
             self._queue.clear()
             self.queued_items = 0
             self.running_items = 0
+            self.isolating_items = 0
             self.running_since = 0.0
             self._running = []
             self._cond.notify_all()

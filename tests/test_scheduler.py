@@ -25,7 +25,7 @@ from serving.api import create_app
 from serving.config_schema import ConfigError
 from serving.dataplane import DataPlane
 from serving.engine import Engine
-from serving.errors import BadRequest, NotFound, Unavailable
+from serving.errors import BadRequest, InputError, NotFound, Unavailable
 from serving.memory_probe import MemorySample
 from serving.pool import EnginePool
 from serving.registry import ModelRegistry
@@ -210,6 +210,44 @@ def test_a_version_with_requests_in_flight_is_never_evicted(
             np.testing.assert_allclose(slow.result(10)["logits"], held @ w + b, rtol=1e-5)
         s.use("b")  # both idle again: the least recently used goes
         assert s.state("b")[0] == "READY"
+
+
+def test_a_version_whose_failed_request_is_still_being_isolated_is_not_evicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: while a failed run was isolated (its requests rerun one by one, the engine probed
+    with its known-good input) the worker counted nothing running, so a load waiting for room
+    found the version idle and evicted it with the request unanswered: the rule that a version
+    with a request in flight is never evicted did not hold, and the request got 503 from the
+    closing pool instead of its 400."""
+    probing = threading.Event()
+    probe_done = threading.Event()
+    run, probe = Engine.run, Engine.probe
+
+    def failing(self: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if next(iter(feeds.values())).flat[0] == 666:
+            raise RuntimeError("the model cannot take 666")
+        return run(self, feeds)
+
+    def slow_probe(self: Engine) -> None:
+        probing.set()
+        probe_done.wait(10)
+        probe(self)
+
+    monkeypatch.setattr(Engine, "run", failing)
+    monkeypatch.setattr(Engine, "probe", slow_probe)
+    sizes = {"a": 6000, "b": 6000}  # the budget (10,000) holds one
+    with scheduled(tmp_path, ("a", "b"), sizes=sizes) as s:
+        bad = np.full((1, IN_FEATURES), 666, np.float32)
+        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": bad}) as failed:
+            assert probing.wait(10)
+            b = s.scheduler.request("b")  # room only if a goes
+            time.sleep(0.3)  # several of the load's looks for room
+            assert s.state("a")[0] == "READY" and not b.done()
+            probe_done.set()  # the probe passes: the request was bad, a is idle now
+            with pytest.raises(InputError, match="the model cannot take 666"):
+                failed.result(10)
+            assert b.result(10).key == "b:1"
 
 
 @contextlib.contextmanager
