@@ -660,14 +660,13 @@ def test_a_load_waits_for_room_held_by_another_load_in_progress(tmp_path: Path) 
         assert s.state("a") == ("UNAVAILABLE", "evicted (least recently used) to load b:1")
 
 
-def test_first_builds_run_alone_and_rebuilds_of_measured_versions_together(tmp_path: Path) -> None:
-    """Before: every build held one lock, so a cold start of a small model measured before
-    queued behind another model's whole build (the benchmark's cold-start p99: 145x a build)."""
+def counting_builds(base: type[EnginePool], most_at_once: list[int]) -> type[EnginePool]:
+    """``base`` whose builds take 0.3 s each and append how many run at once to
+    ``most_at_once``."""
     building = 0
-    most_at_once: list[int] = []
     counted = threading.Lock()
 
-    class CountingPool(sized_pool({})):  # type: ignore[misc]
+    class CountingPool(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             nonlocal building
             with counted:
@@ -677,6 +676,15 @@ def test_first_builds_run_alone_and_rebuilds_of_measured_versions_together(tmp_p
             with counted:
                 building -= 1
             super().__init__(*args, **kwargs)
+
+    return CountingPool
+
+
+def test_first_builds_run_alone_and_rebuilds_of_measured_versions_together(tmp_path: Path) -> None:
+    """Before: every build held one lock, so a cold start of a small model measured before
+    queued behind another model's whole build (the benchmark's cold-start p99: 145x a build)."""
+    most_at_once: list[int] = []
+    CountingPool = counting_builds(sized_pool({}), most_at_once)
 
     with scheduled(tmp_path, ("a", "b"), pools=CountingPool) as s:
         for future in [s.scheduler.request(name) for name in ("a", "b")]:
@@ -702,23 +710,16 @@ def test_a_new_version_like_a_measured_one_builds_with_rebuilds_and_holds_its_me
     first cold start of each new version of a model (a round of training: the same
     architecture, files of the same sizes) held every other build back, up to a ResNet-18's
     200 ms. Now it runs together with rebuilds and holds the measurement of its sibling."""
-    building = 0
     most_at_once: list[int] = []
-    counted = threading.Lock()
     heap_growth = {"a:1": 4000, "a:2": 9000, "b:1": 5000}  # a:2 built next to b's rebuild
 
-    class CountingPool(EnginePool):
+    class MeasuredPool(EnginePool):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            nonlocal building
-            with counted:
-                building += 1
-                most_at_once.append(building)
-            time.sleep(0.3)
-            with counted:
-                building -= 1
             super().__init__(*args, **kwargs)
             self.session_memory = MemorySample(heap_growth[self.key], None)
             self.run_memory = MemorySample(0, None)
+
+    CountingPool = counting_builds(MeasuredPool, most_at_once)
 
     with scheduled(tmp_path, ("a", "b"), pools=CountingPool, memory=100_000, versions=2) as s:
         s.use("a")

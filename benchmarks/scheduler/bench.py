@@ -49,7 +49,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +128,9 @@ def ideal_lru_miss_share(
     slots: int,
 ) -> float:
     """The share of requests that find their version not resident under an ideal LRU cache of
-    ``budget`` bytes and ``slots`` versions (sizes as measured alone, loads instantaneous):
-    a floor on the share of requests any on-demand contender makes wait for a load."""
-    resident: dict[int, None] = {}  # insertion order = recency order
-    used, misses = 0, 0
-    for a in arrivals:
-        if a.target in resident:
-            resident.pop(a.target)
-            resident[a.target] = None
-            continue
-        misses += 1
-        size = int(alone[targets[a.target].key]["memory_bytes"])
-        while resident and (used + size > budget or len(resident) >= slots):
-            victim = next(iter(resident))
-            resident.pop(victim)
-            used -= int(alone[targets[victim].key]["memory_bytes"])
-        resident[a.target] = None
-        used += size
-    return misses / max(1, len(arrivals))
+    ``budget`` bytes and ``slots`` versions (sizes as measured alone, loads instantaneous): what
+    LRU eviction itself costs on the trace, before any load takes time."""
+    return _miss_share(targets, arrivals, alone, budget, slots, rank=lambda i: i)
 
 
 def furthest_use_miss_share(
@@ -165,18 +150,31 @@ def furthest_use_miss_share(
     for i in range(len(arrivals) - 1, -1, -1):
         next_use[i] = seen.get(arrivals[i].target, len(arrivals))
         seen[arrivals[i].target] = i
-    resident: dict[int, int] = {}  # version -> index of its next request
+    return _miss_share(targets, arrivals, alone, budget, slots, rank=lambda i: -next_use[i])
+
+
+def _miss_share(
+    targets: list[Target],
+    arrivals: list[Arrival],
+    alone: dict[str, dict[str, float]],
+    budget: int,
+    slots: int,
+    rank: Callable[[int], float],
+) -> float:
+    """A cache of ``budget`` bytes and ``slots`` versions that evicts, until a missing version
+    fits, the resident one with the lowest ``rank`` of the request that last used it."""
+    resident: dict[int, float] = {}
     used, misses = 0, 0
     for i, a in enumerate(arrivals):
         if a.target not in resident:
             misses += 1
             size = int(alone[targets[a.target].key]["memory_bytes"])
             while resident and (used + size > budget or len(resident) >= slots):
-                victim = max(resident, key=resident.__getitem__)
+                victim = min(resident, key=resident.__getitem__)
                 resident.pop(victim)
                 used -= int(alone[targets[victim].key]["memory_bytes"])
             used += size
-        resident[a.target] = next_use[i]
+        resident[a.target] = rank(i)
     return misses / max(1, len(arrivals))
 
 
