@@ -105,7 +105,7 @@ class Engine:
             self.session = _create_from_cache(options, chosen, entry, graph_cache)
             if self.session is not None:
                 self.graph_path = entry
-        elif entry is not None and graph_cache is not None:
+        elif entry is not None and graph_cache is not None and graph_cache.reloading(entry):
             self.session = _create_saving(self.model_path, options, chosen, entry, graph_cache)
             if self.session is not None:
                 self.graph_path = entry

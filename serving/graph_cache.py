@@ -5,8 +5,11 @@ constant folding, fusions, the NCHWc layout for convolutions). Measured here for
 is 52 of the 68 ms a session takes to create: from its saved optimized graph, with optimizations
 off, a session takes 16 ms, and its outputs are bit-identical and its runs as fast. An on-demand
 server loads the same files again after every eviction (the scheduler benchmark: ~1,900 loads of
-16 versions in a 270 s run), so the first load of a file saves its optimized graph here
+16 versions in a 270 s run), so a reload of a file saves its optimized graph here
 (``optimized_model_filepath``) and later loads of the same file create their session from that.
+A file's first load does not save: saving costs a second session creation (the saving session
+holds the weights twice while it lives, so it is dropped and the saved graph loaded), which a
+version loaded once, as an eager server loads each new round, would pay for nothing.
 
 The cache belongs to this process: a temporary directory removed at exit by the process that made
 it. A saved graph is specific to the machine (the NCHWc block size follows the CPU's vector width)
@@ -54,6 +57,8 @@ class GraphCache:
         self._lock = threading.Lock()
         #: model path -> its current entry, least recently used first
         self._entries: OrderedDict[str, Path] = OrderedDict()
+        #: entries asked for once: the next load of the same files saves its graph
+        self._seen: set[Path] = set()
 
     @classmethod
     def default(cls) -> GraphCache:
@@ -96,7 +101,18 @@ class GraphCache:
             self._entries[str(model_path)] = entry
         if previous is not None and previous != entry:
             previous.unlink(missing_ok=True)
+            with self._lock:
+                self._seen.discard(previous)
         return entry
+
+    def reloading(self, entry: Path) -> bool:
+        """Whether the files of ``entry`` were loaded before (so this load saves their graph);
+        the first call for an entry records it and answers False."""
+        with self._lock:
+            if entry in self._seen:
+                return True
+            self._seen.add(entry)
+            return False
 
     def discard(self, entry: Path) -> None:
         """Forget an entry that could not be loaded (a session is then made from the model)."""
