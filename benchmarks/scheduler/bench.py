@@ -91,10 +91,10 @@ def discover(repo: ModelRepository, rows: int = 1) -> list[Target]:
 
 def measure_alone(repo: ModelRepository, targets: list[Target]) -> dict[str, dict[str, float]]:
     """Per version, loaded alone the way the server loads it (``load_version``: one engine on the
-    CPU, nothing else running): a first load (verified; it optimizes the graph and saves it,
-    :mod:`serving.graph_cache`), then 3 reloads, as a server reloads a version after an eviction
-    (its files verified before, its session made from the saved graph). Medians of the reloads:
-    ``build_s``, the session's load plus its warm-up (the cold-start reference), and
+    CPU, nothing else running): a first load (verified), then 3 reloads, as a server reloads a
+    version after an eviction (its files verified before; the first reload saves the optimized
+    graph, the others create their session from it, :mod:`serving.graph_cache`). Medians of the
+    reloads: ``build_s``, the session's load plus its warm-up (the cold-start reference), and
     ``memory_bytes`` as measured at load; ``verify_s`` and ``first_build_s`` are the first
     load's, which only a version's first load in a server pays."""
     settings = ServingConfig(providers="cpu")
