@@ -420,7 +420,8 @@ class EnginePool:
     def _watch(self) -> None:
         timeout = float(self.settings.run_timeout_s)
         slow = min(1.0, timeout / 4) if timeout > 0 else 1.0
-        fast = self.dispatcher.inline_bound_s / 2
+        # while inline runs happen: their bound, and no slower than run_timeout_s needs
+        fast = min(self.dispatcher.inline_bound_s / 2, slow)
         alarm = self._inline_alarm
         while not self._stop.is_set():
             if alarm.is_set():

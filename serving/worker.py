@@ -190,14 +190,16 @@ class Worker:
         """An inline run raised: stopped at the inline bound (queue it), past run_timeout_s
         (504, maybe already answered by the watchdog), or a failure to classify."""
         with self._cond:
-            stopped, dead = self._stopped, self.dead
+            stopped, dead, answered = self._stopped, self.dead, req.done
+            # the probe below runs on this engine: no batch may start meanwhile (set first, so
+            # that the version never reads as idle with the request unanswered)
+            isolate = not (dead or stopped or answered)
+            self.isolating_items = req.n if isolate else 0
+            self._busy = isolate
             self._end(time.perf_counter() - t0, req.n, ok=False)
-            # the probe below runs on this engine: no batch may start meanwhile
-            self._busy = not (dead or stopped)
-            self.isolating_items = req.n if self._busy else 0
         if dead:
             return HANDED_OFF
-        if req.done:  # the watchdog answered it (past run_timeout_s)
+        if answered:  # the watchdog answered it (past run_timeout_s)
             return INLINE_DONE
         if stopped:
             if self.run_timeout_s <= 0 or time.perf_counter() - t0 < self.run_timeout_s:
@@ -369,9 +371,9 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - classified below
                     with self._cond:
                         stopped, dead = self._stopped, self.dead
-                        self._end(time.perf_counter() - t0, 0, ok=False)
-                        if not (stopped or dead):
+                        if not (stopped or dead):  # before _end: never read as idle between
                             self.isolating_items = sum(r.n for r in batch)
+                        self._end(time.perf_counter() - t0, 0, ok=False)
                     if dead:
                         return
                     if not stopped and not self._handle_failure(batch, exc):

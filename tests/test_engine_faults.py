@@ -272,6 +272,81 @@ def test_inline_runs_are_bounded_and_then_go_to_a_worker_thread(tmp_path: Path, 
     assert pool.workers[0].peak_s >= 0.02  # and that engine runs nothing inline for a while
 
 
+def test_an_inline_run_answered_by_the_watchdog_then_failing_leaves_the_engine_usable(
+    tmp_path: Path, make_pool
+) -> None:
+    """Before: an inline run that the watchdog answered 504 (past run_timeout_s, below the inline
+    bound) and that then raised left its worker marked busy with a failure to isolate: the worker
+    never took another batch and its version never read as idle (never evictable). And while
+    inline runs happened the watchdog looked every half inline bound (0.5 s here), not every
+    run_timeout_s / 4, so the 504 came late or not before the run ended."""
+    pool = make_pool(
+        topk_model(tmp_path / "t.onnx"),
+        signature(1),
+        instances=1,
+        inline_max_ms=100,  # the inline bound: 1 s
+        run_timeout_s=0.2,
+    )
+    worker = pool.workers[0]
+    x = {"x": np.ones((1, 1), np.float32)}
+    pool.infer(x)  # a measured, fast model: inline from now on
+    run = worker.engine.run
+    first = threading.Event()
+
+    def slow_then_fail(feeds: dict) -> dict:
+        if not first.is_set():
+            first.set()
+            time.sleep(0.6)  # past run_timeout_s: the watchdog answers 504
+            raise RuntimeError("the engine failed after its answer")
+        return run(feeds)
+
+    worker.engine.run = slow_then_fail
+
+    async def scenario() -> Request:
+        return await asyncio.wait_for(pool.infer_async(x, 1), 10)
+
+    req = asyncio.run(scenario())
+    assert isinstance(req.error, DeadlineExceeded)
+    deadline = time.monotonic() + 5
+    while worker.outstanding and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.outstanding == 0
+    np.testing.assert_allclose(pool.infer(x, timeout=5)["y"], x["x"])  # a batch runs again
+
+
+def test_run_timeout_holds_for_inline_runs(tmp_path: Path, make_pool) -> None:
+    """Before: while inline runs happened the watchdog looked every half inline bound (2.5 s
+    here) instead of every run_timeout_s / 4, so an inline run of 1 s past a 0.2 s timeout was
+    answered 200 as if no limit were set."""
+    pool = make_pool(
+        topk_model(tmp_path / "t.onnx"),
+        signature(1),
+        instances=1,
+        inline_max_ms=500,  # the inline bound: 5 s
+        run_timeout_s=0.2,
+    )
+    worker = pool.workers[0]
+    x = {"x": np.ones((1, 1), np.float32)}
+    pool.infer(x)  # a measured, fast model: inline from now on
+    run = worker.engine.run
+    first = threading.Event()
+
+    def slow_once(feeds: dict) -> dict:
+        if not first.is_set():
+            first.set()
+            time.sleep(1.0)
+        return run(feeds)
+
+    worker.engine.run = slow_once
+
+    async def scenario() -> Request:
+        return await asyncio.wait_for(pool.infer_async(x, 1), 10)
+
+    req = asyncio.run(scenario())
+    assert req.engine == worker.name
+    assert isinstance(req.error, DeadlineExceeded)
+
+
 def test_an_abandoned_inline_request_is_answered(tmp_path: Path, make_pool) -> None:
     """Before: an inline request whose engine the watchdog abandoned was never answered (the
     worker had not registered it as running), so its caller waited forever."""
