@@ -19,8 +19,8 @@ directory that holds its model file and the metadata alone: onnxruntime saves a 
 external data relative to the saved graph, which would not find it. A file is known by its path and
 the names, sizes, inodes and change times of its directory's files (``utime`` cannot set a change
 time back), so a rewritten file gets a new entry; the entry it replaces is deleted, and beyond
-``max_bytes`` the least recently used entries go. A graph is saved under a temporary name and
-renamed, so a reader never sees half of one.
+``max_bytes`` (or ``MAX_FILES`` files remembered) the least recently used entries go. A graph is
+saved under a temporary name and renamed, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: what the cache may hold on disk (the saved graphs are about their models' size)
 MAX_CACHE_BYTES = 4 << 30
+#: model files remembered (loaded once, or cached): a server publishing a round every few seconds
+#: loads new files for as long as it runs
+MAX_FILES = 4096
 
 
 class GraphCache:
@@ -99,10 +102,12 @@ class GraphCache:
         with self._lock:
             previous = self._entries.pop(str(model_path), None)
             self._entries[str(model_path)] = entry
-        if previous is not None and previous != entry:
-            previous.unlink(missing_ok=True)
-            with self._lock:
-                self._seen.discard(previous)
+            forgotten = [previous] if previous is not None and previous != entry else []
+            while len(self._entries) > MAX_FILES:  # the least recently used go
+                forgotten.append(self._entries.popitem(last=False)[1])
+            self._seen.difference_update(forgotten)
+        for old in forgotten:
+            old.unlink(missing_ok=True)
         return entry
 
     def reloading(self, entry: Path) -> bool:
@@ -150,6 +155,7 @@ class GraphCache:
             with self._lock:
                 if self._entries.get(path) == entry:
                     del self._entries[path]
+                self._seen.discard(entry)
 
 
 def _size(path: Path) -> int:

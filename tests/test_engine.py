@@ -151,6 +151,24 @@ def test_the_cache_keeps_within_its_size_least_recently_used_first(tmp_path: Pat
     assert list(cache.root.iterdir()) == [entries[-1][1].graph_path]  # only the newest fits
 
 
+def test_the_cache_remembers_a_bounded_number_of_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that publishes a round every few seconds loads new files for as long as it runs:
+    what the cache remembers of files loaded once stays bounded."""
+    monkeypatch.setattr("serving.graph_cache.MAX_FILES", 2)
+    cache = GraphCache(tmp_path / "cache")
+    cache.root.mkdir()
+    paths = [make_classifier(tmp_path / f"v{i}" / "model.onnx", seed=i) for i in range(3)]
+    saved = [Engine(paths[0], signature(), graph_cache=cache) for _ in range(2)][1].graph_path
+    assert saved.exists()
+    for p in paths[1:]:
+        Engine(p, signature(), graph_cache=cache)  # loaded once each: v0 is forgotten
+    assert not saved.exists()
+    again = Engine(paths[0], signature(), graph_cache=cache)
+    assert again.graph_path == paths[0]  # a first load again: it does not save
+
+
 def test_a_graph_that_cannot_be_saved_still_loads(tmp_path: Path) -> None:
     cache = GraphCache(tmp_path / "missing")  # saving fails: no such directory
     path = make_classifier(tmp_path / "v1" / "model.onnx", seed=1)
