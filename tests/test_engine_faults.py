@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -272,78 +272,67 @@ def test_inline_runs_are_bounded_and_then_go_to_a_worker_thread(tmp_path: Path, 
     assert pool.workers[0].peak_s >= 0.02  # and that engine runs nothing inline for a while
 
 
+def first_inline_run(
+    tmp_path: Path, make_pool, inline_max_ms: float, first_run: Callable[[], None]
+) -> tuple[EnginePool, Request]:
+    """A one-engine pool of a fast model (so its requests run inline) with run_timeout_s=0.2,
+    whose next run calls ``first_run`` before it runs (a sleep, a failure); returns the pool and
+    that run's inline request."""
+    pool = make_pool(
+        topk_model(tmp_path / "t.onnx"),
+        signature(1),
+        instances=1,
+        inline_max_ms=inline_max_ms,
+        run_timeout_s=0.2,
+    )
+    x = {"x": np.ones((1, 1), np.float32)}
+    pool.infer(x)  # a measured, fast model: inline from now on
+    engine = pool.workers[0].engine
+    run = engine.run
+    first = threading.Event()
+
+    def once(feeds: dict) -> dict:
+        if not first.is_set():
+            first.set()
+            first_run()
+        return run(feeds)
+
+    engine.run = once
+
+    async def scenario() -> Request:
+        return await asyncio.wait_for(pool.infer_async(x, 1), 10)
+
+    return pool, asyncio.run(scenario())
+
+
 def test_an_inline_run_answered_by_the_watchdog_then_failing_leaves_the_engine_usable(
     tmp_path: Path, make_pool
 ) -> None:
     """Before: an inline run that the watchdog answered 504 (past run_timeout_s, below the inline
     bound) and that then raised left its worker marked busy with a failure to isolate: the worker
-    never took another batch and its version never read as idle (never evictable). And while
-    inline runs happened the watchdog looked every half inline bound (0.5 s here), not every
-    run_timeout_s / 4, so the 504 came late or not before the run ended."""
-    pool = make_pool(
-        topk_model(tmp_path / "t.onnx"),
-        signature(1),
-        instances=1,
-        inline_max_ms=100,  # the inline bound: 1 s
-        run_timeout_s=0.2,
-    )
-    worker = pool.workers[0]
-    x = {"x": np.ones((1, 1), np.float32)}
-    pool.infer(x)  # a measured, fast model: inline from now on
-    run = worker.engine.run
-    first = threading.Event()
+    never took another batch and its version never read as idle (never evictable)."""
 
-    def slow_then_fail(feeds: dict) -> dict:
-        if not first.is_set():
-            first.set()
-            time.sleep(0.6)  # past run_timeout_s: the watchdog answers 504
-            raise RuntimeError("the engine failed after its answer")
-        return run(feeds)
+    def slow_then_fail() -> None:
+        time.sleep(0.6)  # past run_timeout_s: the watchdog answers 504
+        raise RuntimeError("the engine failed after its answer")
 
-    worker.engine.run = slow_then_fail
-
-    async def scenario() -> Request:
-        return await asyncio.wait_for(pool.infer_async(x, 1), 10)
-
-    req = asyncio.run(scenario())
+    pool, req = first_inline_run(tmp_path, make_pool, 100, slow_then_fail)  # inline bound 1 s
     assert isinstance(req.error, DeadlineExceeded)
+    worker = pool.workers[0]
     deadline = time.monotonic() + 5
     while worker.outstanding and time.monotonic() < deadline:
         time.sleep(0.01)
     assert worker.outstanding == 0
-    np.testing.assert_allclose(pool.infer(x, timeout=5)["y"], x["x"])  # a batch runs again
+    x = np.ones((1, 1), np.float32)
+    np.testing.assert_allclose(pool.infer({"x": x}, timeout=5)["y"], x)  # a batch runs again
 
 
 def test_run_timeout_holds_for_inline_runs(tmp_path: Path, make_pool) -> None:
     """Before: while inline runs happened the watchdog looked every half inline bound (2.5 s
     here) instead of every run_timeout_s / 4, so an inline run of 1 s past a 0.2 s timeout was
     answered 200 as if no limit were set."""
-    pool = make_pool(
-        topk_model(tmp_path / "t.onnx"),
-        signature(1),
-        instances=1,
-        inline_max_ms=500,  # the inline bound: 5 s
-        run_timeout_s=0.2,
-    )
-    worker = pool.workers[0]
-    x = {"x": np.ones((1, 1), np.float32)}
-    pool.infer(x)  # a measured, fast model: inline from now on
-    run = worker.engine.run
-    first = threading.Event()
-
-    def slow_once(feeds: dict) -> dict:
-        if not first.is_set():
-            first.set()
-            time.sleep(1.0)
-        return run(feeds)
-
-    worker.engine.run = slow_once
-
-    async def scenario() -> Request:
-        return await asyncio.wait_for(pool.infer_async(x, 1), 10)
-
-    req = asyncio.run(scenario())
-    assert req.engine == worker.name
+    pool, req = first_inline_run(tmp_path, make_pool, 500, lambda: time.sleep(1.0))  # bound 5 s
+    assert req.engine == pool.workers[0].name
     assert isinstance(req.error, DeadlineExceeded)
 
 
