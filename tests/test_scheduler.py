@@ -250,6 +250,31 @@ def test_a_version_whose_failed_request_is_still_being_isolated_is_not_evicted(
             assert b.result(10).key == "b:1"
 
 
+def test_loads_waiting_for_room_do_not_hold_back_a_load_that_fits(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """Before: 4 loader threads, and a load waiting for room (for a busy version to go idle)
+    held one, so four such loads (the benchmark's ResNet-18s waiting for each other) made every
+    other cold start queue for a thread, 150-300 ms at p99, even one that fitted at once."""
+    # the budget (20,000) holds a with f (a first load reserves ~1.25x its files), not with b-e
+    sizes = {"a": 16000, "b": 6000, "c": 6000, "d": 6000, "e": 6000, "f": 500}
+    names = tuple(sizes)
+    with scheduled(tmp_path, names, sizes=sizes, memory=20_000, load_timeout_s=10) as s:
+        for name in "bcde":
+            s.use(name)  # measured: a reload reserves 6000 before it builds
+        held = np.full((1, IN_FEATURES), 777, np.float32)
+        with cf_thread(s.scheduler.request("a").result(10).infer, {"x": held}) as slow:
+            waiting = [s.scheduler.request(name) for name in "bcde"]  # a is busy: no room
+            time.sleep(0.2)
+            assert not any(w.done() for w in waiting)
+            assert s.scheduler.request("f").result(3).key == "f:1"  # fits beside a
+            gate.set()
+            slow.result(10)
+            for w in waiting:
+                with contextlib.suppress(Exception):  # they evict each other
+                    w.result(20)
+
+
 @contextlib.contextmanager
 def cf_thread(fn: Any, *args: Any) -> Iterator[Any]:
     """Runs ``fn(*args)`` in a thread; yields a future-like handle with ``result(timeout)``."""
